@@ -1,0 +1,1 @@
+"""Benchmark runners behind ``qoda bench ...``; results go to ``benchmarks/``."""

@@ -1,0 +1,119 @@
+"""``qoda bench codec``: quantize+encode and decode+accumulate throughput, one thread.
+
+All figures are GB/s of float32 input, measured side by side in one run with a memcpy
+(copy into a preallocated tensor) and the eager-torch QSGD path, so that ratios survive a
+noisy shared machine.  Each figure is the best of ``repeats`` timed calls after a warm-up.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numba
+import torch
+
+from qoda.codec.segment import decode_into, encode_tensor
+from qoda.quant.config import QuantizerConfig
+from qoda.quant.kernels import torch_ref
+from qoda.quant.quantizer import bucket_starts, level_tables
+
+
+def _best(fn: Callable[[], object], repeats: int) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def allocator() -> str:
+    pre = os.environ.get("LD_PRELOAD", "")
+    return "tcmalloc" if "tcmalloc" in pre else ("jemalloc" if "jemalloc" in pre else "glibc malloc (default)")
+
+
+def run_codec_bench(numel: int = 1 << 24, repeats: int = 5, bucket_size: int = 1024, seed: int = 0) -> dict:
+    if numel < 1 or repeats < 1:
+        raise ValueError("numel and repeats must be positive")
+    torch.set_num_threads(1)
+    numba.set_num_threads(1)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(numel, generator=g)
+    out = torch.empty(numel)
+    gb = 4 * numel / 1e9
+    memcpy = gb / _best(lambda: out.copy_(x), repeats)
+
+    cfg4 = QuantizerConfig.qsgd(4, bucket_size)
+    tabs = level_tables(cfg4.levels)
+    starts = torch.tensor(bucket_starts([numel], bucket_size))
+    lv, iw = torch.tensor(tabs.levels), torch.tensor(tabs.inv_width)
+    codes, norms = torch_ref.quantize_codes(x, starts, lv, iw, False, seed)
+    eager_enc = gb / _best(lambda: torch_ref.quantize_codes(x, starts, lv, iw, False, seed), max(1, repeats // 2))
+    eager_dec = gb / _best(lambda: torch_ref.dequantize_codes(codes, starts, norms, lv), max(1, repeats // 2))
+
+    rows = []
+    for coding in ("fixed", "entropy"):
+        for bits in (2, 4, 8):
+            cfg = QuantizerConfig.qsgd(bits, bucket_size, coding=coding)
+            enc = encode_tensor(x, cfg, seed)
+            te = _best(lambda cfg=cfg: encode_tensor(x, cfg, seed), repeats)
+            td = _best(lambda cfg=cfg, enc=enc: decode_into(enc.data, cfg, out, accumulate=True), repeats)
+            rows.append({
+                "coding": coding, "bits": bits, "encode_gbps": gb / te, "decode_gbps": gb / td,
+                "encode_vs_memcpy": gb / te / memcpy, "decode_vs_memcpy": gb / td / memcpy,
+                "bits_per_coord": enc.bits / numel,
+            })  # fmt: skip
+    main = next(r for r in rows if r["coding"] == "fixed" and r["bits"] == 4)
+    return {
+        "benchmark": "codec",
+        "numel": numel,
+        "bucket_size": bucket_size,
+        "threads": 1,
+        "data": "standard normal float32",
+        "allocator": allocator(),
+        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+        "torch": torch.__version__,
+        "memcpy_gbps": memcpy,
+        "encode_gbps": main["encode_gbps"],
+        "decode_gbps": main["decode_gbps"],
+        "encode_vs_memcpy": main["encode_vs_memcpy"],
+        "decode_vs_memcpy": main["decode_vs_memcpy"],
+        "eager_torch_encode_gbps": eager_enc,
+        "eager_torch_decode_gbps": eager_dec,
+        "encode_speedup_vs_eager": main["encode_gbps"] / eager_enc,
+        "decode_speedup_vs_eager": main["decode_gbps"] / eager_dec,
+        "rows": rows,
+    }
+
+
+def format_codec(res: dict) -> str:
+    lines = [
+        f"codec throughput, {res['numel']:,} float32, 1 thread, allocator: {res['allocator']}",
+        f"memcpy {res['memcpy_gbps']:.2f} GB/s; eager torch QSGD-4b quantize "
+        f"{res['eager_torch_encode_gbps']:.3f} GB/s, "
+        f"dequantize {res['eager_torch_decode_gbps']:.3f} GB/s",
+        "",
+        "| coding | bits | encode GB/s | decode GB/s | encode/memcpy | decode/memcpy | bits/coord |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in res["rows"]:
+        lines.append(
+            f"| {r['coding']} | {r['bits']} | {r['encode_gbps']:.3f} | {r['decode_gbps']:.3f} | "
+            f"{r['encode_vs_memcpy']:.3f} | {r['decode_vs_memcpy']:.3f} | {r['bits_per_coord']:.3f} |"
+        )
+    lines.append(
+        f"\n4-bit fixed: encode {res['encode_speedup_vs_eager']:.1f}x, "
+        f"decode {res['decode_speedup_vs_eager']:.1f}x eager torch"
+    )
+    return "\n".join(lines)
+
+
+def write_json(res: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(res, indent=2) + "\n")

@@ -1,0 +1,335 @@
+"""Encode and decode one segment (one tensor, or the layers of one type).
+
+* :func:`encode` packs a :class:`~qoda.quant.quantizer.QuantizedTensor`;
+* :func:`encode_tensor` fuses quantization and packing (the hot path; same bytes);
+* :func:`decode` returns the exact codes and norms; :func:`decode_into` fuses decoding,
+  dequantization and accumulation into a float32 buffer (the other hot path);
+* :func:`encode_raw` / raw segments carry small tensors uncompressed (float32).
+
+Every decoder validates the header against the receiver's own settings (coding, norm,
+bits, bucket size, level-set id, layer sizes) and raises :class:`CodecError` naming the
+field; a payload that fails its CRC or its structural checks never yields values.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from qoda.codec import rans
+from qoda.codec.format import (
+    HEADER_SIZE,
+    CodecError,
+    Header,
+    WireCoding,
+    as_bytes_array,
+    parse_header,
+)
+from qoda.quant.config import Coding, Norm, QuantizerConfig
+from qoda.quant.kernels import cpu
+from qoda.quant.quantizer import (
+    QuantizedTensor,
+    TensorOrTensors,
+    bucket_starts,
+    flatten_float32,
+    level_tables,
+    quantize,
+    raise_for_status,
+    scratch_for,
+)
+from qoda.quant.rng import seed_keys
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """An encoded segment: ``data`` (uint8) and the exact number of bits it carries.
+
+    ``bits == 8 * len(data) - padding``, where padding is the unused tail of the last
+    fixed-width byte.
+    """
+
+    data: np.ndarray
+    bits: int
+
+    def __len__(self) -> int:
+        return int(self.data.size)
+
+    def tobytes(self) -> bytes:
+        return self.data.tobytes()
+
+
+def _fixed_bytes(numel: int, width: int) -> int:
+    return (numel * width + 7) // 8
+
+
+def _header(
+    config: QuantizerConfig, coding: WireCoding, dtype: torch.dtype, numels: Sequence[int], body_len: int
+) -> Header:
+    return Header(
+        coding=coding,
+        norm=1 if config.norm is Norm.LINF else 0,
+        dtype=dtype if dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64) else torch.float32,
+        code_bits=config.bits,
+        num_levels=config.levels.num_levels,
+        bucket_size=config.bucket_size,
+        level_set_id=config.levels.level_set_id,
+        n_layers=len(numels),
+        numel=int(sum(numels)),
+        body_len=body_len,
+    )
+
+
+def _entropy_body(codes: np.ndarray, alphabet: int) -> tuple[np.ndarray, np.ndarray]:
+    """(frequency table u16, state u64 + words u32) for int32 codes."""
+    counts = np.bincount(codes, minlength=alphabet)
+    freq = rans.normalize_frequencies(counts)
+    cum, _ = rans.tables(freq)
+    words = np.empty(codes.size + 1, dtype=np.uint32)
+    first, state = rans.encode(codes, freq, cum, words)
+    stream = np.empty(2 + words.size - first, dtype=np.uint32)
+    stream[:2] = np.array([state], dtype=np.uint64).view(np.uint32)
+    stream[2:] = words[first:]
+    return freq.astype(np.uint16), stream
+
+
+def _pack(
+    config: QuantizerConfig, dtype: torch.dtype, numels: Sequence[int], norms: np.ndarray, coded: list[np.ndarray]
+) -> Encoded:
+    layer = np.asarray(numels, dtype=np.uint64)
+    parts = [layer, norms, *coded]
+    body_len = sum(p.nbytes for p in parts)
+    coding = WireCoding.FIXED if config.coding is Coding.FIXED else WireCoding.ENTROPY
+    data = _header(config, coding, dtype, numels, body_len).pack(parts)
+    padding = 0
+    if coding is WireCoding.FIXED:
+        n = int(sum(numels))
+        padding = 8 * _fixed_bytes(n, config.bits) - n * config.bits
+    return Encoded(data, 8 * data.size - padding)
+
+
+def encode(q: QuantizedTensor) -> Encoded:
+    """Encode a quantized segment with its config's coding."""
+    config = q.config
+    codes = q.codes.detach().cpu().to(torch.int32).numpy()
+    norms = q.norms.detach().cpu().numpy().astype(np.float32, copy=False)
+    if config.coding is Coding.FIXED:
+        packed = np.zeros(_fixed_bytes(codes.size, config.bits), dtype=np.uint8)
+        _pack_codes(codes, config.bits, packed)
+        return _pack(config, q.dtype, q.layer_numels, norms, [packed])
+    freq, stream = _entropy_body(codes, 2 * config.levels.num_levels)
+    return _pack(config, q.dtype, q.layer_numels, norms, [freq, stream])
+
+
+def _pack_codes(codes: np.ndarray, width: int, out: np.ndarray) -> None:
+    # Bit-pack LSB-first with numpy (not a hot path: encode_tensor fuses this).
+    n = codes.size
+    if n == 0:
+        return
+    bitpos = np.arange(n, dtype=np.int64) * width
+    for k in range(width):
+        bit = ((codes >> k) & 1).astype(np.uint8)
+        pos = bitpos + k
+        np.bitwise_or.at(out, pos >> 3, (bit << (pos & 7)).astype(np.uint8))
+
+
+def encode_tensor(x: TensorOrTensors, config: QuantizerConfig, seed: int) -> Encoded:
+    """Quantize and encode in one pass (CPU: fused numba kernel).  Same bytes as
+    ``encode(quantize(x, config, seed))``."""
+    flat, numels, dtype = flatten_float32(x)
+    if flat.device.type != "cpu" or config.coding is Coding.ENTROPY:
+        return encode(quantize(x, config, seed))
+    starts = bucket_starts(numels, config.bucket_size)
+    tables = level_tables(config.levels)
+    k1, k2 = seed_keys(seed)
+    norms = np.empty(len(starts) - 1, dtype=np.float32)
+    packed = np.empty(_fixed_bytes(flat.numel(), config.bits), dtype=np.uint8)
+    status, bucket = cpu.quantize_pack(
+        flat.numpy(), starts, tables.levels, tables.inv_width, tables.table,
+        int(config.norm is Norm.LINF), k1, k2, config.bits, norms, packed, scratch_for(config),
+    )  # fmt: skip
+    raise_for_status(status, bucket, starts, "encode")
+    return _pack(config, dtype, numels, norms, [packed])
+
+
+def encode_raw(x: TensorOrTensors) -> Encoded:
+    """An uncompressed float32 segment (for small or excluded layers)."""
+    flat, numels, dtype = flatten_float32(x)
+    values = flat.detach().cpu().numpy()
+    layer = np.asarray(numels, dtype=np.uint64)
+    keep = dtype in (torch.float16, torch.bfloat16, torch.float64)
+    body_len = layer.nbytes + values.nbytes
+    header = Header(WireCoding.RAW, 0, dtype if keep else torch.float32, 0, 0, 0, 0, len(numels), sum(numels), body_len)
+    data = header.pack([layer, values])
+    return Encoded(data, 8 * data.size)
+
+
+# ---------------------------------------------------------------------------- decoding
+@dataclass(frozen=True)
+class _Parsed:
+    header: Header
+    numels: tuple[int, ...]
+    norms: np.ndarray
+    rest: np.ndarray  # coded body after the norms (raw: the float32 values)
+
+
+def _parse(payload: object, config: QuantizerConfig | None, layer_numels: Sequence[int] | None) -> _Parsed:
+    buf = as_bytes_array(payload)
+    h = parse_header(buf)
+    if config is None:
+        if h.coding is not WireCoding.RAW:
+            raise CodecError(f"payload: expected a raw segment, got coding {h.coding.name.lower()}")
+    else:
+        expect = {
+            "coding": (WireCoding.FIXED if config.coding is Coding.FIXED else WireCoding.ENTROPY, h.coding),
+            "norm": (1 if config.norm is Norm.LINF else 0, h.norm),
+            "code_bits": (config.bits, h.code_bits),
+            "num_levels": (config.levels.num_levels, h.num_levels),
+            "bucket_size": (config.bucket_size, h.bucket_size),
+            "level_set_id": (config.levels.level_set_id, h.level_set_id),
+        }
+        for name, (want, got) in expect.items():
+            if int(want) != int(got):
+                raise CodecError(
+                    f"payload was encoded with {name}={int(got):#x}, this receiver expects {int(want):#x} "
+                    "(mismatched quantizer settings across ranks?)"
+                )
+    body = buf[HEADER_SIZE:]
+    if h.n_layers * 8 > body.size:
+        raise CodecError(f"payload corrupted: {h.n_layers} layers do not fit in {body.size} body bytes")
+    numels = tuple(int(v) for v in body[: 8 * h.n_layers].view(np.uint64))
+    if sum(numels) != h.numel:
+        raise CodecError("payload corrupted: layer sizes do not add up to numel")
+    if layer_numels is not None and tuple(int(n) for n in layer_numels) != numels:
+        raise CodecError(f"payload layer sizes {numels[:8]}... differ from the expected {tuple(layer_numels)[:8]}...")
+    rest = body[8 * h.n_layers :]
+    if h.coding is WireCoding.RAW:
+        if rest.size != 4 * h.numel:
+            raise CodecError("payload corrupted: raw body size does not match numel")
+        return _Parsed(h, numels, np.empty(0, np.float32), rest)
+    if h.bucket_size < 1:
+        raise CodecError("payload corrupted: bucket size 0")
+    n_buckets = len(bucket_starts(numels, h.bucket_size)) - 1
+    if rest.size < 4 * n_buckets:
+        raise CodecError("payload corrupted: too short for its bucket norms")
+    norms = rest[: 4 * n_buckets].view(np.float32)
+    if not (np.isfinite(norms).all() and (norms >= 0).all()):
+        raise CodecError("payload corrupted: a bucket norm is negative or not finite")
+    return _Parsed(h, numels, norms, rest[4 * n_buckets :])
+
+
+def _fail(status: int, index: int) -> None:
+    if status == cpu.ERR_BAD_CODE:
+        raise CodecError(f"payload corrupted: invalid level code at coordinate {index}")
+    if status == cpu.ERR_BAD_PADDING:
+        raise CodecError("payload corrupted: non-zero padding bits")
+    if status == rans.ERR_TRUNCATED:
+        raise CodecError("payload corrupted: entropy-coded stream ends early")
+    if status == rans.ERR_STATE:
+        raise CodecError("payload corrupted: entropy-coded stream does not end in its initial state")
+    raise CodecError(f"payload corrupted (status {status})")
+
+
+def _entropy_codes(p: _Parsed, config: QuantizerConfig) -> np.ndarray:
+    alphabet = 2 * config.levels.num_levels
+    rest = p.rest
+    if rest.size < 2 * alphabet + 8 or (rest.size - 2 * alphabet - 8) % 4:
+        raise CodecError("payload corrupted: bad entropy-coded body size")
+    freq = rest[: 2 * alphabet].view(np.uint16).astype(np.int64)
+    if int(freq.sum()) != (rans.M if p.header.numel else 0):
+        raise CodecError("payload corrupted: entropy frequency table does not sum to its precision")
+    state = int(rest[2 * alphabet : 2 * alphabet + 8].view(np.uint64)[0])
+    if not rans.L <= state < (1 << 63):
+        raise CodecError("payload corrupted: entropy coder state out of range")
+    words = rest[2 * alphabet + 8 :].view(np.uint32)
+    cum, slot_code = rans.tables(freq)
+    codes = np.empty(p.header.numel, dtype=np.int32)
+    if p.header.numel:
+        status = rans.decode(words, state, freq, cum, slot_code, codes)
+        if status != rans.OK:
+            _fail(status, -1)
+    elif state != rans.L or words.size:
+        raise CodecError("payload corrupted: non-empty stream for an empty segment")
+    return codes
+
+
+def decode(
+    payload: object, config: QuantizerConfig, layer_shapes: Sequence[torch.Size] | None = None
+) -> QuantizedTensor:
+    """Decode a segment into its exact quantized form (codes and norms, bit for bit)."""
+    expected = None if layer_shapes is None else [int(np.prod(s)) for s in layer_shapes]
+    p = _parse(payload, config, expected)
+    levels = level_tables(config.levels).levels
+    starts = bucket_starts(p.numels, config.bucket_size)
+    codes = np.empty(p.header.numel, dtype=np.int32)
+    scratch = np.empty(p.header.numel, dtype=np.float32)
+    if config.coding is Coding.FIXED:
+        if p.rest.size != _fixed_bytes(p.header.numel, config.bits):
+            raise CodecError("payload corrupted: fixed-width body size does not match numel")
+        status, i = cpu.unpack_dequantize(p.rest, starts, p.norms, levels, config.bits, scratch, False, codes, True)
+    else:
+        codes = _entropy_codes(p, config)
+        status, i = cpu.dequantize_codes(codes, starts, p.norms, levels, scratch, False)
+    if status != cpu.OK:
+        _fail(status, i)
+    shapes = tuple(layer_shapes) if layer_shapes is not None else tuple(torch.Size([n]) for n in p.numels)
+    return QuantizedTensor(
+        torch.from_numpy(codes), torch.from_numpy(p.norms.copy()), p.numels, shapes, p.header.dtype, config
+    )
+
+
+def decode_into(
+    payload: object,
+    config: QuantizerConfig | None,
+    out: torch.Tensor,
+    accumulate: bool = True,
+    layer_numels: Sequence[int] | None = None,
+) -> None:
+    """Dequantize a segment into the flat float32 ``out`` (``out += Q`` or ``out = Q``).
+
+    ``config=None`` expects a raw (uncompressed) segment.  On error ``out`` may hold a
+    partial result only if the payload passed its CRC yet is structurally invalid.
+    """
+    p = _parse(payload, config, layer_numels)
+    if out.dtype != torch.float32 or out.dim() != 1 or out.numel() != p.header.numel:
+        raise ValueError(
+            f"out: expected a flat float32 tensor of {p.header.numel} elements, got {out.dtype} {tuple(out.shape)}"
+        )
+    target = (
+        out if (out.device.type == "cpu" and out.is_contiguous()) else torch.empty(out.numel(), dtype=torch.float32)
+    )
+    acc_here = accumulate and target is out
+    t = target.numpy()
+    if p.header.coding is WireCoding.RAW:
+        vals = p.rest.view(np.float32)
+        if acc_here:
+            t += vals
+        else:
+            t[:] = vals
+    else:
+        assert config is not None
+        levels = level_tables(config.levels).levels
+        starts = bucket_starts(p.numels, config.bucket_size)
+        if config.coding is Coding.FIXED:
+            if p.rest.size != _fixed_bytes(p.header.numel, config.bits):
+                raise CodecError("payload corrupted: fixed-width body size does not match numel")
+            dummy = np.empty(0, dtype=np.int32)
+            status, i = cpu.unpack_dequantize(p.rest, starts, p.norms, levels, config.bits, t, acc_here, dummy, False)
+        else:
+            codes = _entropy_codes(p, config)
+            status, i = cpu.dequantize_codes(codes, starts, p.norms, levels, t, acc_here)
+        if status != cpu.OK:
+            _fail(status, i)
+    if target is not out:
+        if accumulate:
+            out.add_(target.to(out.device))
+        else:
+            out.copy_(target)
+
+
+def decode_raw(payload: object) -> torch.Tensor:
+    """The float32 values of a raw segment."""
+    p = _parse(payload, None, None)
+    return torch.from_numpy(p.rest.view(np.float32).copy())

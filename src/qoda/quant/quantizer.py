@@ -1,0 +1,197 @@
+"""Unbiased stochastic quantization of tensors (section 2 of the reference).
+
+For each bucket ``v`` (``B`` consecutive coordinates of one layer) and coordinate ``i``:
+
+    u_i = |v_i| / ||v||_q,   l_j <= u_i < l_{j+1},
+    xi_i = l_{j+1} w.p. (u_i - l_j) / (l_{j+1} - l_j), else l_j,
+    Q(v)_i = ||v||_q * sign(v_i) * xi_i          so E[Q(v)] = v.
+
+Inputs of any shape, strides and float dtype are quantized in float32.  Randomness is a
+pure function of ``seed`` and the coordinate index (:mod:`qoda.quant.rng`).  Several tensors
+(the layers of one type) can be quantized as one *segment*: they are concatenated and each
+layer is bucketed on its own, so a bucket never mixes two layers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+import torch
+
+from qoda.quant.config import Norm, QuantizerConfig
+from qoda.quant.kernels import cpu, torch_ref
+from qoda.quant.levels import LevelSet
+from qoda.quant.rng import seed_keys
+
+#: The hash counter is 32-bit: one segment holds fewer than 2**32 coordinates.
+MAX_SEGMENT_NUMEL = (1 << 32) - 1
+
+TensorOrTensors = torch.Tensor | Sequence[torch.Tensor]
+
+
+class NonFiniteError(ValueError):
+    """The input of a quantizer contained NaN or Inf."""
+
+
+@dataclass(frozen=True)
+class LevelTables:
+    """Per-level-set constants the kernels need, computed once per level set."""
+
+    levels: np.ndarray  # float32 l_0..l_{s+1}
+    inv_width: np.ndarray  # float32 1/(l_{j+1}-l_j), 0 for the top level
+    table: np.ndarray  # int32 lookup by the top bits of float32 u
+
+
+@lru_cache(maxsize=256)
+def level_tables(levels: LevelSet) -> LevelTables:
+    arr = levels.array
+    return LevelTables(arr, cpu.inverse_widths(arr), cpu.level_table(arr))
+
+
+@lru_cache(maxsize=1024)
+def _bucket_starts_cached(layer_numels: tuple[int, ...], bucket_size: int) -> np.ndarray:
+    parts = []
+    offset = 0
+    for n in layer_numels:
+        parts.append(np.arange(offset, offset + n, bucket_size, dtype=np.int64))
+        offset += n
+    parts.append(np.array([offset], dtype=np.int64))
+    starts = np.concatenate(parts)
+    starts.setflags(write=False)
+    return starts
+
+
+def bucket_starts(layer_numels: Sequence[int], bucket_size: int) -> np.ndarray:
+    """Start offsets of every bucket plus the total length (``n_buckets + 1`` int64 values)."""
+    return _bucket_starts_cached(tuple(int(n) for n in layer_numels), int(bucket_size))
+
+
+def flatten_float32(x: TensorOrTensors) -> tuple[torch.Tensor, tuple[int, ...], torch.dtype]:
+    """Concatenate one or several tensors into a contiguous flat float32 tensor.
+
+    Returns ``(flat, layer_numels, dtype of the first input)``.  A contiguous float32
+    single tensor is returned as a view (no copy).
+    """
+    tensors = [x] if isinstance(x, torch.Tensor) else list(x)
+    for t in tensors:
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"quantize: expected tensors, got {type(t).__name__}")
+        if not (t.is_floating_point()):
+            raise TypeError(f"quantize: expected a floating-point tensor, got dtype {t.dtype}")
+    dtype = tensors[0].dtype if tensors else torch.float32
+    numels = tuple(t.numel() for t in tensors)
+    if sum(numels) > MAX_SEGMENT_NUMEL:
+        raise ValueError(f"quantize: a segment holds at most {MAX_SEGMENT_NUMEL} coordinates")
+    if len(tensors) == 1:
+        flat = tensors[0].detach().reshape(-1).to(torch.float32).contiguous()
+    elif tensors:
+        flat = torch.cat([t.detach().reshape(-1).to(torch.float32) for t in tensors])
+    else:
+        flat = torch.zeros(0, dtype=torch.float32)
+    return flat, numels, dtype
+
+
+def scratch_for(config: QuantizerConfig) -> np.ndarray:
+    return np.empty(config.bucket_size, dtype=np.float32)
+
+
+def raise_for_status(status: int, bucket: int, starts: np.ndarray, what: str) -> None:
+    """Turn a kernel status into the matching exception."""
+    if status == cpu.OK:
+        return
+    a, e = (int(starts[bucket]), int(starts[bucket + 1])) if bucket >= 0 else (-1, -1)
+    if status == cpu.ERR_NONFINITE:
+        raise NonFiniteError(f"{what}: input contains NaN or Inf (bucket {bucket}, coordinates {a}..{e - 1})")
+    if status == cpu.ERR_OVERFLOW:
+        raise ValueError(f"{what}: the norm of bucket {bucket} overflows float32 (coordinates {a}..{e - 1})")
+    raise RuntimeError(f"{what}: kernel status {status}")
+
+
+@dataclass(frozen=True)
+class QuantizedTensor:
+    """The quantized form of one segment: what the codec puts on the wire.
+
+    Attributes:
+        codes: int32 per coordinate, ``(level index << 1) | sign``.
+        norms: float32 per bucket.
+        layer_numels: numel of each layer of the segment (buckets restart at each layer).
+        shapes: original shape of each layer.
+        dtype: dtype of the original input (dequantized values are float32).
+        config: the quantizer settings.
+    """
+
+    codes: torch.Tensor
+    norms: torch.Tensor
+    layer_numels: tuple[int, ...]
+    shapes: tuple[torch.Size, ...]
+    dtype: torch.dtype
+    config: QuantizerConfig
+
+    @property
+    def numel(self) -> int:
+        return sum(self.layer_numels)
+
+    @property
+    def starts(self) -> np.ndarray:
+        return bucket_starts(self.layer_numels, self.config.bucket_size)
+
+    def dequantize(self) -> torch.Tensor:
+        """The flat float32 vector ``Q(x)``."""
+        tables = level_tables(self.config.levels)
+        if self.codes.device.type != "cpu":
+            return torch_ref.dequantize_codes(
+                self.codes,
+                torch.tensor(self.starts, device=self.codes.device),
+                self.norms,
+                torch.tensor(tables.levels, device=self.codes.device),
+            )
+        out = np.empty(self.numel, dtype=np.float32)
+        status, i = cpu.dequantize_codes(self.codes.numpy(), self.starts, self.norms.numpy(), tables.levels, out, False)
+        if status != cpu.OK:
+            raise ValueError(f"dequantize: invalid code at coordinate {i}")
+        return torch.from_numpy(out)
+
+    def dequantize_layers(self) -> list[torch.Tensor]:
+        """``Q(x)`` split back into the original layer shapes (float32)."""
+        flat = self.dequantize()
+        return [p.view(s) for p, s in zip(flat.split(list(self.layer_numels)), self.shapes, strict=True)]
+
+
+def quantize(x: TensorOrTensors, config: QuantizerConfig, seed: int) -> QuantizedTensor:
+    """Quantize ``x`` (a tensor, or the layers of one type) with ``config``.
+
+    CPU tensors use the fused numba kernel; other devices the torch path, which computes
+    the same codes.  Raises :class:`NonFiniteError` on NaN/Inf input.
+    """
+    flat, numels, dtype = flatten_float32(x)
+    shapes = tuple(t.shape for t in ([x] if isinstance(x, torch.Tensor) else x))
+    starts = bucket_starts(numels, config.bucket_size)
+    tables = level_tables(config.levels)
+    linf = config.norm is Norm.LINF
+    if flat.device.type != "cpu":
+        if not bool(torch.isfinite(flat).all()):
+            raise NonFiniteError("quantize: input contains NaN or Inf")
+        dev = flat.device
+        codes, norms = torch_ref.quantize_codes(
+            flat,
+            torch.tensor(starts, device=dev),
+            torch.tensor(tables.levels, device=dev),
+            torch.tensor(tables.inv_width, device=dev),
+            linf,
+            seed,
+        )
+        if not bool(torch.isfinite(norms).all()):
+            raise ValueError("quantize: a bucket norm overflows float32")
+        return QuantizedTensor(codes.to(torch.int32), norms, numels, shapes, dtype, config)
+    k1, k2 = seed_keys(seed)
+    norms = np.empty(len(starts) - 1, dtype=np.float32)
+    codes = np.empty(flat.numel(), dtype=np.int32)
+    status, bucket = cpu.quantize_to_codes(
+        flat.numpy(), starts, tables.levels, tables.inv_width, tables.table,
+        int(linf), k1, k2, norms, codes, scratch_for(config),
+    )  # fmt: skip
+    raise_for_status(status, bucket, starts, "quantize")
+    return QuantizedTensor(torch.from_numpy(codes), torch.from_numpy(norms), numels, shapes, dtype, config)

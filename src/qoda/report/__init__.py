@@ -1,0 +1,1 @@
+"""The default job: a quantization report on real gradients."""

@@ -1,0 +1,264 @@
+"""The wire codec: bit-exact round trips, exact bit counts, length bounds, corruption."""
+
+import struct
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from qoda.codec import rans
+from qoda.codec.format import HEADER_SIZE, CodecError, payload_crc
+from qoda.codec.layerwise import LayerwiseCodec, segment_seed
+from qoda.codec.length import entropy_code_length_bound, fixed_code_length
+from qoda.codec.segment import decode, decode_into, decode_raw, encode, encode_raw, encode_tensor
+from qoda.quant.config import QuantizerConfig
+from qoda.quant.levels import LevelSet
+from qoda.quant.policy import LayerPolicy
+from qoda.quant.quantizer import quantize
+from qoda.report.digits import DigitsCNN, load_digits_tensors
+
+ROUND_TRIP = [
+    QuantizerConfig.qsgd(b, bs, coding=c)
+    for b, bs in ((2, 64), (3, 100), (4, 1024), (5, 33), (6, 512), (7, 1), (8, 256), (12, 1000))
+    for c in ("fixed", "entropy")
+] + [QuantizerConfig.nuqsgd(4, 128, coding="entropy"), QuantizerConfig.qsgd_inf(16, 64)]
+
+
+def _layers(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [
+        torch.randn(1001, generator=g),
+        torch.randn(30, 17, generator=g) * 5,
+        torch.zeros(64),
+        torch.randn(3, generator=g),
+    ]
+
+
+@pytest.mark.parametrize("cfg", ROUND_TRIP, ids=lambda c: f"{c.bits}b-{c.coding.value}-B{c.bucket_size}-{c.norm.value}")
+def test_round_trip_bit_exact(cfg):
+    xs = _layers()
+    q = quantize(xs, cfg, 11)
+    enc = encode(q)
+    assert np.array_equal(enc.data, encode_tensor(xs, cfg, 11).data)  # fused path: same bytes
+    d = decode(enc.tobytes(), cfg, [t.shape for t in xs])
+    assert torch.equal(d.codes, q.codes) and torch.equal(d.norms, q.norms)
+    assert d.norms.numpy().tobytes() == q.norms.numpy().tobytes()  # bit for bit, incl. -0/+0
+    assert torch.equal(d.dequantize(), q.dequantize())
+    out = torch.full((q.numel,), 0.25)
+    decode_into(enc.data, cfg, out, accumulate=True)
+    assert torch.equal(out, q.dequantize() + 0.25)
+    decode_into(enc.data, cfg, out, accumulate=False)
+    assert torch.equal(out, q.dequantize())
+
+
+@pytest.mark.parametrize("cfg", ROUND_TRIP[:8], ids=str)
+def test_reported_bits_are_exact(cfg):
+    xs = _layers(1)
+    enc = encode_tensor(xs, cfg, 3)
+    numels = [t.numel() for t in xs]
+    n = sum(numels)
+    if cfg.coding.value == "fixed":
+        padding = (-n * cfg.bits) % 8
+        assert enc.bits == 8 * len(enc) - padding
+        assert enc.bits == fixed_code_length(numels, cfg)
+    else:
+        assert enc.bits == 8 * len(enc)
+        q = quantize(xs, cfg, 3)
+        counts = np.bincount(q.codes.numpy(), minlength=2 * cfg.levels.num_levels)
+        table = 16 * 2 * cfg.levels.num_levels
+        n_buckets = len(q.norms)
+        stream_bits = enc.bits - 8 * HEADER_SIZE - 64 * len(numels) - 32 * n_buckets - table
+        assert stream_bits <= rans.code_length_bound(counts)
+        nz = counts[counts > 0] / n
+        assert stream_bits >= n * float(-(nz * np.log2(nz)).sum()) - 1  # never below the entropy
+
+
+@pytest.fixture(scope="module")
+def real_gradients():
+    """Gradients of the digits CNN at initialisation and after 100 SGD steps."""
+    torch.manual_seed(0)
+    xtr, ytr, _, _ = load_digits_tensors()
+    model = DigitsCNN()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    grads = []
+    for step in range(101):
+        model.zero_grad()
+        idx = torch.randint(0, len(ytr), (64,))
+        nn.functional.cross_entropy(model(xtr[idx]), ytr[idx]).backward()
+        if step in (0, 100):
+            grads.append([p.grad.clone() for p in model.parameters() if p.dim() > 1])
+        opt.step()
+    return grads
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("maker", [QuantizerConfig.qsgd, QuantizerConfig.qsgd_inf, QuantizerConfig.nuqsgd])
+def test_entropy_never_larger_than_fixed_plus_its_header(real_gradients, bits, maker):
+    for g in real_gradients:
+        fixed = encode_tensor(g, maker(bits, 1024), 0)
+        ent = encode_tensor(g, maker(bits, 1024, coding="entropy"), 0)
+        table_and_state = 2 * 2 * 2 ** (bits - 1) + 8 + 4
+        assert len(ent) <= len(fixed) + table_and_state
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_entropy_length_within_expected_bound(real_gradients, bits):
+    cfg = QuantizerConfig.nuqsgd(bits, 512, coding="entropy")
+    g = real_gradients[1]
+    measured = [encode_tensor(g, cfg, s).bits for s in range(8)]
+    assert np.mean(measured) <= entropy_code_length_bound(g, cfg)
+
+
+def test_raw_segment_round_trip():
+    x = [torch.randn(5), torch.randn(2, 2).half()]
+    enc = encode_raw(x)
+    vals = decode_raw(enc.data)
+    assert torch.equal(vals, torch.cat([x[0], x[1].float().reshape(-1)]))
+    out = torch.ones(9)
+    decode_into(enc.data, None, out)
+    assert torch.equal(out, vals + 1)
+
+
+def test_empty_segment_round_trip():
+    for coding in ("fixed", "entropy"):
+        cfg = QuantizerConfig.qsgd(4, coding=coding)
+        enc = encode_tensor(torch.zeros(0), cfg, 0)
+        assert decode(enc.data, cfg).numel == 0
+
+
+# ----------------------------------------------------------------------------- bad payloads
+def _payload(coding="fixed", n=3000):
+    cfg = QuantizerConfig.qsgd(4, 256, coding=coding)
+    return cfg, encode_tensor(torch.randn(n), cfg, 0).data
+
+
+@pytest.mark.parametrize("coding", ["fixed", "entropy"])
+def test_every_truncation_raises(coding):
+    cfg, data = _payload(coding, 200)
+    for k in range(len(data)):
+        with pytest.raises(CodecError, match="truncated"):
+            decode(data[:k], cfg)
+    with pytest.raises(CodecError, match="trailing"):
+        decode(np.concatenate([data, np.zeros(1, np.uint8)]), cfg)
+
+
+@pytest.mark.parametrize("coding", ["fixed", "entropy"])
+def test_random_bit_flips_always_detected(coding):
+    cfg, data = _payload(coding)
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        bad = data.copy()
+        for pos in rng.integers(0, 8 * len(bad), rng.integers(1, 4)):
+            bad[pos // 8] ^= np.uint8(1 << (pos % 8))
+        with pytest.raises(CodecError):
+            decode_into(bad, cfg, torch.zeros(3000))
+
+
+def _forge_crc(buf):
+    buf[HEADER_SIZE - 4 : HEADER_SIZE] = np.frombuffer(struct.pack("<I", payload_crc(buf)), np.uint8)
+    return buf
+
+
+@pytest.mark.parametrize("coding", ["fixed", "entropy"])
+def test_forged_payloads_never_crash(coding):
+    """Corruptions with a recomputed CRC: structurally invalid ones raise, none crash."""
+    cfg, data = _payload(coding)
+    rng = np.random.default_rng(1)
+    raised = 0
+    for _ in range(300):
+        bad = data.copy()
+        start = rng.integers(HEADER_SIZE, len(bad))
+        span = bad[start : start + int(rng.integers(1, 16))]
+        span[:] = rng.integers(0, 256, span.size)
+        try:
+            decode(_forge_crc(bad), cfg)
+        except CodecError:
+            raised += 1
+    assert raised > 0
+
+
+def test_forged_invalid_code_and_padding_detected():
+    cfg = QuantizerConfig(LevelSet.uniform(4), 64)  # 6 levels in 3 index bits: codes 12..15 invalid
+    data = encode_tensor(torch.randn(64 * 3 + 1), cfg, 0).data.copy()
+    body_codes = data[-(((64 * 3 + 1) * 4 + 7) // 8) :]
+    body_codes[0] = 0xFF
+    with pytest.raises(CodecError, match="invalid level code"):
+        decode(_forge_crc(data), cfg)
+    data = encode_tensor(torch.randn(64 * 3 + 1), cfg, 0).data.copy()
+    data[-1] |= 0xF0  # padding nibble
+    with pytest.raises(CodecError, match="padding"):
+        decode(_forge_crc(data), cfg)
+
+
+def test_wrong_magic_and_version():
+    cfg, data = _payload()
+    bad = data.copy()
+    bad[:4] = np.frombuffer(b"XXXX", np.uint8)
+    with pytest.raises(CodecError, match="magic"):
+        decode(bad, cfg)
+    bad = data.copy()
+    bad[4] = 9
+    with pytest.raises(CodecError, match="version 9"):
+        decode(bad, cfg)
+    with pytest.raises(CodecError, match="payload"):
+        decode("not bytes", cfg)
+
+
+@pytest.mark.parametrize(
+    ("other", "field"),
+    [
+        (QuantizerConfig.qsgd(8, 256), "code_bits"),
+        (QuantizerConfig.qsgd(4, 512), "bucket_size"),
+        (QuantizerConfig.qsgd_inf(4, 256), "norm"),
+        (QuantizerConfig.nuqsgd(4, 256), "level_set_id"),
+        (QuantizerConfig.qsgd(4, 256, coding="entropy"), "coding"),
+    ],
+)
+def test_mismatched_receiver_settings_named(other, field):
+    _, data = _payload()
+    with pytest.raises(CodecError, match=field):
+        decode(data, other)
+
+
+def test_layer_size_mismatch():
+    cfg, data = _payload()
+    with pytest.raises(CodecError, match="layer sizes"):
+        decode(data, cfg, [torch.Size([2999])])
+    with pytest.raises(ValueError, match="out"):
+        decode_into(data, cfg, torch.zeros(10))
+
+
+# ----------------------------------------------------------------------------- messages
+def test_layerwise_message_round_trip_and_mismatch():
+    model = DigitsCNN()
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    policy = LayerPolicy.by_module_class(
+        QuantizerConfig.nuqsgd(4), {"conv": QuantizerConfig.qsgd_inf(4, coding="entropy")}
+    )
+    plan = policy.plan(model)
+    codec = LayerwiseCodec(plan)
+    grads = [p.grad for p in model.parameters()]
+    msg = codec.encode(grads, seed=5)
+    out = codec.decode(msg.data)
+    for e, g, o in zip(plan.entries, grads, out, strict=True):
+        assert o.shape == g.shape
+        if e.type_name is None:
+            assert torch.equal(o, g)  # uncompressed
+    for k, t in enumerate(codec.types):
+        idx = plan.indices(t)
+        q = quantize([grads[i] for i in idx], plan.configs[t], segment_seed(5, k))
+        assert torch.equal(torch.cat([out[i].reshape(-1) for i in idx]), q.dequantize())
+    assert 0 <= 8 * len(msg) - msg.bits < 8 * len(codec.types)  # only fixed-width padding
+    other = LayerwiseCodec(LayerPolicy.global_(QuantizerConfig.nuqsgd(4)).plan(model))
+    with pytest.raises(CodecError):
+        other.decode(msg.data)
+    with pytest.raises(CodecError, match="truncated"):
+        codec.decode(msg.data[:-1])
+    bad = msg.data.copy()
+    bad[-5] ^= 1
+    outs = [torch.zeros(e.shape) for e in plan.entries]
+    with pytest.raises(CodecError):
+        codec.decode_into(bad, outs)
+    assert all((o == 0).all() for o in outs)  # nothing written on failure

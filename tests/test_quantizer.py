@@ -1,0 +1,204 @@
+"""The quantizer against the maths of reference section 2 (tolerances derived from the exact variance)."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from qoda.quant.config import QuantizerConfig
+from qoda.quant.kernels import torch_ref
+from qoda.quant.levels import LevelSet
+from qoda.quant.quantizer import NonFiniteError, bucket_starts, level_tables, quantize
+from qoda.quant.rng import uniforms_torch
+from qoda.quant.variance import coordinate_variances, eps_q, eps_q_config, exact_variance
+
+CONFIGS = [
+    QuantizerConfig.qsgd(4, 64),
+    QuantizerConfig.qsgd(2, 37),
+    QuantizerConfig.qsgd_inf(3, 50),
+    QuantizerConfig.nuqsgd(4, 128),
+    QuantizerConfig.nuqsgd(8, 300),
+    QuantizerConfig(LevelSet.custom([0, 0.05, 0.2, 0.21, 0.7, 1]), 40, "linf"),
+]
+
+
+def _mc(x, cfg, n, offset=0):
+    return torch.stack([quantize(x, cfg, seed=offset + s).dequantize() for s in range(n)]).double()
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"{c.levels.family}-{c.bits}b-{c.norm.value}-B{c.bucket_size}")
+def test_unbiased_z_test(cfg):
+    """Each coordinate's Monte-Carlo mean is within 5 standard errors of x (exact variance)."""
+    x = torch.randn(300, dtype=torch.float64).float() * torch.linspace(0.1, 3, 300)
+    n = 1500
+    samples = _mc(x, cfg, n)
+    var = coordinate_variances(x, cfg)
+    mean = samples.mean(0)
+    # float32 products (norm * l_j) carry a relative rounding of 2^-24; 2^-24 probability grid
+    se = torch.sqrt(var / n + (4e-7 * x.abs().double()) ** 2 + 1e-30)
+    z = (mean - x.double()) / se
+    assert z.abs().max() < 5.5, f"max |z| = {z.abs().max():.2f}"
+    # and globally: sum z^2 ~ chi2(d), mean d, sd sqrt(2d)
+    d = x.numel()
+    assert abs(float((z**2).sum()) - d) < 6 * math.sqrt(2 * d)
+
+
+@pytest.mark.parametrize("cfg", CONFIGS[:4], ids=str)
+def test_exact_variance_matches_monte_carlo(cfg):
+    x = torch.randn(500)
+    n = 800
+    err = ((_mc(x, cfg, n, 10_000) - x.double()) ** 2).sum(1)
+    exact = exact_variance(x, cfg)
+    assert abs(float(err.mean()) - exact) < 5 * float(err.std()) / math.sqrt(n)
+
+
+def _vectors():
+    g = torch.Generator().manual_seed(1)
+    d = 4096
+    sparse = torch.zeros(d)
+    sparse[torch.randint(0, d, (40,), generator=g)] = torch.randn(40, generator=g)
+    return {
+        "normal": torch.randn(d, generator=g),
+        "heavy_tailed": torch.distributions.StudentT(1.5).sample((d,)),
+        "sparse": sparse,
+        "constant": torch.full((d,), 0.3),
+        "one_hot": torch.nn.functional.one_hot(torch.tensor(7), d).float(),
+        "tiny": torch.randn(d, generator=g) * 1e-30,
+        "ramp": torch.linspace(-1, 1, d),
+    }
+
+
+@pytest.mark.parametrize("cfg", [*CONFIGS, QuantizerConfig.qsgd(4, 4096), QuantizerConfig.qsgd(8, 1)], ids=str)
+def test_variance_never_exceeds_eps_q(cfg):
+    for name, x in _vectors().items():
+        v = exact_variance(x, cfg)
+        bound = eps_q_config(cfg, x.numel()) * float(x.double().square().sum())
+        assert v <= bound * (1 + 1e-9) + 1e-300, f"{name}: {v} > {bound}"
+
+
+def test_eps_q_is_attained_in_order_and_matches_qsgd_form():
+    # uniform levels: the bound is the QSGD min(d/s^2, sqrt(d)/s) up to kappa = 1/8
+    for s in (1, 3, 7, 15):
+        lv = LevelSet.uniform(s)
+        for d in (1, 16, 256, 4096):
+            e = eps_q(lv, d)
+            assert e <= 1 / 8 + min(d / (4 * (s + 1) ** 2), math.sqrt(d) / (s + 1)) + 1e-12
+    # a constant vector puts every u = 1/sqrt(d) in the first interval: variance near the bound
+    d, lv = 1024, LevelSet.uniform(1)
+    cfg = QuantizerConfig(lv, d)
+    x = torch.ones(d)
+    ratio = exact_variance(x, cfg) / d
+    assert ratio > 0.5 * eps_q(lv, d) - 0.125
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=str)
+def test_numba_kernel_equals_torch_path_bitwise(cfg):
+    xs = [torch.randn(1000) * 3, torch.randn(7, 13), torch.zeros(100), torch.randn(1)]
+    q = quantize(xs, cfg, seed=42)
+    numels = [t.numel() for t in xs]
+    tabs = level_tables(cfg.levels)
+    codes, norms = torch_ref.quantize_codes(
+        torch.cat([t.reshape(-1) for t in xs]),
+        torch.tensor(bucket_starts(numels, cfg.bucket_size)),
+        torch.tensor(tabs.levels),
+        torch.tensor(tabs.inv_width),
+        cfg.norm.value == "linf",
+        42,
+    )
+    assert torch.equal(q.norms, norms)
+    assert torch.equal(q.codes.long(), codes)
+
+
+def test_qsgd_special_case_textbook():
+    """Uniform levels + L2 = QSGD: xi = (floor(u(s+1)) + [r < frac]) / (s+1)."""
+    s, bucket = 6, 256
+    cfg = QuantizerConfig(LevelSet.uniform(s), bucket)
+    x = torch.randn(bucket * 8)
+    q = quantize(x, cfg, seed=5).dequantize()
+    r = uniforms_torch(x.numel(), 5)
+    xb = x.view(-1, bucket).double()
+    norm = xb.norm(dim=1, keepdim=True)
+    scaled = xb.abs() / norm * (s + 1)
+    low = scaled.floor()
+    xi = (low + (r.view(-1, bucket).double() < scaled - low)) / (s + 1)
+    textbook = (norm * xi * xb.sign()).view(-1)
+    close = torch.isclose(q.double(), textbook, rtol=1e-6, atol=0)
+    # floating-point ties (r within 1e-7 of the threshold) may round the other way
+    assert close.float().mean() > 0.999
+    assert ((q.double() - textbook).abs() <= norm.repeat_interleave(bucket, 0).view(-1) / (s + 1) + 1e-6).all()
+
+
+def test_nuqsgd_special_case_values():
+    """Exponential levels: every value is 0 or +-norm * 2^-k, and it brackets |x|."""
+    s = 6
+    cfg = QuantizerConfig.nuqsgd(4, 512)
+    x = torch.randn(512 * 4)
+    q = quantize(x, cfg, seed=2)
+    norm = q.norms.repeat_interleave(512)
+    ratio = (q.dequantize().abs() / norm).double()
+    allowed = torch.tensor([0.0] + [2.0**-k for k in range(s, -1, -1)], dtype=torch.float64)
+    assert torch.isin(ratio.float(), allowed.float()).all()
+    u = (x.abs() / norm).double()
+    j = (torch.searchsorted(allowed, u, right=True) - 1).clamp(0, s)
+    assert ((ratio == allowed[j]) | (ratio == allowed[(j + 1).clamp(max=s + 1)])).all()
+
+
+def test_dtypes_and_strides():
+    cfg = QuantizerConfig.qsgd(4, 64)
+    x = torch.randn(33, 47)
+    for dt in (torch.float16, torch.bfloat16, torch.float64):
+        assert torch.equal(quantize(x.to(dt), cfg, 1).codes, quantize(x.to(dt).float(), cfg, 1).codes)
+        assert quantize(x.to(dt), cfg, 1).dtype == dt
+    xt = x.t()
+    assert not xt.is_contiguous()
+    assert torch.equal(quantize(xt, cfg, 1).codes, quantize(xt.contiguous(), cfg, 1).codes)
+    with pytest.raises(TypeError, match="floating-point"):
+        quantize(torch.arange(10), cfg, 1)
+
+
+def test_edge_cases():
+    cfg = QuantizerConfig.qsgd(4, 16)
+    z = quantize(torch.zeros(100), cfg, 0)
+    assert (z.codes == 0).all() and (z.norms == 0).all() and (z.dequantize() == 0).all()
+    one = quantize(torch.tensor([-2.5]), cfg, 0)
+    assert one.dequantize().item() == -2.5  # u = 1 is a level: exact
+    empty = quantize(torch.zeros(0), cfg, 0)
+    assert empty.numel == 0 and empty.dequantize().numel() == 0
+    layers = quantize([torch.randn(3, 3), torch.zeros(0), torch.randn(20)], cfg, 0)
+    assert [s for s in layers.shapes] == [torch.Size([3, 3]), torch.Size([0]), torch.Size([20])]
+    assert [t.shape for t in layers.dequantize_layers()] == list(layers.shapes)
+
+
+def test_buckets_never_straddle_layers():
+    cfg = QuantizerConfig.qsgd(4, 8)
+    a, b = torch.randn(10), torch.randn(5)
+    q = quantize([a, b], cfg, 0)
+    assert list(bucket_starts([10, 5], 8)) == [0, 8, 10, 15]
+    expect = torch.stack([a[:8].norm(), a[8:].norm(), b.norm()])
+    assert torch.allclose(q.norms, expect)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("norm", ["l2", "linf"])
+def test_non_finite_input_raises(bad, norm):
+    x = torch.randn(100)
+    x[57] = bad
+    with pytest.raises(NonFiniteError, match="NaN or Inf.*coordinates 0..63"):
+        quantize(x, QuantizerConfig(bucket_size=64, norm=norm), 0)
+
+
+def test_norm_overflow_raises():
+    with pytest.raises(ValueError, match="overflows float32"):
+        quantize(torch.full((4,), 3e38), QuantizerConfig.qsgd(4), 0)
+
+
+def test_seed_reproducible_and_independent():
+    x = torch.randn(10_000)
+    cfg = QuantizerConfig.qsgd(2)
+    a, b, c = (quantize(x, cfg, s).codes for s in (3, 3, 4))
+    assert torch.equal(a, b)
+    # independent draws: agreement rate equals the sum over coords of p^2 + (1-p)^2
+    assert not torch.equal(a, c)
+    u = np.random.default_rng(0).random(10**6)
+    assert abs(np.mean(uniforms_torch(10**6, 9).numpy()) - np.mean(u)) < 5 * math.sqrt(1 / 12 / 10**6) * 2
