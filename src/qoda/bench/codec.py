@@ -53,8 +53,10 @@ def run_codec_bench(numel: int = 1 << 24, repeats: int = 5, bucket_size: int = 1
     tabs = level_tables(cfg4.levels)
     starts = torch.tensor(bucket_starts([numel], bucket_size))
     lv, iw = torch.tensor(tabs.levels), torch.tensor(tabs.inv_width)
-    codes, norms = torch_ref.quantize_codes(x, starts, lv, iw, False, seed)
-    eager_enc = gb / _best(lambda: torch_ref.quantize_codes(x, starts, lv, iw, False, seed), max(1, repeats // 2))
+    codes, norms = torch_ref.quantize_codes(x, starts, lv, iw, tabs.intervals, False, seed)
+    eager_enc = gb / _best(
+        lambda: torch_ref.quantize_codes(x, starts, lv, iw, tabs.intervals, False, seed), max(1, repeats // 2)
+    )
     eager_dec = gb / _best(lambda: torch_ref.dequantize_codes(codes, starts, norms, lv), max(1, repeats // 2))
 
     rows = []

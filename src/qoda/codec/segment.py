@@ -147,7 +147,7 @@ def encode_tensor(x: TensorOrTensors, config: QuantizerConfig, seed: int) -> Enc
     norms = np.empty(len(starts) - 1, dtype=np.float32)
     packed = np.empty(_fixed_bytes(flat.numel(), config.bits), dtype=np.uint8)
     status, bucket = cpu.quantize_pack(
-        flat.numpy(), starts, tables.levels, tables.inv_width, tables.table,
+        flat.numpy(), starts, tables.padded, tables.inv_width, tables.table, tables.shift, tables.one_step, tables.intervals,
         int(config.norm is Norm.LINF), k1, k2, config.bits, norms, packed, scratch_for(config),
     )  # fmt: skip
     raise_for_status(status, bucket, starts, "encode")
@@ -261,14 +261,17 @@ def decode(
     """Decode a segment into its exact quantized form (codes and norms, bit for bit)."""
     expected = None if layer_shapes is None else [int(np.prod(s)) for s in layer_shapes]
     p = _parse(payload, config, expected)
-    levels = level_tables(config.levels).levels
+    tabs = level_tables(config.levels)
+    levels = tabs.levels
     starts = bucket_starts(p.numels, config.bucket_size)
     codes = np.empty(p.header.numel, dtype=np.int32)
     scratch = np.empty(p.header.numel, dtype=np.float32)
     if config.coding is Coding.FIXED:
         if p.rest.size != _fixed_bytes(p.header.numel, config.bits):
             raise CodecError("payload corrupted: fixed-width body size does not match numel")
-        status, i = cpu.unpack_dequantize(p.rest, starts, p.norms, levels, config.bits, scratch, False, codes, True)
+        status, i = cpu.unpack_dequantize(
+            p.rest, starts, p.norms, tabs.signed, tabs.invalid, config.bits, scratch, False, codes, True
+        )
     else:
         codes = _entropy_codes(p, config)
         status, i = cpu.dequantize_codes(codes, starts, p.norms, levels, scratch, False)
@@ -310,13 +313,16 @@ def decode_into(
             t[:] = vals
     else:
         assert config is not None
-        levels = level_tables(config.levels).levels
+        tabs = level_tables(config.levels)
+        levels = tabs.levels
         starts = bucket_starts(p.numels, config.bucket_size)
         if config.coding is Coding.FIXED:
             if p.rest.size != _fixed_bytes(p.header.numel, config.bits):
                 raise CodecError("payload corrupted: fixed-width body size does not match numel")
             dummy = np.empty(0, dtype=np.int32)
-            status, i = cpu.unpack_dequantize(p.rest, starts, p.norms, levels, config.bits, t, acc_here, dummy, False)
+            status, i = cpu.unpack_dequantize(
+                p.rest, starts, p.norms, tabs.signed, tabs.invalid, config.bits, t, acc_here, dummy, False
+            )
         else:
             codes = _entropy_codes(p, config)
             status, i = cpu.dequantize_codes(codes, starts, p.norms, levels, t, acc_here)

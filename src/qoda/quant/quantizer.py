@@ -41,14 +41,26 @@ class LevelTables:
     """Per-level-set constants the kernels need, computed once per level set."""
 
     levels: np.ndarray  # float32 l_0..l_{s+1}
+    padded: np.ndarray  # levels + a 2.0 sentinel
     inv_width: np.ndarray  # float32 1/(l_{j+1}-l_j), 0 for the top level
-    table: np.ndarray  # int32 lookup by the top bits of float32 u
+    table: np.ndarray  # int32 look-up by the top bits of float32 u
+    shift: int  # bits dropped from float32 u to index ``table``
+    one_step: bool  # every table cell holds at most one level boundary
+    intervals: int  # s + 1 for uniform levels (QSGD arithmetic path), else 0
+    signed: np.ndarray  # float32 +-l_j per fixed-width code
+    invalid: np.ndarray  # uint8 1 for codes outside the level set
 
 
 @lru_cache(maxsize=256)
 def level_tables(levels: LevelSet) -> LevelTables:
     arr = levels.array
-    return LevelTables(arr, cpu.inverse_widths(arr), cpu.level_table(arr))
+    table, shift, one_step = cpu.level_table(arr)
+    signed, invalid = cpu.signed_level_table(arr, levels.code_bits)
+    uniform = np.array_equal(arr, LevelSet.uniform(levels.s).array)
+    return LevelTables(
+        arr, cpu.padded_levels(arr), cpu.inverse_widths(arr), table, shift, one_step,
+        levels.s + 1 if uniform else 0, signed, invalid,
+    )  # fmt: skip
 
 
 @lru_cache(maxsize=1024)
@@ -95,7 +107,8 @@ def flatten_float32(x: TensorOrTensors) -> tuple[torch.Tensor, tuple[int, ...], 
 
 
 def scratch_for(config: QuantizerConfig) -> np.ndarray:
-    return np.empty(config.bucket_size, dtype=np.float32)
+    """The kernels' per-bucket working memory (five float32 rows of one bucket)."""
+    return np.empty((5, config.bucket_size), dtype=np.float32)
 
 
 def raise_for_status(status: int, bucket: int, starts: np.ndarray, what: str) -> None:
@@ -180,6 +193,7 @@ def quantize(x: TensorOrTensors, config: QuantizerConfig, seed: int) -> Quantize
             torch.tensor(starts, device=dev),
             torch.tensor(tables.levels, device=dev),
             torch.tensor(tables.inv_width, device=dev),
+            tables.intervals,
             linf,
             seed,
         )
@@ -190,7 +204,7 @@ def quantize(x: TensorOrTensors, config: QuantizerConfig, seed: int) -> Quantize
     norms = np.empty(len(starts) - 1, dtype=np.float32)
     codes = np.empty(flat.numel(), dtype=np.int32)
     status, bucket = cpu.quantize_to_codes(
-        flat.numpy(), starts, tables.levels, tables.inv_width, tables.table,
+        flat.numpy(), starts, tables.padded, tables.inv_width, tables.table, tables.shift, tables.one_step, tables.intervals,
         int(linf), k1, k2, norms, codes, scratch_for(config),
     )  # fmt: skip
     raise_for_status(status, bucket, starts, "quantize")

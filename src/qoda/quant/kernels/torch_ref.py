@@ -33,16 +33,25 @@ def quantize_codes(
     starts: torch.Tensor,
     levels: torch.Tensor,
     inv_width: torch.Tensor,
+    intervals: int,
     linf: bool,
     seed: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Codes (int64, ``(j << 1) | sign``) and float32 norms of a flat float32 tensor."""
+    """Codes (int64, ``(j << 1) | sign``) and float32 norms of a flat float32 tensor.
+
+    ``intervals = s + 1`` selects QSGD's arithmetic form for uniform levels (as the CPU kernel).
+    """
     bucket = bucket_ids(starts)
     norms = bucket_norms(x, bucket, len(starts) - 1, linf)
     inv = torch.where(norms > 0, 1.0 / norms, torch.zeros_like(norms))
     u = (x.abs() * inv[bucket]).clamp_max(1.0)
-    j = (torch.searchsorted(levels, u, right=True) - 1).clamp_(0, len(levels) - 1)
-    p = (u - levels[j]) * inv_width[j]
+    if intervals > 0:
+        t = u * float(intervals)
+        j = t.to(torch.int64).clamp_(max=intervals - 1)
+        p = t - j.to(torch.float32)
+    else:
+        j = (torch.searchsorted(levels, u, right=True) - 1).clamp_(0, len(levels) - 1)
+        p = (u - levels[j]) * inv_width[j]
     j = j + (uniforms_torch(x.numel(), seed, x.device) < p).to(torch.int64)
     codes = (j << 1) | ((x < 0) & (j > 0)).to(torch.int64)
     return codes, norms
