@@ -147,7 +147,7 @@ def encode_tensor(x: TensorOrTensors, config: QuantizerConfig, seed: int) -> Enc
     norms = np.empty(len(starts) - 1, dtype=np.float32)
     packed = np.empty(_fixed_bytes(flat.numel(), config.bits), dtype=np.uint8)
     status, bucket = cpu.quantize_pack(
-        flat.numpy(), starts, tables.padded, tables.inv_width, tables.table, tables.shift, tables.one_step, tables.intervals,
+        flat.numpy(), starts, *tables.kernel_args,
         int(config.norm is Norm.LINF), k1, k2, config.bits, norms, packed, scratch_for(config),
     )  # fmt: skip
     raise_for_status(status, bucket, starts, "encode")

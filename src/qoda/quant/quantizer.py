@@ -50,6 +50,11 @@ class LevelTables:
     signed: np.ndarray  # float32 +-l_j per fixed-width code
     invalid: np.ndarray  # uint8 1 for codes outside the level set
 
+    @property
+    def kernel_args(self) -> tuple:
+        """The level arguments of :func:`cpu.quantize_to_codes` / :func:`cpu.quantize_pack`."""
+        return (self.padded, self.inv_width, self.table, self.shift, self.one_step, self.intervals)
+
 
 @lru_cache(maxsize=256)
 def level_tables(levels: LevelSet) -> LevelTables:
@@ -204,7 +209,7 @@ def quantize(x: TensorOrTensors, config: QuantizerConfig, seed: int) -> Quantize
     norms = np.empty(len(starts) - 1, dtype=np.float32)
     codes = np.empty(flat.numel(), dtype=np.int32)
     status, bucket = cpu.quantize_to_codes(
-        flat.numpy(), starts, tables.padded, tables.inv_width, tables.table, tables.shift, tables.one_step, tables.intervals,
+        flat.numpy(), starts, *tables.kernel_args,
         int(linf), k1, k2, norms, codes, scratch_for(config),
     )  # fmt: skip
     raise_for_status(status, bucket, starts, "quantize")
