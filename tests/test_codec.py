@@ -262,3 +262,14 @@ def test_layerwise_message_round_trip_and_mismatch():
     with pytest.raises(CodecError):
         codec.decode_into(bad, outs)
     assert all((o == 0).all() for o in outs)  # nothing written on failure
+
+
+def test_decode_into_strided_output_takes_the_copy_path():
+    cfg = QuantizerConfig.qsgd(4, 128)
+    x = torch.randn(500)
+    enc = encode_tensor(x, cfg, 0)
+    base = torch.ones(1000)
+    out = base[::2]  # non-contiguous view: decoded in a temporary, then added
+    decode_into(enc.data, cfg, out, accumulate=True)
+    assert torch.equal(out, quantize(x, cfg, 0).dequantize() + 1)
+    assert (base[1::2] == 1).all()

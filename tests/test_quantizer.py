@@ -201,3 +201,36 @@ def test_seed_reproducible_and_independent():
     assert not torch.equal(a, c)
     u = np.random.default_rng(0).random(10**6)
     assert abs(np.mean(uniforms_torch(10**6, 9).numpy()) - np.mean(u)) < 5 * math.sqrt(1 / 12 / 10**6) * 2
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=str)
+def test_torch_backend_same_quantization(cfg):
+    """The device-agnostic path (what CUDA tensors take) gives the kernel's codes and values."""
+    x = [torch.randn(777) * 2, torch.randn(5, 9)]
+    a = quantize(x, cfg, 9)
+    b = quantize(x, cfg, 9, backend="torch")
+    assert torch.equal(a.codes, b.codes) and torch.equal(a.norms, b.norms)
+    assert torch.equal(a.dequantize(), b.dequantize(backend="torch"))
+    with pytest.raises(NonFiniteError):
+        quantize(torch.tensor([1.0, float("nan")]), cfg, 0, backend="torch")
+    with pytest.raises(ValueError, match="backend"):
+        quantize(x, cfg, 0, backend="cuda-magic")
+
+
+def test_dense_and_clustered_level_sets_use_exact_lookup():
+    """Level sets too dense for one table step (scan path) and clustered ones agree with the torch path."""
+    dense = LevelSet.custom(np.concatenate([[0.0], np.linspace(0.3, 0.3 + 1e-3, 200), [1.0]]))
+    clustered = LevelSet.custom([0.0, 1e-6, 2e-6, 0.5, 0.5 + 1e-6, 1.0])
+    assert not level_tables(dense).one_step
+    x = torch.randn(4000)
+    x[:100] = 0.3 * x[:100].sign() * 32  # many coordinates inside the dense cluster
+    for lv in (dense, clustered):
+        cfg = QuantizerConfig(lv, 1024)
+        a, b = quantize(x, cfg, 1), quantize(x, cfg, 1, backend="torch")
+        assert torch.equal(a.codes, b.codes)
+        j = (a.codes >> 1).long()
+        u = (x.abs() / a.norms.repeat_interleave(1024)[: x.numel()]).clamp_max(1)
+        lvt = torch.tensor(lv.array)
+        # the chosen level is a neighbour of u: l_{j-1} <= u <= l_{j+1}
+        assert (lvt[(j - 1).clamp(min=0)] <= u + 1e-7).all()
+        assert (lvt[(j + 1).clamp(max=len(lvt) - 1)] >= u - 1e-7).all()

@@ -33,6 +33,17 @@ def _best(fn: Callable[[], object], repeats: int) -> float:
     return best
 
 
+def eager_qsgd(x: torch.Tensor, s: int, bucket: int) -> torch.Tensor:
+    """Textbook QSGD in eager torch (torch.rand, L2 buckets): what a user would write by hand."""
+    pad = (-x.numel()) % bucket
+    v = torch.nn.functional.pad(x, (0, pad)).view(-1, bucket)
+    norm = v.norm(dim=1, keepdim=True)
+    scaled = v.abs() / norm.clamp_min(1e-30) * s
+    low = scaled.floor()
+    xi = low + (torch.rand_like(scaled) < scaled - low)
+    return (norm * v.sign() * xi / s).view(-1)[: x.numel()]
+
+
 def allocator() -> str:
     pre = os.environ.get("LD_PRELOAD", "")
     return "tcmalloc" if "tcmalloc" in pre else ("jemalloc" if "jemalloc" in pre else "glibc malloc (default)")
@@ -47,16 +58,15 @@ def run_codec_bench(numel: int = 1 << 24, repeats: int = 5, bucket_size: int = 1
     x = torch.randn(numel, generator=g)
     out = torch.empty(numel)
     gb = 4 * numel / 1e9
-    memcpy = gb / _best(lambda: out.copy_(x), repeats)
+    memcpy_before = gb / _best(lambda: out.copy_(x), repeats)
 
     cfg4 = QuantizerConfig.qsgd(4, bucket_size)
     tabs = level_tables(cfg4.levels)
     starts = torch.tensor(bucket_starts([numel], bucket_size))
     lv, iw = torch.tensor(tabs.levels), torch.tensor(tabs.inv_width)
     codes, norms = torch_ref.quantize_codes(x, starts, lv, iw, tabs.intervals, False, seed)
-    eager_enc = gb / _best(
-        lambda: torch_ref.quantize_codes(x, starts, lv, iw, tabs.intervals, False, seed), max(1, repeats // 2)
-    )
+    torch_path = gb / _best(lambda: torch_ref.quantize_codes(x, starts, lv, iw, tabs.intervals, False, seed), 1)
+    eager_enc = gb / _best(lambda: eager_qsgd(x, 7, bucket_size), max(1, repeats // 2))
     eager_dec = gb / _best(lambda: torch_ref.dequantize_codes(codes, starts, norms, lv), max(1, repeats // 2))
 
     rows = []
@@ -68,9 +78,13 @@ def run_codec_bench(numel: int = 1 << 24, repeats: int = 5, bucket_size: int = 1
             td = _best(lambda cfg=cfg, enc=enc: decode_into(enc.data, cfg, out, accumulate=True), repeats)
             rows.append({
                 "coding": coding, "bits": bits, "encode_gbps": gb / te, "decode_gbps": gb / td,
-                "encode_vs_memcpy": gb / te / memcpy, "decode_vs_memcpy": gb / td / memcpy,
                 "bits_per_coord": enc.bits / numel,
             })  # fmt: skip
+    # memcpy measured before and after the rows; the faster one makes the ratios conservative
+    memcpy = max(memcpy_before, gb / _best(lambda: out.copy_(x), repeats))
+    for r in rows:
+        r["encode_vs_memcpy"] = r["encode_gbps"] / memcpy
+        r["decode_vs_memcpy"] = r["decode_gbps"] / memcpy
     main = next(r for r in rows if r["coding"] == "fixed" and r["bits"] == 4)
     return {
         "benchmark": "codec",
@@ -87,6 +101,7 @@ def run_codec_bench(numel: int = 1 << 24, repeats: int = 5, bucket_size: int = 1
         "encode_vs_memcpy": main["encode_vs_memcpy"],
         "decode_vs_memcpy": main["decode_vs_memcpy"],
         "eager_torch_encode_gbps": eager_enc,
+        "torch_path_encode_gbps": torch_path,
         "eager_torch_decode_gbps": eager_dec,
         "encode_speedup_vs_eager": main["encode_gbps"] / eager_enc,
         "decode_speedup_vs_eager": main["decode_gbps"] / eager_dec,
@@ -97,9 +112,9 @@ def run_codec_bench(numel: int = 1 << 24, repeats: int = 5, bucket_size: int = 1
 def format_codec(res: dict) -> str:
     lines = [
         f"codec throughput, {res['numel']:,} float32, 1 thread, allocator: {res['allocator']}",
-        f"memcpy {res['memcpy_gbps']:.2f} GB/s; eager torch QSGD-4b quantize "
-        f"{res['eager_torch_encode_gbps']:.3f} GB/s, "
-        f"dequantize {res['eager_torch_decode_gbps']:.3f} GB/s",
+        f"memcpy {res['memcpy_gbps']:.2f} GB/s; eager-torch textbook QSGD-4b quantize "
+        f"{res['eager_torch_encode_gbps']:.3f} GB/s (no packing); qoda's torch (CUDA) path quantize "
+        f"{res['torch_path_encode_gbps']:.3f} GB/s, dequantize {res['eager_torch_decode_gbps']:.3f} GB/s",
         "",
         "| coding | bits | encode GB/s | decode GB/s | encode/memcpy | decode/memcpy | bits/coord |",
         "|---|---|---|---|---|---|---|",

@@ -156,10 +156,10 @@ class QuantizedTensor:
     def starts(self) -> np.ndarray:
         return bucket_starts(self.layer_numels, self.config.bucket_size)
 
-    def dequantize(self) -> torch.Tensor:
-        """The flat float32 vector ``Q(x)``."""
+    def dequantize(self, backend: str = "auto") -> torch.Tensor:
+        """The flat float32 vector ``Q(x)`` (``backend`` as in :func:`quantize`)."""
         tables = level_tables(self.config.levels)
-        if self.codes.device.type != "cpu":
+        if self.codes.device.type != "cpu" or backend == "torch":
             return torch_ref.dequantize_codes(
                 self.codes,
                 torch.tensor(self.starts, device=self.codes.device),
@@ -178,18 +178,21 @@ class QuantizedTensor:
         return [p.view(s) for p, s in zip(flat.split(list(self.layer_numels)), self.shapes, strict=True)]
 
 
-def quantize(x: TensorOrTensors, config: QuantizerConfig, seed: int) -> QuantizedTensor:
+def quantize(x: TensorOrTensors, config: QuantizerConfig, seed: int, backend: str = "auto") -> QuantizedTensor:
     """Quantize ``x`` (a tensor, or the layers of one type) with ``config``.
 
-    CPU tensors use the fused numba kernel; other devices the torch path, which computes
-    the same codes.  Raises :class:`NonFiniteError` on NaN/Inf input.
+    ``backend="auto"`` runs CPU tensors through the fused numba kernel and other devices
+    (CUDA) through the torch path, which computes the same codes; ``"torch"`` forces the
+    torch path.  Raises :class:`NonFiniteError` on NaN/Inf input.
     """
+    if backend not in ("auto", "torch"):
+        raise ValueError(f"backend: expected 'auto' or 'torch', got {backend!r}")
     flat, numels, dtype = flatten_float32(x)
     shapes = tuple(t.shape for t in ([x] if isinstance(x, torch.Tensor) else x))
     starts = bucket_starts(numels, config.bucket_size)
     tables = level_tables(config.levels)
     linf = config.norm is Norm.LINF
-    if flat.device.type != "cpu":
+    if flat.device.type != "cpu" or backend == "torch":
         if not bool(torch.isfinite(flat).all()):
             raise NonFiniteError("quantize: input contains NaN or Inf")
         dev = flat.device
