@@ -7,7 +7,8 @@ A message is the unit a worker sends per round:
     4      1    version (1)
     5      3    zero
     8      4    number of segments S
-    12     4    CRC-32 of the plan fingerprint (receiver checks it: same layers, types, settings)
+    12     4    tag: CRC-32 of the plan fingerprint (the receiver checks it: same layers,
+                types and settings), mixed with the chunk index in two-phase aggregation
     16     8*S  byte length of each segment
     ..     4    CRC-32 of everything above
     ..          the segments: one per type in plan order (each with its own header and CRC),
@@ -30,6 +31,7 @@ import torch
 
 from qoda.codec.format import CodecError, as_bytes_array
 from qoda.codec.segment import Encoded, decode_into, encode_raw, encode_tensor
+from qoda.quant.config import QuantizerConfig
 from qoda.quant.policy import LayerPlan
 
 MAGIC = b"QODM"
@@ -40,6 +42,59 @@ _HEAD = struct.Struct("<4sB3xII")
 def segment_seed(seed: int, index: int) -> int:
     """Seed of segment ``index`` of a message with seed ``seed``."""
     return (seed * 0x100000001B3 + index * 0x9E3779B1 + 1) & 0xFFFFFFFFFFFFFFFF
+
+
+def pack_message(segments: Sequence[Encoded], tag: int) -> np.ndarray:
+    """Concatenate segments behind a message header (see the module docstring)."""
+    head = _HEAD.pack(MAGIC, VERSION, len(segments), tag & 0xFFFFFFFF)
+    head += struct.pack(f"<{len(segments)}Q", *(len(s) for s in segments))
+    head += struct.pack("<I", zlib.crc32(head))
+    return np.concatenate([np.frombuffer(head, dtype=np.uint8), *(s.data for s in segments)])
+
+
+def unpack_message(payload: object, n_segments: int, tag: int) -> list[np.ndarray]:
+    """Validate a message header against the receiver's expectations; return the segments."""
+    buf = as_bytes_array(payload)
+    if buf.size < _HEAD.size + 4:
+        raise CodecError(f"message truncated: {buf.size} bytes")
+    magic, version, n_seg, got_tag = _HEAD.unpack_from(buf[: _HEAD.size].tobytes())
+    if magic != MAGIC:
+        raise CodecError(f"message: bad magic {magic!r}, expected {MAGIC!r}")
+    if version != VERSION:
+        raise CodecError(f"message: version {version}, this build reads version {VERSION}")
+    end = _HEAD.size + 8 * n_seg + 4
+    if n_seg != n_segments or buf.size < end:
+        raise CodecError(f"message: {n_seg} segments, this receiver expects {n_segments} (or truncated)")
+    (crc,) = struct.unpack_from("<I", buf[end - 4 : end].tobytes())
+    if zlib.crc32(buf[: end - 4]) != crc:
+        raise CodecError("message corrupted: header CRC mismatch")
+    if got_tag != tag & 0xFFFFFFFF:
+        raise CodecError(
+            "message was encoded with a different layer plan (layers, shapes, types or quantizer "
+            f"settings differ across ranks: tag {got_tag:08x}, this receiver {tag & 0xFFFFFFFF:08x})"
+        )
+    lengths = struct.unpack_from(f"<{n_seg}Q", buf[_HEAD.size : end - 4].tobytes())
+    if end + sum(lengths) != buf.size:
+        raise CodecError(f"message truncated or padded: segments need {end + sum(lengths)} bytes, got {buf.size}")
+    out, pos = [], end
+    for n in lengths:
+        out.append(buf[pos : pos + n])
+        pos += n
+    return out
+
+
+@dataclass(frozen=True)
+class Group:
+    """The layers of one type (``config``), or the uncompressed layers (``config=None``)."""
+
+    name: str
+    config: QuantizerConfig | None
+    indices: tuple[int, ...]  # plan entries, in order
+    numels: tuple[int, ...]  # their sizes
+
+    @property
+    def numel(self) -> int:
+        return sum(self.numels)
 
 
 @dataclass(frozen=True)
@@ -53,16 +108,77 @@ class EncodedMessage:
 
 
 class LayerwiseCodec:
-    """Encode/decode the gradients of a model following a :class:`LayerPlan`."""
+    """Encode/decode the gradients of a model following a :class:`LayerPlan`.
+
+    Works on one flat float32 buffer per group (:attr:`groups`); :meth:`encode` and
+    :meth:`decode_into` also accept per-layer tensors in plan order.
+    """
 
     def __init__(self, plan: LayerPlan) -> None:
         self.plan = plan
-        self.types = plan.types
-        self.type_indices = [plan.indices(t) for t in self.types]
-        self.raw_indices = plan.indices(None)
+        numels = [e.numel for e in plan.entries]
+        groups = []
+        for t in plan.types:
+            idx = tuple(plan.indices(t))
+            groups.append(Group(t, plan.configs[t], idx, tuple(numels[i] for i in idx)))
+        raw = tuple(plan.indices(None))
+        if raw:
+            groups.append(Group("", None, raw, tuple(numels[i] for i in raw)))
+        self.groups: tuple[Group, ...] = tuple(groups)
         self.plan_id = zlib.crc32(plan.fingerprint().encode())
-        self.numels = [e.numel for e in plan.entries]
 
+    @property
+    def types(self) -> tuple[str, ...]:
+        return self.plan.types
+
+    # ------------------------------------------------------------------ flat buffers
+    def gather(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """One flat float32 buffer per group from per-layer tensors (plan order)."""
+        self._check(tensors)
+        return [torch.cat([tensors[i].detach().reshape(-1).float() for i in g.indices]) for g in self.groups]
+
+    def scatter(self, flats: Sequence[torch.Tensor], outs: Sequence[torch.Tensor], accumulate: bool) -> None:
+        """Write (or add) group buffers back into per-layer tensors."""
+        for g, flat in zip(self.groups, flats, strict=True):
+            for i, part in zip(g.indices, flat.split(list(g.numels)), strict=True):
+                target = outs[i].view(-1)
+                if accumulate:
+                    target.add_(part.to(target.device, target.dtype))
+                else:
+                    target.copy_(part.to(target.device, target.dtype))
+
+    def encode_flats(
+        self, flats: Sequence[torch.Tensor], seed: int, pieces: Sequence[Sequence[int]] | None = None, tag: int = 0
+    ) -> EncodedMessage:
+        """A message of one segment per group buffer; ``pieces[k]`` overrides group k's layer sizes
+        (for a chunk of the group)."""
+        segs: list[Encoded] = []
+        for k, (g, flat) in enumerate(zip(self.groups, flats, strict=True)):
+            numels = g.numels if pieces is None else pieces[k]
+            if g.config is None:
+                segs.append(encode_raw(flat, layer_numels=numels))
+            else:
+                segs.append(encode_tensor(flat, g.config, segment_seed(seed, k), layer_numels=numels))
+        data = pack_message(segs, self.plan_id ^ tag)
+        bits = 8 * (data.size - sum(len(s) for s in segs)) + sum(s.bits for s in segs)
+        return EncodedMessage(data, bits, {g.name: s.bits for g, s in zip(self.groups, segs, strict=True)})
+
+    def decode_flats_into(
+        self,
+        payload: object,
+        flats: Sequence[torch.Tensor],
+        accumulate: bool = True,
+        pieces: Sequence[Sequence[int]] | None = None,
+        tag: int = 0,
+    ) -> None:
+        """Decode straight into group buffers (fused).  A corrupt segment raises; segments
+        before it may already be in ``flats``, so callers decode into scratch buffers."""
+        segs = unpack_message(payload, len(self.groups), self.plan_id ^ tag)
+        for k, (g, seg, flat) in enumerate(zip(self.groups, segs, flats, strict=True)):
+            numels = g.numels if pieces is None else pieces[k]
+            decode_into(seg, g.config, flat, accumulate=accumulate, layer_numels=numels)
+
+    # ------------------------------------------------------------------ per-layer API
     def _check(self, tensors: Sequence[torch.Tensor]) -> None:
         if len(tensors) != len(self.plan.entries):
             raise ValueError(
@@ -74,74 +190,14 @@ class LayerwiseCodec:
 
     def encode(self, tensors: Sequence[torch.Tensor], seed: int) -> EncodedMessage:
         """One message for ``tensors`` (one per plan entry, in plan order)."""
-        self._check(tensors)
-        segs: list[Encoded] = []
-        names: list[str] = []
-        for k, (t, idx) in enumerate(zip(self.types, self.type_indices, strict=True)):
-            segs.append(encode_tensor([tensors[i] for i in idx], self.plan.configs[t], segment_seed(seed, k)))
-            names.append(t)
-        if self.raw_indices:
-            segs.append(encode_raw([tensors[i] for i in self.raw_indices]))
-            names.append("")
-        head = _HEAD.pack(MAGIC, VERSION, len(segs), self.plan_id) + struct.pack(
-            f"<{len(segs)}Q", *(len(s) for s in segs)
-        )
-        head += struct.pack("<I", zlib.crc32(head))
-        data = np.concatenate([np.frombuffer(head, dtype=np.uint8), *(s.data for s in segs)])
-        bits = 8 * len(head) + sum(s.bits for s in segs)
-        return EncodedMessage(data, bits, {n: s.bits for n, s in zip(names, segs, strict=True)})
-
-    def split(self, payload: object) -> list[np.ndarray]:
-        """Validate the message header; return its segments."""
-        buf = as_bytes_array(payload)
-        if buf.size < _HEAD.size + 4:
-            raise CodecError(f"message truncated: {buf.size} bytes")
-        magic, version, n_seg, plan_id = _HEAD.unpack_from(buf[: _HEAD.size].tobytes())
-        if magic != MAGIC:
-            raise CodecError(f"message: bad magic {magic!r}, expected {MAGIC!r}")
-        if version != VERSION:
-            raise CodecError(f"message: version {version}, this build reads version {VERSION}")
-        expected = len(self.types) + (1 if self.raw_indices else 0)
-        end = _HEAD.size + 8 * n_seg + 4
-        if n_seg != expected or buf.size < end:
-            raise CodecError(f"message: {n_seg} segments, this receiver's plan has {expected} (or truncated)")
-        (crc,) = struct.unpack_from("<I", buf[end - 4 : end].tobytes())
-        if zlib.crc32(buf[: end - 4]) != crc:
-            raise CodecError("message corrupted: header CRC mismatch")
-        if plan_id != self.plan_id:
-            raise CodecError(
-                "message was encoded with a different layer plan (layers, shapes, types or quantizer "
-                f"settings differ: plan id {plan_id:08x}, this receiver {self.plan_id:08x})"
-            )
-        lengths = struct.unpack_from(f"<{n_seg}Q", buf[_HEAD.size : end - 4].tobytes())
-        if end + sum(lengths) != buf.size:
-            raise CodecError(f"message truncated or padded: segments need {end + sum(lengths)} bytes, got {buf.size}")
-        out, pos = [], end
-        for n in lengths:
-            out.append(buf[pos : pos + n])
-            pos += n
-        return out
+        return self.encode_flats(self.gather(tensors), seed)
 
     def decode_into(self, payload: object, outs: Sequence[torch.Tensor], accumulate: bool = True) -> None:
-        """Add (or write) the decoded layers into ``outs`` (float32, one per plan entry)."""
+        """Add (or write) the decoded layers into ``outs``; on any error nothing is written."""
         self._check(outs)
-        segs = self.split(payload)
-        groups = [(self.plan.configs[t], idx) for t, idx in zip(self.types, self.type_indices, strict=True)]
-        if self.raw_indices:
-            groups.append((None, self.raw_indices))
-        decoded = []  # decode every segment before touching outs: a bad one changes nothing
-        for seg, (config, idx) in zip(segs, groups, strict=True):
-            numels = [self.numels[i] for i in idx]
-            flat = torch.empty(sum(numels), dtype=torch.float32)
-            decode_into(seg, config, flat, accumulate=False, layer_numels=numels)
-            decoded.append((idx, flat.split(numels)))
-        for idx, parts in decoded:
-            for i, part in zip(idx, parts, strict=True):
-                target = outs[i].view(-1)
-                if accumulate:
-                    target.add_(part.to(target.device))
-                else:
-                    target.copy_(part.to(target.device))
+        flats = [torch.empty(g.numel, dtype=torch.float32) for g in self.groups]
+        self.decode_flats_into(payload, flats, accumulate=False)
+        self.scatter(flats, outs, accumulate)
 
     def decode(self, payload: object) -> list[torch.Tensor]:
         """The decoded layers (float32, in plan shapes)."""

@@ -135,12 +135,14 @@ def _pack_codes(codes: np.ndarray, width: int, out: np.ndarray) -> None:
         np.bitwise_or.at(out, pos >> 3, (bit << (pos & 7)).astype(np.uint8))
 
 
-def encode_tensor(x: TensorOrTensors, config: QuantizerConfig, seed: int) -> Encoded:
+def encode_tensor(
+    x: TensorOrTensors, config: QuantizerConfig, seed: int, layer_numels: Sequence[int] | None = None
+) -> Encoded:
     """Quantize and encode in one pass (CPU: fused numba kernel).  Same bytes as
-    ``encode(quantize(x, config, seed))``."""
-    flat, numels, dtype = flatten_float32(x)
+    ``encode(quantize(x, config, seed))``; ``layer_numels`` as in :func:`quantize`."""
+    flat, numels, dtype = flatten_float32(x, layer_numels)
     if flat.device.type != "cpu" or config.coding is Coding.ENTROPY:
-        return encode(quantize(x, config, seed))
+        return encode(quantize(x, config, seed, layer_numels=layer_numels))
     starts = bucket_starts(numels, config.bucket_size)
     tables = level_tables(config.levels)
     k1, k2 = seed_keys(seed)
@@ -154,9 +156,9 @@ def encode_tensor(x: TensorOrTensors, config: QuantizerConfig, seed: int) -> Enc
     return _pack(config, dtype, numels, norms, [packed])
 
 
-def encode_raw(x: TensorOrTensors) -> Encoded:
+def encode_raw(x: TensorOrTensors, layer_numels: Sequence[int] | None = None) -> Encoded:
     """An uncompressed float32 segment (for small or excluded layers)."""
-    flat, numels, dtype = flatten_float32(x)
+    flat, numels, dtype = flatten_float32(x, layer_numels)
     values = flat.detach().cpu().numpy()
     layer = np.asarray(numels, dtype=np.uint64)
     keep = dtype in (torch.float16, torch.bfloat16, torch.float64)

@@ -86,12 +86,20 @@ def bucket_starts(layer_numels: Sequence[int], bucket_size: int) -> np.ndarray:
     return _bucket_starts_cached(tuple(int(n) for n in layer_numels), int(bucket_size))
 
 
-def flatten_float32(x: TensorOrTensors) -> tuple[torch.Tensor, tuple[int, ...], torch.dtype]:
+def flatten_float32(
+    x: TensorOrTensors, layer_numels: Sequence[int] | None = None
+) -> tuple[torch.Tensor, tuple[int, ...], torch.dtype]:
     """Concatenate one or several tensors into a contiguous flat float32 tensor.
 
     Returns ``(flat, layer_numels, dtype of the first input)``.  A contiguous float32
-    single tensor is returned as a view (no copy).
+    single tensor is returned as a view (no copy).  ``layer_numels`` declares a single flat
+    tensor to be the concatenation of layers of these sizes (buckets restart at each).
     """
+    if layer_numels is not None:
+        if not isinstance(x, torch.Tensor) or x.dim() != 1 or x.numel() != sum(layer_numels):
+            raise ValueError("layer_numels: requires one flat tensor with sum(layer_numels) elements")
+        flat, _, dtype = flatten_float32(x)
+        return flat, tuple(int(n) for n in layer_numels), dtype
     tensors = [x] if isinstance(x, torch.Tensor) else list(x)
     for t in tensors:
         if not isinstance(t, torch.Tensor):
@@ -178,7 +186,13 @@ class QuantizedTensor:
         return [p.view(s) for p, s in zip(flat.split(list(self.layer_numels)), self.shapes, strict=True)]
 
 
-def quantize(x: TensorOrTensors, config: QuantizerConfig, seed: int, backend: str = "auto") -> QuantizedTensor:
+def quantize(
+    x: TensorOrTensors,
+    config: QuantizerConfig,
+    seed: int,
+    backend: str = "auto",
+    layer_numels: Sequence[int] | None = None,
+) -> QuantizedTensor:
     """Quantize ``x`` (a tensor, or the layers of one type) with ``config``.
 
     ``backend="auto"`` runs CPU tensors through the fused numba kernel and other devices
@@ -187,8 +201,11 @@ def quantize(x: TensorOrTensors, config: QuantizerConfig, seed: int, backend: st
     """
     if backend not in ("auto", "torch"):
         raise ValueError(f"backend: expected 'auto' or 'torch', got {backend!r}")
-    flat, numels, dtype = flatten_float32(x)
-    shapes = tuple(t.shape for t in ([x] if isinstance(x, torch.Tensor) else x))
+    flat, numels, dtype = flatten_float32(x, layer_numels)
+    if layer_numels is not None:
+        shapes = tuple(torch.Size([n]) for n in numels)
+    else:
+        shapes = tuple(t.shape for t in ([x] if isinstance(x, torch.Tensor) else x))
     starts = bucket_starts(numels, config.bucket_size)
     tables = level_tables(config.levels)
     linf = config.norm is Norm.LINF

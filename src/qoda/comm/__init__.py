@@ -1,0 +1,1 @@
+"""Averaging over a torch.distributed ProcessGroup with layer-wise quantization."""

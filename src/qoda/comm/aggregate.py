@@ -1,0 +1,263 @@
+"""Averaging tensors across a ProcessGroup with layer-wise quantization.
+
+Modes (:class:`Mode`):
+
+* ``allgather`` - every rank quantizes its tensors once; payloads (padded to equal length,
+  as gloo requires) are all-gathered; every rank decodes all of them in rank order and
+  averages.  Faithful to the theory: ``Vbar = (1/K) sum_k Q(g_k)``, variance
+  ``(1/K^2) sum_k E||Q(g_k) - g_k||^2``.  Bytes per rank grow with ``K``.
+* ``two_phase`` - a compressed reduce-scatter (rank ``r`` receives every rank's quantized
+  chunk ``r``, decodes and averages it), then the averaged chunk is re-quantized and
+  all-gathered.  Bytes per rank stay ``~2 x`` one compressed vector whatever ``K``.  Still
+  unbiased (``E[Q2(a)] = a``); the extra variance is that of the second quantization,
+  ``E||Q2(a) - a||^2 <= eps_Q E||a||^2`` with ``a`` the phase-1 average.
+* ``fp32`` / ``fp16`` - uncompressed all-reduce (fp16: scaled by ``1/K`` before the cast,
+  like PyTorch's ``fp16_compress_hook``), for comparison.
+
+Every mode leaves bitwise identical results on every rank: all ranks decode the same
+payloads in the same order with the same arithmetic.  Failures are collective: a rank that
+cannot decode its phase-1 chunk tells the others through a one-integer all-reduce, so all
+ranks raise instead of one waiting forever.  Settings are compared across ranks when the
+aggregator is built (plan fingerprint, mode, world size).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from enum import StrEnum
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from qoda.codec.layerwise import LayerwiseCodec
+from qoda.comm.partition import chunk_bounds, chunk_pieces
+from qoda.quant.policy import LayerPlan
+
+_MASK64 = 0xFFFFFFFFFFFFFFFF
+
+
+class Mode(StrEnum):
+    FP32 = "fp32"
+    FP16 = "fp16"
+    ALLGATHER = "allgather"
+    TWO_PHASE = "two_phase"
+
+
+_MODE_CODES = {m: i for i, m in enumerate(Mode)}
+
+
+def derive_seed(*parts: int) -> int:
+    """A 64-bit seed from integers (splitmix64 chain): independent noise per step/rank/phase."""
+    z = 0x243F6A8885A308D3
+    for p in parts:
+        z = (z ^ (p & _MASK64)) + 0x9E3779B97F4A7C15 & _MASK64
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+        z ^= z >> 31
+    return z
+
+
+@dataclass
+class CommStats:
+    """What one or more aggregation calls cost (bytes are per rank, as the algorithm sends them)."""
+
+    calls: int = 0
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    encode_seconds: float = 0.0
+    comm_seconds: float = 0.0
+    decode_seconds: float = 0.0
+
+    def __iadd__(self, other: CommStats) -> CommStats:
+        for k, v in asdict(other).items():
+            setattr(self, k, getattr(self, k) + v)
+        return self
+
+    def as_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+
+class AggregationError(RuntimeError):
+    """A rank failed during aggregation (reported on every rank)."""
+
+
+class Aggregator:
+    """Average per-layer tensors (plan order) across ``group``, in place.
+
+    Args:
+        plan: the layer plan (types and quantizer settings); identical on every rank.
+        mode: see :class:`Mode`.
+        group: the process group (default: the world).
+        seed: base seed; quantization noise is derived from ``(seed, step, rank, phase)``.
+        check: compare settings across ranks now (one small all-gather).
+    """
+
+    def __init__(
+        self, plan: LayerPlan, mode: Mode | str = Mode.ALLGATHER, group: dist.ProcessGroup | None = None,
+        seed: int = 0, check: bool = True,
+    ) -> None:  # fmt: skip
+        try:
+            self.mode = Mode(mode)
+        except ValueError:
+            raise ValueError(f"mode: expected one of {[m.value for m in Mode]}, got {mode!r}") from None
+        self.group = group
+        self.codec = LayerwiseCodec(plan)
+        self.world = dist.get_world_size(group)
+        self.rank = dist.get_rank(group)
+        self.seed = int(seed)
+        self.stats = CommStats()
+        if check:
+            self._check_consistency()
+        self.bounds: list[list[int]] = []
+        self.pieces: list[list[tuple[int, ...]]] = []  # [chunk][group] layer pieces
+        if self.mode is Mode.TWO_PHASE:
+            for g in self.codec.groups:
+                bs = None if g.config is None else g.config.bucket_size
+                self.bounds.append(chunk_bounds(g.numels, bs, self.world))
+            self.pieces = [
+                [chunk_pieces(g.numels, b[c], b[c + 1]) for g, b in zip(self.codec.groups, self.bounds, strict=True)]
+                for c in range(self.world)
+            ]
+
+    # ------------------------------------------------------------------ set-up
+    def _check_consistency(self) -> None:
+        mine = torch.tensor([self.codec.plan_id, _MODE_CODES[self.mode], self.world], dtype=torch.int64)
+        everyone = [torch.empty_like(mine) for _ in range(self.world)]
+        dist.all_gather(everyone, mine, group=self.group)
+        bad = [r for r, t in enumerate(everyone) if not torch.equal(t, everyone[0])]
+        if bad:
+            desc = ", ".join(
+                f"rank {r}: plan {int(t[0]):08x} mode {list(Mode)[int(t[1])].value}" for r, t in enumerate(everyone)
+            )
+            raise AggregationError(
+                f"aggregation settings differ across ranks (layers, shapes, quantizer settings or mode): {desc}"
+            )
+
+    # ------------------------------------------------------------------ entry point
+    def average_(self, tensors: Sequence[torch.Tensor], step: int) -> CommStats:
+        """Replace every tensor by its average over the ranks; returns this call's costs."""
+        self.codec._check(tensors)
+        if self.mode in (Mode.FP32, Mode.FP16):
+            stats = self._allreduce(tensors)
+        elif self.mode is Mode.ALLGATHER:
+            stats = self._allgather(tensors, step)
+        else:
+            stats = self._two_phase(tensors, step)
+        stats.calls = 1
+        self.stats += stats
+        return stats
+
+    # ------------------------------------------------------------------ modes
+    def _allreduce(self, tensors: Sequence[torch.Tensor]) -> CommStats:
+        st = CommStats()
+        t0 = time.perf_counter()
+        flat = torch.cat([t.detach().reshape(-1).float() for t in tensors]).mul_(1.0 / self.world)
+        wire = flat.half() if self.mode is Mode.FP16 else flat
+        t1 = time.perf_counter()
+        dist.all_reduce(wire, group=self.group)
+        t2 = time.perf_counter()
+        flat = wire.float() if self.mode is Mode.FP16 else wire
+        offset = 0
+        for t in tensors:
+            t.view(-1).copy_(flat[offset : offset + t.numel()])
+            offset += t.numel()
+        ring = 2 * (self.world - 1) * wire.numel() * wire.element_size() // self.world
+        st.bytes_sent = st.bytes_received = ring
+        st.encode_seconds, st.comm_seconds, st.decode_seconds = t1 - t0, t2 - t1, time.perf_counter() - t2
+        return st
+
+    def _all_gather_bytes(self, payload: torch.Tensor) -> tuple[list[torch.Tensor], int]:
+        """All-gather variable-length uint8 payloads (sizes first, then padded data)."""
+        size = torch.tensor([payload.numel()], dtype=torch.int64)
+        sizes = [torch.empty_like(size) for _ in range(self.world)]
+        dist.all_gather(sizes, size, group=self.group)
+        n = [int(s) for s in sizes]
+        padded = torch.zeros(max(n), dtype=torch.uint8)
+        padded[: payload.numel()] = payload
+        outs = [torch.empty_like(padded) for _ in range(self.world)]
+        dist.all_gather(outs, padded, group=self.group)
+        return [o[:k] for o, k in zip(outs, n, strict=True)], max(n)
+
+    def _allgather(self, tensors: Sequence[torch.Tensor], step: int) -> CommStats:
+        st = CommStats()
+        t0 = time.perf_counter()
+        msg = self.codec.encode_flats(self.codec.gather(tensors), derive_seed(self.seed, step, self.rank))
+        t1 = time.perf_counter()
+        payloads, longest = self._all_gather_bytes(torch.from_numpy(msg.data))
+        t2 = time.perf_counter()
+        acc = [torch.zeros(g.numel, dtype=torch.float32) for g in self.codec.groups]
+        for p in payloads:  # rank order: the same sum on every rank
+            self.codec.decode_flats_into(p.numpy(), acc, accumulate=True)
+        for a in acc:
+            a.mul_(1.0 / self.world)
+        self.codec.scatter(acc, tensors, accumulate=False)
+        st.bytes_sent = st.bytes_received = (self.world - 1) * (longest + 8)
+        st.encode_seconds, st.comm_seconds, st.decode_seconds = t1 - t0, t2 - t1, time.perf_counter() - t2
+        return st
+
+    def _chunk(self, flats: Sequence[torch.Tensor], c: int) -> list[torch.Tensor]:
+        return [f[b[c] : b[c + 1]] for f, b in zip(flats, self.bounds, strict=True)]
+
+    def _collective_failure(self, err: Exception | None) -> None:
+        """All ranks learn whether any rank failed; all raise if one did."""
+        flag = torch.tensor([0 if err is None else self.rank + 1], dtype=torch.int64)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
+        if int(flag) == 0:
+            return
+        if err is not None:
+            raise AggregationError(f"rank {self.rank} could not decode its phase-1 chunk: {err}") from err
+        raise AggregationError(f"rank {int(flag) - 1} could not decode its phase-1 chunk (see that rank's error)")
+
+    def _two_phase(self, tensors: Sequence[torch.Tensor], step: int) -> CommStats:
+        st = CommStats()
+        k, r = self.world, self.rank
+        t0 = time.perf_counter()
+        flats = self.codec.gather(tensors)
+        msgs = [
+            self.codec.encode_flats(
+                self._chunk(flats, d), derive_seed(self.seed, step, r, 1, d), self.pieces[d], tag=d + 1
+            )
+            for d in range(k)
+        ]
+        send = torch.from_numpy(np.concatenate([m.data for m in msgs]))
+        send_sizes = torch.tensor([len(m) for m in msgs], dtype=torch.int64)
+        t1 = time.perf_counter()
+        recv_sizes = torch.empty_like(send_sizes)
+        dist.all_to_all_single(recv_sizes, send_sizes, group=self.group)
+        recv = torch.empty(int(recv_sizes.sum()), dtype=torch.uint8)
+        dist.all_to_all_single(
+            recv, send, output_split_sizes=recv_sizes.tolist(), input_split_sizes=send_sizes.tolist(), group=self.group
+        )
+        t2 = time.perf_counter()
+        own = self.pieces[r]
+        acc = [torch.zeros(sum(p), dtype=torch.float32) for p in own]
+        err: Exception | None = None
+        try:
+            for part in recv.split(recv_sizes.tolist()):  # source-rank order
+                self.codec.decode_flats_into(part.numpy(), acc, accumulate=True, pieces=own, tag=r + 1)
+        except Exception as e:  # reported collectively below
+            err = e
+        self._collective_failure(err)
+        for a in acc:
+            a.mul_(1.0 / k)
+        t3 = time.perf_counter()
+        msg2 = self.codec.encode_flats(acc, derive_seed(self.seed, step, r, 2), own, tag=k + 1 + r)
+        t4 = time.perf_counter()
+        payloads, longest = self._all_gather_bytes(torch.from_numpy(msg2.data))
+        t5 = time.perf_counter()
+        result = [torch.empty(g.numel, dtype=torch.float32) for g in self.codec.groups]
+        for c, p in enumerate(payloads):
+            self.codec.decode_flats_into(
+                p.numpy(), self._chunk(result, c), accumulate=False, pieces=self.pieces[c], tag=k + 1 + c
+            )
+        self.codec.scatter(result, tensors, accumulate=False)
+        sent1 = int(send_sizes.sum()) - len(msgs[r])
+        st.bytes_sent = sent1 + (k - 1) * (longest + 8) + 8 * (k - 1)
+        st.bytes_received = int(recv_sizes.sum()) - int(recv_sizes[r]) + (k - 1) * (longest + 8) + 8 * (k - 1)
+        st.encode_seconds = (t1 - t0) + (t4 - t3)
+        st.comm_seconds = (t2 - t1) + (t5 - t4)
+        st.decode_seconds = (t3 - t2) + (time.perf_counter() - t5)
+        return st

@@ -1,0 +1,248 @@
+"""Compressed collectives across real gloo processes on 127.0.0.1 (2 and 4 ranks)."""
+
+import pickle
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from distributed import run, values
+from qoda.codec.layerwise import LayerwiseCodec
+from qoda.comm.aggregate import AggregationError, Aggregator
+from qoda.comm.ddp_hook import QodaHookState, qoda_hook
+from qoda.comm.partition import chunk_bounds, chunk_pieces
+from qoda.quant.config import QuantizerConfig
+from qoda.quant.policy import LayerPolicy
+from qoda.quant.variance import coordinate_variances, eps_q_config
+
+
+class Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 16, 3)  # 432 weights: uncompressed (< min_numel)
+        self.fc1 = nn.Linear(40, 64)
+        self.fc2 = nn.Linear(64, 40)
+
+
+def _policy(bits=4, coding="fixed"):
+    return LayerPolicy.by_module_class(
+        QuantizerConfig.qsgd(bits, 256, coding=coding), {"linear": QuantizerConfig.nuqsgd(bits, 128, coding=coding)}
+    )
+
+
+def _inputs(rank):
+    g = torch.Generator().manual_seed(100 + rank)
+    return [torch.randn(p.shape, generator=g) * (1 + rank) for p in Tiny().parameters()]
+
+
+def test_chunking_on_bucket_starts():
+    numels = [1000, 10, 300]
+    b = chunk_bounds(numels, 128, 4)
+    assert b[0] == 0 and b[-1] == 1310 and b == sorted(b)
+    starts = {0, 128, 256, 384, 512, 640, 768, 896, 1000, 1010, 1138, 1266, 1310}
+    assert set(b) <= starts
+    assert chunk_pieces(numels, 896, 1138) == (104, 10, 128)
+    assert sum(sum(chunk_pieces(numels, b[c], b[c + 1])) for c in range(4)) == 1310
+
+
+def _average_worker(rank, world, mode, rounds):
+    plan = _policy(4, "entropy" if mode == "two_phase" else "fixed").plan(Tiny())
+    agg = Aggregator(plan, mode, seed=7)
+    base = _inputs(rank)
+    outs = []
+    for step in range(rounds):
+        ts = [t.clone() for t in base]
+        agg.average_(ts, step)
+        outs.append(torch.cat([t.reshape(-1) for t in ts]))
+    # bitwise identical on every rank
+    stacked = torch.stack(outs)
+    everyone = [torch.empty_like(stacked) for _ in range(world)]
+    dist.all_gather(everyone, stacked)
+    assert all(torch.equal(e, stacked) for e in everyone), "ranks disagree"
+    return stacked.numpy(), agg.stats.as_dict()
+
+
+def _phase1_variance(world, coding):
+    """Exact variance of (1/K) sum_k Q(x_k) per coordinate, in plan order."""
+    plan = _policy(4, coding).plan(Tiny())
+    codec = LayerwiseCodec(plan)
+    total = torch.zeros(sum(e.numel for e in plan.entries), dtype=torch.float64)
+    offsets = np.cumsum([0] + [e.numel for e in plan.entries])
+    for r in range(world):
+        flats = codec.gather(_inputs(r))
+        for g, flat in zip(codec.groups, flats, strict=True):
+            if g.config is None:
+                continue
+            v = coordinate_variances(list(flat.split(list(g.numels))), g.config)
+            pos = 0
+            for i, n in zip(g.indices, g.numels, strict=True):
+                total[offsets[i] : offsets[i] + n] += v[pos : pos + n]
+                pos += n
+    return (total / world**2).numpy()
+
+
+@pytest.mark.parametrize(("world", "mode"), [(2, "allgather"), (4, "allgather"), (2, "two_phase"), (4, "two_phase")])
+def test_average_identical_everywhere_and_unbiased(world, mode):
+    rounds = 150
+    res = values(run(_average_worker, world, mode, rounds, timeout=240))
+    samples = res[0][0].astype(np.float64)  # (rounds, n): identical on all ranks
+    truth = torch.stack([torch.cat([t.reshape(-1) for t in _inputs(r)]) for r in range(world)]).double().mean(0).numpy()
+    v1 = _phase1_variance(world, "entropy" if mode == "two_phase" else "fixed")
+    mean = samples.mean(0)
+    # allgather: exact (one quantization per rank); two-phase adds the re-quantization noise,
+    # estimated from the samples
+    var = v1 if mode == "allgather" else v1 + samples.var(0, ddof=1)
+    exact = var == 0  # uncompressed layers
+    assert np.allclose(mean[exact], truth[exact], rtol=1e-6, atol=1e-6)
+    z = (mean[~exact] - truth[~exact]) / np.sqrt(var[~exact] / rounds + (1e-6 * np.abs(truth[~exact])) ** 2)
+    # ~5k coordinates: P(max |z| > 6) < 1e-5 under the null; mean z^2 is 1 (+- 0.02) with the exact variance
+    assert np.abs(z).max() < 6.0
+    assert float(np.mean(z**2)) < 1.1
+    if mode == "allgather":
+        assert float(np.mean(z**2)) > 0.9
+    stats = res[0][1]
+    assert stats["calls"] == rounds and stats["bytes_sent"] > 0
+
+
+def _fp_worker(rank, world, mode):
+    plan = _policy().plan(Tiny())
+    agg = Aggregator(plan, mode)
+    ts = _inputs(rank)
+    agg.average_(ts, 0)
+    return torch.cat([t.reshape(-1) for t in ts]).numpy()
+
+
+@pytest.mark.parametrize("mode", ["fp32", "fp16"])
+def test_uncompressed_modes(mode):
+    out = values(run(_fp_worker, 2, mode))
+    truth = torch.stack([torch.cat([t.reshape(-1) for t in _inputs(r)]) for r in range(2)]).mean(0).numpy()
+    assert np.array_equal(out[0], out[1])
+    tol = 1e-6 if mode == "fp32" else 2e-3
+    assert np.allclose(out[0], truth, rtol=tol, atol=tol)
+
+
+def _bytes_worker(rank, world):
+    plan = LayerPolicy.global_(QuantizerConfig.qsgd(4, 1024)).plan(nn.Linear(512, 512, bias=False))
+    res = {}
+    for mode in ("allgather", "two_phase", "fp32"):
+        agg = Aggregator(plan, mode)
+        res[mode] = agg.average_([torch.randn(512, 512)], 0).bytes_sent
+    return res
+
+
+def test_two_phase_bytes_do_not_grow_with_workers():
+    b2 = values(run(_bytes_worker, 2))[0]
+    b4 = values(run(_bytes_worker, 4))[0]
+    n = 512 * 512
+    one = n * 4 / 8  # one 4-bit vector
+    assert b4["allgather"] > 2.5 * b2["allgather"]  # (K-1) payloads
+    assert b4["two_phase"] < 1.6 * b2["two_phase"]  # ~2 (K-1)/K payloads
+    assert b4["two_phase"] < 2.2 * one
+    assert b4["fp32"] == 2 * 3 * n * 4 // 4
+
+
+def _mismatch_worker(rank, world):
+    bits = 4 if rank == 0 else 8
+    plan = LayerPolicy.global_(QuantizerConfig.qsgd(bits)).plan(Tiny())
+    try:
+        Aggregator(plan, "allgather")
+    except AggregationError as e:
+        return str(e)
+    return None
+
+
+def test_mismatched_settings_raise_on_every_rank():
+    msgs = values(run(_mismatch_worker, 2, timeout=60))
+    assert all(m is not None and "differ across ranks" in m for m in msgs)
+
+
+def _corrupt_worker(rank, world, mode):
+    plan = _policy().plan(Tiny())
+    agg = Aggregator(plan, mode)
+    if rank == 1:  # rank 1 sends corrupted bytes
+        enc = agg.codec.encode_flats
+
+        def corrupt(*a, **k):
+            m = enc(*a, **k)
+            m.data[-3] ^= 0x55
+            return m
+
+        agg.codec.encode_flats = corrupt
+    try:
+        agg.average_(_inputs(rank), 0)
+    except Exception as e:
+        return type(e).__name__ + ": " + str(e)
+    return None
+
+
+@pytest.mark.parametrize("mode", ["allgather", "two_phase"])
+def test_corrupted_payload_fails_on_every_rank(mode):
+    msgs = values(run(_corrupt_worker, 2, mode, timeout=60))
+    assert all(m is not None for m in msgs), msgs
+    assert any("corrupted" in m for m in msgs)
+
+
+# ----------------------------------------------------------------------------- DDP hook
+def _regression_data(rank, n=256):
+    g = torch.Generator().manual_seed(rank)
+    x = torch.randn(n, 40, generator=g)
+    w = torch.linspace(-1, 1, 40)
+    return x, x @ w.unsqueeze(1) + 0.01 * torch.randn(n, 1, generator=g)
+
+
+class Reg(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(40, 64)
+        self.out = nn.Linear(64, 1)
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.fc(x)))
+
+
+def _ddp_worker(rank, world, use_hook, steps, split):
+    torch.manual_seed(0)
+    model = Reg()
+    ddp = nn.parallel.DistributedDataParallel(model)
+    state = None
+    if use_hook:
+        policy = LayerPolicy.global_(QuantizerConfig.qsgd(8, 256), min_numel=64)
+        state = QodaHookState(model, policy, mode="two_phase", start_iter=2)
+        ddp.register_comm_hook(state, qoda_hook)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.05)
+    x, y = _regression_data(rank)
+    losses = []
+    for step in range(steps):
+        if use_hook and step == split:  # checkpoint the hook state and restore it
+            blob = pickle.dumps(state)
+            restored = pickle.loads(blob)
+            assert restored.process_group is None and restored.iter == state.iter
+            restored.bind(model)
+            state.__dict__.update(restored.__dict__)
+        opt.zero_grad()
+        loss = nn.functional.mse_loss(ddp(x), y)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    params = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    grad_norm2 = max(float(sum(p.grad.square().sum() for p in model.parameters())), 1e-12)
+    return losses, params.numpy(), grad_norm2, (state.stats.as_dict() if state else None)
+
+
+def test_ddp_hook_trains_like_the_uncompressed_reference():
+    steps = 60
+    ref = values(run(_ddp_worker, 2, False, steps, -1, timeout=180))
+    q = values(run(_ddp_worker, 2, True, steps, 30, timeout=180))
+    assert np.array_equal(q[0][1], q[1][1])  # replicas stay identical
+    ref_loss, q_loss = ref[0][0][-1], q[0][0][-1]
+    assert q_loss < 0.5 * q[0][0][0]  # it trains
+    # Descent-lemma noise budget: each step adds at most (lr^2 L / 2) E||n||^2 to the expected
+    # loss with E||n||^2 <= 2 eps_Q ||g||^2 (two quantizations); L <= 2 for this MSE on
+    # normalised inputs is loose, so we allow L = 10.
+    eps = eps_q_config(QuantizerConfig.qsgd(8, 256))
+    g2 = max(max(r[2] for r in ref), 1.0)
+    budget = steps * 0.05**2 * 10 / 2 * 2 * eps * g2
+    assert q_loss <= ref_loss + budget + 1e-4
+    assert q[0][3]["calls"] > 0 and q[0][3]["bytes_sent"] > 0
