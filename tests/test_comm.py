@@ -246,3 +246,49 @@ def test_ddp_hook_trains_like_the_uncompressed_reference():
     budget = steps * 0.05**2 * 10 / 2 * 2 * eps * g2
     assert q_loss <= ref_loss + budget + 1e-4
     assert q[0][3]["calls"] > 0 and q[0][3]["bytes_sent"] > 0
+
+
+def test_bandwidth_benchmark_runs_in_its_own_namespaces_and_cleans_up():
+    import subprocess
+
+    from qoda.bench.comm import run_comm_bench
+    from qoda.bench.netns import NetnsUnavailable, check_available
+
+    try:
+        check_available()
+    except NetnsUnavailable as e:
+        pytest.skip(str(e))
+    before = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    res = run_comm_bench(
+        workers=(2,), rates_mbit=(200,), sizes=(1 << 16,), steps=1, max_seconds=120, log=lambda s: None
+    )
+    after = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert after == before  # namespaces removed
+    assert not res["skipped"], res["skipped"]
+    rows = {(r["mode"], r["bits"]): r for r in res["rows"]}
+    assert len(rows) == 9
+    fp32, q4 = rows[("fp32", 32)], rows[("two_phase", 4)]
+    assert fp32["bytes_per_rank"] == 4 * (1 << 16)  # 2 (K-1)/K * 4n with K = 2
+    assert q4["bytes_per_rank"] < fp32["bytes_per_rank"] / 4
+    # the link is really limited: fp32 needs at least its bytes / bandwidth
+    assert fp32["seconds"] >= 0.9 * fp32["bytes_per_rank"] * 8 / 200e6
+
+
+def _nan_worker(rank, world, mode):
+    plan = _policy().plan(Tiny())
+    agg = Aggregator(plan, mode)
+    ts = _inputs(rank)
+    if rank == 1:
+        ts[2][0, 0] = float("nan")
+    try:
+        agg.average_(ts, 0)
+    except AggregationError as e:
+        return str(e)
+    return None
+
+
+@pytest.mark.parametrize("mode", ["allgather", "two_phase"])
+def test_non_finite_gradient_on_one_rank_fails_everywhere_without_hanging(mode):
+    msgs = values(run(_nan_worker, 2, mode, timeout=60, pg_timeout=30))
+    assert msgs[1] is not None and "NaN or Inf" in msgs[1]
+    assert msgs[0] is not None and "[1]" in msgs[0]

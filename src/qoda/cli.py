@@ -39,6 +39,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--repeats", type=_positive_int("repeats"), default=5)
     c.add_argument("--bucket-size", type=_positive_int("bucket-size"), default=1024)
     c.add_argument("--json", type=Path, default=None, help="write results to this JSON file")
+
+    m = bsub.add_parser("comm", help="gradient averaging over bandwidth-limited links (needs root + iproute2)")
+    m.add_argument("--workers", type=_positive_int("workers"), nargs="+", default=[2, 4])
+    m.add_argument("--bandwidth-mbit", type=_positive_int("bandwidth-mbit"), nargs="+", default=[1000, 100])
+    m.add_argument("--numel", type=_positive_int("numel"), nargs="+", default=[1 << 20, 1 << 22, 1 << 24])
+    m.add_argument("--steps", type=_positive_int("steps"), default=4, help="timed steps per configuration")
+    m.add_argument("--max-seconds", type=_positive_int("max-seconds"), default=3600, help="run-time bound")
+    m.add_argument("--json", type=Path, default=None)
     return p
 
 
@@ -57,6 +65,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         res = run_codec_bench(args.numel, args.repeats, args.bucket_size)
         print(format_codec(res))
         if args.json:
+            write_json(res, args.json)
+            print(f"\nwrote {args.json}")
+        return 0
+    if args.command == "bench" and args.bench == "comm":
+        from qoda.bench.comm import format_comm, run_comm_bench
+        from qoda.bench.netns import NetnsUnavailable
+
+        for n in args.numel:
+            if n % 1024:
+                raise SystemExit(f"qoda bench comm: --numel must be a multiple of 1024, got {n}")
+        try:
+            res = run_comm_bench(
+                tuple(args.workers), tuple(args.bandwidth_mbit), tuple(args.numel), args.steps, args.max_seconds
+            )
+        except NetnsUnavailable as e:
+            print(f"qoda bench comm cannot run here: {e}", file=sys.stderr)
+            return 3
+        print(format_comm(res))
+        if args.json:
+            from qoda.bench.codec import write_json
+
             write_json(res, args.json)
             print(f"\nwrote {args.json}")
         return 0

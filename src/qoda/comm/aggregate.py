@@ -109,6 +109,9 @@ class Aggregator:
         self.rank = dist.get_rank(group)
         self.seed = int(seed)
         self.stats = CommStats()
+        # NCCL moves CUDA tensors only; codes are packed and decoded on the host either way
+        nccl = dist.get_backend(group) == "nccl"
+        self.wire_device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
         if check:
             self._check_consistency()
         self.bounds: list[list[int]] = []
@@ -154,7 +157,7 @@ class Aggregator:
     def _allreduce(self, tensors: Sequence[torch.Tensor]) -> CommStats:
         st = CommStats()
         t0 = time.perf_counter()
-        flat = torch.cat([t.detach().reshape(-1).float() for t in tensors]).mul_(1.0 / self.world)
+        flat = torch.cat([t.detach().reshape(-1).float() for t in tensors]).to(self.wire_device).mul_(1.0 / self.world)
         wire = flat.half() if self.mode is Mode.FP16 else flat
         t1 = time.perf_counter()
         dist.all_reduce(wire, group=self.group)
@@ -169,24 +172,46 @@ class Aggregator:
         st.encode_seconds, st.comm_seconds, st.decode_seconds = t1 - t0, t2 - t1, time.perf_counter() - t2
         return st
 
-    def _all_gather_bytes(self, payload: torch.Tensor) -> tuple[list[torch.Tensor], int]:
-        """All-gather variable-length uint8 payloads (sizes first, then padded data)."""
-        size = torch.tensor([payload.numel()], dtype=torch.int64)
+    def _all_gather_bytes(self, payload: torch.Tensor, what: str) -> tuple[list[torch.Tensor], int]:
+        """All-gather variable-length uint8 payloads (sizes first, then padded data).
+
+        An empty payload means "this rank failed to encode": every rank then raises.
+        """
+        dev = self.wire_device
+        size = torch.tensor([payload.numel()], dtype=torch.int64, device=dev)
         sizes = [torch.empty_like(size) for _ in range(self.world)]
         dist.all_gather(sizes, size, group=self.group)
         n = [int(s) for s in sizes]
-        padded = torch.zeros(max(n), dtype=torch.uint8)
-        padded[: payload.numel()] = payload
+        failed = [r for r, k in enumerate(n) if k == 0]
+        if failed:
+            raise AggregationError(f"rank(s) {failed} could not encode their {what} (see their errors)")
+        padded = torch.zeros(max(n), dtype=torch.uint8, device=dev)
+        padded[: payload.numel()] = payload.to(dev)
         outs = [torch.empty_like(padded) for _ in range(self.world)]
         dist.all_gather(outs, padded, group=self.group)
-        return [o[:k] for o, k in zip(outs, n, strict=True)], max(n)
+        return [o[:k].cpu() for o, k in zip(outs, n, strict=True)], max(n)
+
+    def _encode_or_empty(self, fn, *args, **kwargs):
+        """Encode; on failure return ``(None, error)`` so the rank can still tell the others."""
+        try:
+            return fn(*args, **kwargs), None
+        except Exception as e:
+            return None, e
 
     def _allgather(self, tensors: Sequence[torch.Tensor], step: int) -> CommStats:
         st = CommStats()
         t0 = time.perf_counter()
-        msg = self.codec.encode_flats(self.codec.gather(tensors), derive_seed(self.seed, step, self.rank))
+        msg, err = self._encode_or_empty(
+            self.codec.encode_flats, self.codec.gather(tensors), derive_seed(self.seed, step, self.rank)
+        )
         t1 = time.perf_counter()
-        payloads, longest = self._all_gather_bytes(torch.from_numpy(msg.data))
+        data = torch.from_numpy(msg.data) if msg is not None else torch.zeros(0, dtype=torch.uint8)
+        try:
+            payloads, longest = self._all_gather_bytes(data, "gradients")
+        except AggregationError as e:
+            if err is None:
+                raise
+            raise AggregationError(f"rank {self.rank} could not encode its gradients: {err}") from e
         t2 = time.perf_counter()
         acc = [torch.zeros(g.numel, dtype=torch.float32) for g in self.codec.groups]
         for p in payloads:  # rank order: the same sum on every rank
@@ -203,7 +228,7 @@ class Aggregator:
 
     def _collective_failure(self, err: Exception | None) -> None:
         """All ranks learn whether any rank failed; all raise if one did."""
-        flag = torch.tensor([0 if err is None else self.rank + 1], dtype=torch.int64)
+        flag = torch.tensor([0 if err is None else self.rank + 1], dtype=torch.int64, device=self.wire_device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
         if int(flag) == 0:
             return
@@ -216,21 +241,37 @@ class Aggregator:
         k, r = self.world, self.rank
         t0 = time.perf_counter()
         flats = self.codec.gather(tensors)
-        msgs = [
-            self.codec.encode_flats(
-                self._chunk(flats, d), derive_seed(self.seed, step, r, 1, d), self.pieces[d], tag=d + 1
-            )
-            for d in range(k)
-        ]
-        send = torch.from_numpy(np.concatenate([m.data for m in msgs]))
-        send_sizes = torch.tensor([len(m) for m in msgs], dtype=torch.int64)
+
+        def encode_chunks() -> list:
+            return [
+                self.codec.encode_flats(
+                    self._chunk(flats, d), derive_seed(self.seed, step, r, 1, d), self.pieces[d], tag=d + 1
+                )
+                for d in range(k)
+            ]
+
+        msgs, err = self._encode_or_empty(encode_chunks)
+        dev = self.wire_device
+        if msgs is None:  # size 0 to everyone: "this rank failed"
+            send = torch.zeros(0, dtype=torch.uint8)
+            send_sizes = torch.zeros(k, dtype=torch.int64)
+        else:
+            send = torch.from_numpy(np.concatenate([m.data for m in msgs]))
+            send_sizes = torch.tensor([len(m) for m in msgs], dtype=torch.int64)
         t1 = time.perf_counter()
-        recv_sizes = torch.empty_like(send_sizes)
-        dist.all_to_all_single(recv_sizes, send_sizes, group=self.group)
-        recv = torch.empty(int(recv_sizes.sum()), dtype=torch.uint8)
+        recv_sizes = torch.empty(k, dtype=torch.int64, device=dev)
+        dist.all_to_all_single(recv_sizes, send_sizes.to(dev), group=self.group)
+        recv_sizes = recv_sizes.cpu()
+        failed = [src for src in range(k) if int(recv_sizes[src]) == 0]
+        if failed or msgs is None:
+            why = f"rank {r} could not encode its chunks: {err}" if err else f"rank(s) {failed} could not encode"
+            raise AggregationError(why) from err
+        recv = torch.empty(int(recv_sizes.sum()), dtype=torch.uint8, device=dev)
         dist.all_to_all_single(
-            recv, send, output_split_sizes=recv_sizes.tolist(), input_split_sizes=send_sizes.tolist(), group=self.group
-        )
+            recv, send.to(dev), output_split_sizes=recv_sizes.tolist(), input_split_sizes=send_sizes.tolist(),
+            group=self.group,
+        )  # fmt: skip
+        recv = recv.cpu()
         t2 = time.perf_counter()
         own = self.pieces[r]
         acc = [torch.zeros(sum(p), dtype=torch.float32) for p in own]
@@ -246,7 +287,7 @@ class Aggregator:
         t3 = time.perf_counter()
         msg2 = self.codec.encode_flats(acc, derive_seed(self.seed, step, r, 2), own, tag=k + 1 + r)
         t4 = time.perf_counter()
-        payloads, longest = self._all_gather_bytes(torch.from_numpy(msg2.data))
+        payloads, longest = self._all_gather_bytes(torch.from_numpy(msg2.data), "averaged chunk")
         t5 = time.perf_counter()
         result = [torch.empty(g.numel, dtype=torch.float32) for g in self.codec.groups]
         for c, p in enumerate(payloads):

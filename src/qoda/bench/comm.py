@@ -1,0 +1,209 @@
+"""``qoda bench comm``: gradient averaging over real bandwidth-limited links.
+
+Worker processes run in their own network namespaces (:mod:`qoda.bench.netns`), joined by
+a bridge and shaped with ``tc tbf``.  Each measures a DDP step whose backward is trivial, so
+the step time is the averaging of one gradient of ``numel`` floats (a ``numel/1024 x 1024``
+matrix in one DDP bucket) with: the fp32 all-reduce (DDP default), PyTorch's fp16 and
+PowerSGD (rank 1) hooks, and qoda's hook in ``allgather`` and ``two_phase`` modes at 2, 4
+and 8 bits.  A step's time is the slowest rank's; the figure is the median over steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+MODES: list[tuple[str, int]] = [("fp32", 32), ("fp16", 16), ("powersgd", 0)] + [
+    (m, b) for m in ("allgather", "two_phase") for b in (2, 4, 8)
+]
+
+
+class _Grad(nn.Module):
+    def __init__(self, numel: int) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(numel // 1024, 1024))
+        self.register_buffer("c", torch.randn(numel // 1024, 1024, generator=torch.Generator().manual_seed(0)))
+
+    def forward(self) -> torch.Tensor:
+        return (self.w * self.c).sum()
+
+
+def _bytes_per_rank(mode: str, numel: int, world: int, stats: dict | None) -> float:
+    ring = 2 * (world - 1) / world
+    if mode == "fp32":
+        return ring * 4 * numel
+    if mode == "fp16":
+        return ring * 2 * numel
+    if mode == "powersgd":
+        return ring * 4 * (numel // 1024 + 1024)
+    assert stats is not None
+    return stats["bytes_sent"] / max(1, stats["calls"])
+
+
+def _measure(mode: str, bits: int, numel: int, steps: int, warmup: int) -> tuple[float, float, dict | None]:
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
+
+    from qoda.comm.ddp_hook import QodaHookState, qoda_hook
+    from qoda.quant.config import QuantizerConfig
+    from qoda.quant.policy import LayerPolicy
+
+    model = _Grad(numel)
+    ddp = nn.parallel.DistributedDataParallel(model, bucket_cap_mb=numel * 4 / 2**20 + 16, broadcast_buffers=False)
+    state = None
+    if mode == "fp16":
+        ddp.register_comm_hook(None, default_hooks.fp16_compress_hook)
+    elif mode == "powersgd":
+        ps = powerSGD_hook.PowerSGDState(process_group=None, matrix_approximation_rank=1, start_powerSGD_iter=2)
+        ddp.register_comm_hook(ps, powerSGD_hook.powerSGD_hook)
+    elif mode != "fp32":
+        state = QodaHookState(model, LayerPolicy.global_(QuantizerConfig.qsgd(bits, 1024)), mode=mode, start_iter=0)
+        ddp.register_comm_hook(state, qoda_hook)
+    times = []
+    for step in range(warmup + steps):
+        dist.barrier()
+        t = time.perf_counter()
+        ddp().backward()
+        elapsed = torch.tensor([time.perf_counter() - t], dtype=torch.float64)
+        dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+        if step >= warmup:
+            times.append(float(elapsed))
+    stats = state.stats.as_dict() if state else None
+    return statistics.median(times), _bytes_per_rank(mode, numel, dist.get_world_size(), stats), stats
+
+
+def worker_main(a: argparse.Namespace) -> None:
+    os.environ["GLOO_SOCKET_IFNAME"] = a.ifname
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://{a.master}:{a.port}", rank=a.rank, world_size=a.world,
+        timeout=timedelta(seconds=a.pg_timeout),
+    )  # fmt: skip
+    rows = []
+    for numel in a.sizes:
+        for mode, bits in MODES:
+            steps = a.steps if numel <= (1 << 22) else max(2, a.steps // 2)
+            sec, nbytes, stats = _measure(mode, bits, numel, steps, warmup=3 if mode == "powersgd" else 1)
+            rows.append({
+                "mode": mode, "bits": bits, "workers": a.world, "bandwidth_mbit": a.rate, "numel": numel,
+                "seconds": sec, "bytes_per_rank": nbytes, "steps": steps,
+                "encode_seconds": None if stats is None else stats["encode_seconds"] / stats["calls"],
+                "decode_seconds": None if stats is None else stats["decode_seconds"] / stats["calls"],
+            })  # fmt: skip
+            if a.rank == 0:
+                Path(a.out).write_text(json.dumps(rows))
+    dist.destroy_process_group()
+
+
+def run_comm_bench(
+    workers: tuple[int, ...] = (2, 4),
+    rates_mbit: tuple[float, ...] = (1000, 100),
+    sizes: tuple[int, ...] = (1 << 20, 1 << 22, 1 << 24),
+    steps: int = 4,
+    max_seconds: float = 3600,
+    log=print,
+) -> dict:
+    """Run every (workers, rate) setting in fresh namespaces; returns the result document."""
+    from qoda.bench.netns import Topology, check_available
+
+    check_available()
+    deadline = time.monotonic() + max_seconds
+    rows: list[dict] = []
+    skipped: list[str] = []
+    for k in workers:
+        for rate in rates_mbit:
+            left = deadline - time.monotonic()
+            if left < 30:
+                skipped.append(f"{k} workers at {rate} Mbit/s: run-time bound reached")
+                continue
+            with Topology(k, rate) as topo, tempfile.TemporaryDirectory() as tmp:
+                out = Path(tmp) / "rows.json"
+                procs = []
+                for i in range(k):
+                    cmd = [*topo.prefix(i), sys.executable, "-m", "qoda.bench.comm", "--worker",
+                           "--rank", str(i), "--world", str(k), "--master", topo.addr(0), "--port", "29611",
+                           "--ifname", topo.ifname(i), "--rate", str(rate), "--steps", str(steps),
+                           "--out", str(out), "--pg-timeout", str(int(max(60, left))),
+                           "--sizes", *map(str, sizes)]  # fmt: skip
+                    procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+                failed = None
+                try:
+                    for p in procs:
+                        p.wait(timeout=max(1.0, deadline - time.monotonic()))
+                        if p.returncode != 0 and failed is None:
+                            failed = (p.stderr.read() if p.stderr else "")[-2000:]
+                except subprocess.TimeoutExpired:
+                    failed = "run-time bound reached"
+                finally:
+                    for p in procs:
+                        if p.poll() is None:
+                            p.kill()
+                            p.wait()
+                got = json.loads(out.read_text()) if out.exists() else []
+                rows.extend(got)
+                if failed:
+                    skipped.append(f"{k} workers at {rate} Mbit/s: stopped after {len(got)} rows: {failed}")
+                log(f"{k} workers, {rate} Mbit/s: {len(got)} rows" + (f" ({failed[:200]})" if failed else ""))
+    for r in rows:
+        base = next(
+            (b for b in rows if b["mode"] == "fp32" and b["workers"] == r["workers"]
+             and b["bandwidth_mbit"] == r["bandwidth_mbit"] and b["numel"] == r["numel"]),
+            None,
+        )  # fmt: skip
+        r["speedup_vs_fp32"] = base["seconds"] / r["seconds"] if base else None
+    return {
+        "benchmark": "comm",
+        "links": "network namespaces + veth + bridge, tc tbf on both ends of each link",
+        "threads_per_worker": 1,
+        "cores": os.cpu_count(),
+        "rows": rows,
+        "skipped": skipped,
+    }
+
+
+def format_comm(res: dict) -> str:
+    lines = [
+        "| workers | Mbit/s | numel | mode | bits | step s | MB/rank | vs fp32 |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in res["rows"]:
+        sp = r.get("speedup_vs_fp32")
+        lines.append(
+            f"| {r['workers']} | {r['bandwidth_mbit']:g} | {r['numel'] / 2**20:g}M | {r['mode']} | "
+            f"{r['bits'] or '-'} | {r['seconds']:.3f} | {r['bytes_per_rank'] / 1e6:.2f} | "
+            f"{'' if sp is None else f'{sp:.2f}x'} |"
+        )
+    for s in res.get("skipped", []):
+        lines.append(f"\nskipped: {s}")
+    return "\n".join(lines)
+
+
+def _worker_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser()
+    p.add_argument("--worker", action="store_true")
+    p.add_argument("--rank", type=int, required=True)
+    p.add_argument("--world", type=int, required=True)
+    p.add_argument("--master", required=True)
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--ifname", required=True)
+    p.add_argument("--rate", type=float, required=True)
+    p.add_argument("--steps", type=int, required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--pg-timeout", type=int, default=600)
+    p.add_argument("--sizes", type=int, nargs="+", required=True)
+    return p.parse_args(argv)
+
+
+if __name__ == "__main__":
+    worker_main(_worker_args(sys.argv[1:]))

@@ -1,0 +1,103 @@
+"""Bandwidth-limited links between worker processes: network namespaces, veth pairs, a bridge, tbf.
+
+Each worker ``i`` lives in namespace ``<tag>w<i>`` with address ``10.213.0.(i+1)/24`` on a veth
+whose peer sits in a bridge namespace ``<tag>b``.  Both ends of every veth are shaped with a
+token bucket filter (``tc qdisc ... tbf``; ``netem`` is not available here), so each worker's
+link carries at most ``rate_mbit`` in each direction, as a switch port would.  Only addresses
+inside these namespaces are ever used; everything is removed on exit (also on error).
+Requires root and iproute2 (``ip``, ``tc``).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from types import TracebackType
+
+SUBNET = "10.213.0"
+
+
+class NetnsUnavailable(RuntimeError):
+    """The machine cannot create namespaces here (not root, no iproute2, no kernel support)."""
+
+
+def _run(*cmd: str) -> None:
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+    if res.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed: {res.stderr.strip()}")
+
+
+def check_available() -> None:
+    """Raise :class:`NetnsUnavailable` with the reason if namespaces cannot be used."""
+    if os.geteuid() != 0:
+        raise NetnsUnavailable("network namespaces need root (run as root, or skip the bandwidth benchmark)")
+    for tool in ("ip", "tc"):
+        if shutil.which(tool) is None:
+            raise NetnsUnavailable(f"'{tool}' not found: install iproute2 (apt-get install iproute2)")
+
+
+class Topology:
+    """``with Topology(workers=4, rate_mbit=100) as topo:`` then run commands in ``topo.prefix(i)``."""
+
+    def __init__(self, workers: int, rate_mbit: float, tag: str | None = None) -> None:
+        if not 1 <= workers <= 200:
+            raise ValueError(f"workers: must be in [1, 200], got {workers}")
+        if not rate_mbit > 0:
+            raise ValueError(f"rate_mbit: must be positive, got {rate_mbit}")
+        check_available()
+        self.workers = workers
+        self.rate_mbit = rate_mbit
+        self.tag = tag or f"q{os.getpid() % 100000}"
+        self.bridge = f"{self.tag}b"
+        self.names = [f"{self.tag}w{i}" for i in range(workers)]
+        self._created: list[str] = []
+
+    def addr(self, i: int) -> str:
+        return f"{SUBNET}.{i + 1}"
+
+    def ifname(self, i: int) -> str:
+        return f"{self.tag}v{i}a"
+
+    def prefix(self, i: int) -> list[str]:
+        """Command prefix that runs a program inside worker ``i``'s namespace."""
+        return ["ip", "netns", "exec", self.names[i]]
+
+    def _shape(self, ns: str, dev: str) -> None:
+        rate_bytes = self.rate_mbit * 1e6 / 8
+        burst = int(max(16_000, rate_bytes / 100))  # 10 ms of traffic, at least a few packets
+        _run("ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", dev, "root", "tbf",
+             "rate", f"{self.rate_mbit}mbit", "burst", str(burst), "latency", "400ms")  # fmt: skip
+
+    def __enter__(self) -> Topology:
+        try:
+            _run("ip", "netns", "add", self.bridge)
+            self._created.append(self.bridge)
+            _run("ip", "-n", self.bridge, "link", "add", "br0", "type", "bridge")
+            _run("ip", "-n", self.bridge, "link", "set", "br0", "up")
+            for i, ns in enumerate(self.names):
+                _run("ip", "netns", "add", ns)
+                self._created.append(ns)
+                a, b = self.ifname(i), f"{self.tag}v{i}b"
+                _run("ip", "link", "add", a, "type", "veth", "peer", "name", b)
+                _run("ip", "link", "set", a, "netns", ns)
+                _run("ip", "link", "set", b, "netns", self.bridge)
+                _run("ip", "-n", ns, "addr", "add", f"{self.addr(i)}/24", "dev", a)
+                _run("ip", "-n", ns, "link", "set", a, "up")
+                _run("ip", "-n", ns, "link", "set", "lo", "up")
+                _run("ip", "-n", self.bridge, "link", "set", b, "master", "br0")
+                _run("ip", "-n", self.bridge, "link", "set", b, "up")
+                self._shape(ns, a)
+                self._shape(self.bridge, b)
+        except Exception as e:
+            self.close()
+            raise NetnsUnavailable(f"could not build the namespace topology: {e}") from e
+        return self
+
+    def close(self) -> None:
+        for ns in reversed(self._created):
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30)
+        self._created.clear()
+
+    def __exit__(self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()
