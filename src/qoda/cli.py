@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -32,6 +33,18 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--out", type=Path, default=Path("out/report"), help="output directory (default out/report)")
 
+    v = sub.add_parser("vi", help="monotone-VI suite: methods x problems x noise x bits (simulated workers)")
+    v.add_argument("--methods", nargs="+", default=None, help="default: all")
+    v.add_argument("--problems", nargs="+", default=None, help="default: all")
+    v.add_argument("--noise", nargs="+", default=["relative", "absolute"], choices=["relative", "absolute", "none"])
+    v.add_argument("--bits", nargs="+", type=int, default=[32, 4], help="32 = unquantized (default: 32 4)")
+    v.add_argument("--iterations", type=_positive_int("iterations"), default=3000)
+    v.add_argument("--workers", type=_positive_int("workers"), default=4)
+    v.add_argument("--d", type=_positive_int("d"), default=40, help="dimension (even)")
+    v.add_argument("--sigma", type=float, default=0.1, help="noise level")
+    v.add_argument("--jobs", type=_positive_int("jobs"), default=2)
+    v.add_argument("--json", type=Path, default=Path("benchmarks/vi.json"))
+
     b = sub.add_parser("bench", help="benchmarks")
     bsub = b.add_subparsers(dest="bench", required=True)
     c = bsub.add_parser("codec", help="quantize+encode / decode throughput vs memcpy, 1 thread")
@@ -58,6 +71,33 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = ReportConfig(steps=args.steps, batch_size=args.batch_size, bucket_size=args.bucket_size, seed=args.seed)
         run_report(cfg, args.out)
         print(f"\nwrote {args.out / 'report.json'} and {args.out / 'report.md'}")
+        return 0
+    if args.command == "vi":
+        from qoda.optim import OPTIMIZERS
+        from qoda.vi.problems import PROBLEMS
+        from qoda.vi.suite import METHODS, PROBLEM_NAMES, plan_runs, run_suite, write
+
+        methods = tuple(args.methods or METHODS)
+        problems = tuple(args.problems or PROBLEM_NAMES)
+        for m in methods:
+            if m not in OPTIMIZERS:
+                raise SystemExit(f"qoda vi: --methods: unknown method {m!r} (choose from {sorted(OPTIMIZERS)})")
+        for p in problems:
+            if p not in PROBLEMS:
+                raise SystemExit(f"qoda vi: --problems: unknown problem {p!r} (choose from {sorted(PROBLEMS)})")
+        for b in args.bits:
+            if b != 32 and not 2 <= b <= 12:
+                raise SystemExit(f"qoda vi: --bits: each must be 32 (unquantized) or in [2, 12], got {b}")
+        if args.d % 2 or not args.sigma >= 0:
+            raise SystemExit("qoda vi: --d must be even and --sigma >= 0")
+        bits = tuple(None if b == 32 else b for b in args.bits)
+        runs = plan_runs(
+            methods, problems, tuple(args.noise), bits, (), args.iterations, args.workers, args.d, args.sigma
+        )
+        res = run_suite(runs, args.jobs)
+        plots = write(res, args.json)
+        print(json.dumps(res["claims"], indent=1))
+        print(f"\nwrote {args.json} and {', '.join(map(str, plots))}")
         return 0
     if args.command == "bench" and args.bench == "codec":
         from qoda.bench.codec import format_codec, run_codec_bench, write_json

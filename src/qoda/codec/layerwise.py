@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from qoda.codec.format import CodecError, as_bytes_array
+from qoda.codec.format import HEADER_SIZE, CodecError, as_bytes_array
 from qoda.codec.segment import Encoded, decode_into, encode_raw, encode_tensor
 from qoda.quant.config import QuantizerConfig
 from qoda.quant.policy import LayerPlan
@@ -102,6 +102,12 @@ class EncodedMessage:
     data: np.ndarray  # uint8
     bits: int  # exact payload bits (sum over segments, plus the message header)
     segment_bits: dict[str, int]  # per type ("" for the raw segment)
+    framing_bits: int = 0  # message and segment headers and layer sizes (no coordinate information)
+
+    @property
+    def code_bits(self) -> int:
+        """Bits that carry the vector: norms, codes (or raw floats), frequency tables."""
+        return self.bits - self.framing_bits
 
     def __len__(self) -> int:
         return int(self.data.size)
@@ -160,8 +166,11 @@ class LayerwiseCodec:
             else:
                 segs.append(encode_tensor(flat, g.config, segment_seed(seed, k), layer_numels=numels))
         data = pack_message(segs, self.plan_id ^ tag)
-        bits = 8 * (data.size - sum(len(s) for s in segs)) + sum(s.bits for s in segs)
-        return EncodedMessage(data, bits, {g.name: s.bits for g, s in zip(self.groups, segs, strict=True)})
+        head = 8 * (data.size - sum(len(s) for s in segs))
+        bits = head + sum(s.bits for s in segs)
+        n_layers = sum(len(p) for p in (pieces if pieces is not None else [g.numels for g in self.groups]))
+        framing = head + len(segs) * 8 * HEADER_SIZE + 64 * n_layers
+        return EncodedMessage(data, bits, {g.name: s.bits for g, s in zip(self.groups, segs, strict=True)}, framing)
 
     def decode_flats_into(
         self,

@@ -65,6 +65,7 @@ class CommStats:
     """What one or more aggregation calls cost (bytes are per rank, as the algorithm sends them)."""
 
     calls: int = 0
+    payload_bits: int = 0  # bits of the encoded vector(s) this rank produced, headers excluded
     bytes_sent: int = 0
     bytes_received: int = 0
     encode_seconds: float = 0.0
@@ -78,6 +79,20 @@ class CommStats:
 
     def as_dict(self) -> dict[str, float]:
         return asdict(self)
+
+
+def average_payloads(codec: LayerwiseCodec, payloads: Sequence[object], world: int) -> list[torch.Tensor]:
+    """``(1/K) sum_k decode(payload_k)`` per group, summed in payload (rank) order.
+
+    The one place the average is computed: the distributed modes and the in-process
+    simulator share it, so both give bit-identical results.
+    """
+    acc = [torch.zeros(g.numel, dtype=torch.float32) for g in codec.groups]
+    for p in payloads:
+        codec.decode_flats_into(p, acc, accumulate=True)
+    for a in acc:
+        a.mul_(1.0 / world)
+    return acc
 
 
 class AggregationError(RuntimeError):
@@ -167,6 +182,7 @@ class Aggregator:
         for t in tensors:
             t.view(-1).copy_(flat[offset : offset + t.numel()])
             offset += t.numel()
+        st.payload_bits = 8 * wire.numel() * wire.element_size()
         ring = 2 * (self.world - 1) * wire.numel() * wire.element_size() // self.world
         st.bytes_sent = st.bytes_received = ring
         st.encode_seconds, st.comm_seconds, st.decode_seconds = t1 - t0, t2 - t1, time.perf_counter() - t2
@@ -213,12 +229,9 @@ class Aggregator:
                 raise
             raise AggregationError(f"rank {self.rank} could not encode its gradients: {err}") from e
         t2 = time.perf_counter()
-        acc = [torch.zeros(g.numel, dtype=torch.float32) for g in self.codec.groups]
-        for p in payloads:  # rank order: the same sum on every rank
-            self.codec.decode_flats_into(p.numpy(), acc, accumulate=True)
-        for a in acc:
-            a.mul_(1.0 / self.world)
+        acc = average_payloads(self.codec, [p.numpy() for p in payloads], self.world)
         self.codec.scatter(acc, tensors, accumulate=False)
+        st.payload_bits = msg.code_bits
         st.bytes_sent = st.bytes_received = (self.world - 1) * (longest + 8)
         st.encode_seconds, st.comm_seconds, st.decode_seconds = t1 - t0, t2 - t1, time.perf_counter() - t2
         return st
@@ -295,6 +308,7 @@ class Aggregator:
                 p.numpy(), self._chunk(result, c), accumulate=False, pieces=self.pieces[c], tag=k + 1 + c
             )
         self.codec.scatter(result, tensors, accumulate=False)
+        st.payload_bits = sum(m.code_bits for d, m in enumerate(msgs) if d != r) + msg2.code_bits
         sent1 = int(send_sizes.sum()) - len(msgs[r])
         st.bytes_sent = sent1 + (k - 1) * (longest + 8) + 8 * (k - 1)
         st.bytes_received = int(recv_sizes.sum()) - int(recv_sizes[r]) + (k - 1) * (longest + 8) + 8 * (k - 1)

@@ -1,0 +1,74 @@
+"""Adam-based GAN optimizers: ExtraAdam (Gidel et al. 2019) and OptimisticAdam (Daskalakis et al. 2018)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+
+from qoda.optim.base import Averager, TwoCallOptimizer, VIOptimizer, check_positive
+
+
+def _check_adam(lr: float, betas: tuple[float, float], eps: float) -> None:
+    check_positive("lr", lr)
+    check_positive("eps", eps)
+    if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+        raise ValueError(f"betas: both must be in [0, 1), got {betas!r}")
+
+
+def _adam_direction(opt: VIOptimizer, p: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """Update the moments of ``p`` with ``g``; return the bias-corrected step ``lr m / (sqrt(v) + eps)``."""
+    grp = opt.group
+    b1, b2 = grp["betas"]
+    st = opt.state[p]
+    if "m" not in st:
+        st["m"], st["v"], st["k"] = torch.zeros_like(p), torch.zeros_like(p), 0
+    st["k"] += 1
+    st["m"].mul_(b1).add_(g, alpha=1 - b1)
+    st["v"].mul_(b2).addcmul_(g, g, value=1 - b2)
+    m_hat = st["m"] / (1 - b1 ** st["k"])
+    v_hat = st["v"] / (1 - b2 ** st["k"])
+    return grp["lr"] * m_hat / (v_hat.sqrt() + grp["eps"])
+
+
+class ExtraAdam(TwoCallOptimizer):
+    """Extra-gradient with Adam steps: both the extrapolation and the update take an Adam step
+    from ``X_t`` (moments updated by both gradients)."""
+
+    def __init__(
+        self, params: Iterable[torch.Tensor], lr: float = 1e-3, betas: tuple[float, float] = (0.5, 0.9),
+        eps: float = 1e-8, averager: Averager | None = None,
+    ) -> None:  # fmt: skip
+        _check_adam(lr, betas, eps)
+        super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps}, averager)
+
+    def _extrapolate(self, v: list[torch.Tensor]) -> None:
+        for p, vi in zip(self.params, v, strict=True):
+            p.sub_(_adam_direction(self, p, vi))
+
+    def _update(self, v: list[torch.Tensor]) -> None:
+        for p, vi in zip(self.params, v, strict=True):
+            p.copy_(self.state[p]["x_t"] - _adam_direction(self, p, vi))
+
+
+class OptimisticAdam(VIOptimizer):
+    """Optimistic Adam: ``X <- X - 2 d_t + d_{t-1}`` with ``d`` the Adam step; one call per step."""
+
+    def __init__(
+        self, params: Iterable[torch.Tensor], lr: float = 1e-3, betas: tuple[float, float] = (0.5, 0.9),
+        eps: float = 1e-8, averager: Averager | None = None,
+    ) -> None:  # fmt: skip
+        _check_adam(lr, betas, eps)
+        super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps}, averager)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        loss = self._call(closure)
+        for p, vi in zip(self.params, self._dual(), strict=True):
+            d = _adam_direction(self, p, vi)
+            prev = self.state[p].get("prev_dir", d)
+            p.sub_(2 * d - prev)
+            self.state[p]["prev_dir"] = d
+        self.group["t"] += 1
+        return loss

@@ -1,0 +1,117 @@
+"""Shared machinery of the VI / min-max optimizers.
+
+Sign convention (once for all optimizers): every parameter's ``.grad`` holds the gradient
+of *its own player's loss*, so the concatenated grads are the VI operator
+``V = (grad_theta L_theta, grad_phi L_phi)`` and every optimizer *descends* along it.  For a
+zero-sum game ``min_theta max_phi L`` the second player's loss is ``-L``.
+
+Communication: an optional ``averager`` (anything with ``average_(tensors, step) -> stats``,
+e.g. :class:`qoda.comm.aggregate.Aggregator`) averages the dual vector across workers in
+place; each call is one *exchange*.  Optimizers count oracle calls, exchanges and bits sent
+in their param group (so the counts live in ``state_dict()``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any, Protocol
+
+import torch
+from torch.optim import Optimizer
+
+
+class Averager(Protocol):
+    def average_(self, tensors: list[torch.Tensor], step: int) -> Any: ...
+
+
+COUNTERS = ("oracle_calls", "exchanges", "bits_sent")
+
+
+def check_positive(name: str, value: float, allow_zero: bool = False) -> None:
+    ok = value >= 0 if allow_zero else value > 0
+    if not isinstance(value, int | float) or not ok or value != value:
+        raise ValueError(f"{name}: must be {'non-negative' if allow_zero else 'positive'}, got {value!r}")
+
+
+class VIOptimizer(Optimizer):
+    """Base class: one param group, counters, the averaged dual vector."""
+
+    def __init__(self, params: Iterable[torch.Tensor], defaults: dict[str, Any], averager: Averager | None) -> None:
+        super().__init__(params, {**defaults, **dict.fromkeys(COUNTERS, 0), "t": 0})
+        if len(self.param_groups) != 1:
+            raise ValueError("params: these optimizers take a single parameter group")
+        self.averager = averager
+
+    @property
+    def group(self) -> dict[str, Any]:
+        return self.param_groups[0]
+
+    @property
+    def params(self) -> list[torch.Tensor]:
+        return list(self.group["params"])
+
+    @property
+    def counters(self) -> dict[str, int]:
+        return {k: self.group[k] for k in COUNTERS}
+
+    def _dual(self) -> list[torch.Tensor]:
+        """The averaged dual vector at the current point: one oracle call, one exchange."""
+        grads = []
+        for p in self.params:
+            if p.grad is None:
+                raise RuntimeError("step: a parameter has no .grad; call backward() first")
+            grads.append(p.grad.detach().clone())
+        self.group["oracle_calls"] += 1
+        if self.averager is not None:
+            stats = self.averager.average_(grads, self.group["exchanges"])
+            self.group["bits_sent"] += int(getattr(stats, "payload_bits", 0))
+        self.group["exchanges"] += 1
+        return grads
+
+    @staticmethod
+    def _sq(vs: list[torch.Tensor]) -> float:
+        return float(sum(float(v.double().square().sum()) for v in vs))
+
+    def _call(self, closure: Callable[[], Any] | None) -> Any:
+        if closure is None:
+            return None
+        with torch.enable_grad():
+            return closure()
+
+
+class TwoCallOptimizer(VIOptimizer):
+    """Extra-gradient style: ``extrapolation()`` at ``X_t``, then ``step()`` at ``X_{t+1/2}``.
+
+    ``step(closure)`` does both (the closure must zero the grads, compute the loss and call
+    backward).  ``X_t`` is kept in the state (``x_t``) between the two calls, so a checkpoint
+    taken between them resumes exactly.
+    """
+
+    def extrapolation(self) -> None:
+        if self.group.get("extrapolated", False):
+            raise RuntimeError("extrapolation() called twice without step()")
+        with torch.no_grad():
+            for p in self.params:
+                self.state[p]["x_t"] = p.detach().clone()
+            self._extrapolate(self._dual())
+        self.group["extrapolated"] = True
+
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        loss = None
+        if closure is not None:
+            self._call(closure)
+            self.extrapolation()
+            loss = self._call(closure)
+        if not self.group.get("extrapolated", False):
+            raise RuntimeError("step(): call extrapolation() first (or pass a closure)")
+        with torch.no_grad():
+            self._update(self._dual())
+        self.group["extrapolated"] = False
+        self.group["t"] += 1
+        return loss
+
+    def _extrapolate(self, v: list[torch.Tensor]) -> None:
+        raise NotImplementedError
+
+    def _update(self, v: list[torch.Tensor]) -> None:
+        raise NotImplementedError

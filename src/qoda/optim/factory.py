@@ -1,0 +1,45 @@
+"""A small registry: one way to build any optimizer by name (timm-style frozen specs)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from qoda.optim.adam import ExtraAdam, OptimisticAdam
+from qoda.optim.base import Averager, VIOptimizer
+from qoda.optim.dual_averaging import QODA, QGenX
+from qoda.optim.gradient import GDA, ExtraGradient, OptimisticGradient
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    name: str
+    cls: type[VIOptimizer]
+    calls_per_iteration: int  # oracle calls = exchanges per iteration
+    description: str
+
+
+OPTIMIZERS: dict[str, OptimizerSpec] = {
+    s.name: s
+    for s in (
+        OptimizerSpec("qoda", QODA, 1, "quantized optimistic dual averaging, adaptive separated rates"),
+        OptimizerSpec("qgenx", QGenX, 2, "quantized generalised extra-gradient, dual averaging, adaptive rate"),
+        OptimizerSpec("gda", GDA, 1, "simultaneous gradient descent-ascent, constant step"),
+        OptimizerSpec("eg", ExtraGradient, 2, "extra-gradient, constant step"),
+        OptimizerSpec("og", OptimisticGradient, 1, "optimistic gradient (Popov), constant step"),
+        OptimizerSpec("extra_adam", ExtraAdam, 2, "extra-gradient with Adam steps (Gidel et al. 2019)"),
+        OptimizerSpec("optimistic_adam", OptimisticAdam, 1, "optimistic Adam (Daskalakis et al. 2018)"),
+    )
+}
+
+
+def create_optimizer(
+    name: str, params: Iterable[torch.Tensor], averager: Averager | None = None, **kwargs: Any
+) -> VIOptimizer:
+    """Build the optimizer ``name`` (see :data:`OPTIMIZERS`)."""
+    if name not in OPTIMIZERS:
+        raise ValueError(f"optimizer: unknown name {name!r}, expected one of {sorted(OPTIMIZERS)}")
+    return OPTIMIZERS[name].cls(params, averager=averager, **kwargs)
