@@ -2,8 +2,8 @@
 
 import numpy as np
 import pytest
-from distributed import run, values
 
+from distributed import run, values
 from qoda.comm.aggregate import Aggregator
 from qoda.vi.problems import PROBLEMS, Noise
 from qoda.vi.simulator import RunConfig, layerwise_plan, simulate
