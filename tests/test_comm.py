@@ -266,8 +266,9 @@ def test_bandwidth_benchmark_runs_in_its_own_namespaces_and_cleans_up():
     assert after == before  # namespaces removed
     assert not res["skipped"], res["skipped"]
     rows = {(r["mode"], r["bits"]): r for r in res["rows"]}
-    assert len(rows) == 9
+    assert len(rows) == 10
     fp32, q4 = rows[("fp32", 32)], rows[("two_phase", 4)]
+    assert rows[("compute_only", 0)]["bytes_per_rank"] == 0
     assert fp32["bytes_per_rank"] == 4 * (1 << 16)  # 2 (K-1)/K * 4n with K = 2
     assert q4["bytes_per_rank"] < fp32["bytes_per_rank"] / 4
     # the link is really limited: fp32 needs at least its bytes / bandwidth

@@ -162,7 +162,9 @@ def simulate(
             last = torch.cat([p.detach() for p in params])
             gap = prob.gap(avg)
             if not math.isfinite(gap) or gap > 1e12:
-                rows.append({"t": t, "gap": float("inf"), "gap_last": float("inf"), "distance": float("inf")})
+                rows.append({"t": t, "gap": float("inf"), "gap_last": float("inf"), "distance": float("inf"),
+                             "distance_last": prob.distance(torch.cat([p.detach() for p in params])),
+                             **opt.counters})  # fmt: skip
                 break
             rows.append({
                 "t": t, "gap": gap, "gap_last": prob.gap(last), "distance": prob.distance(avg),

@@ -42,9 +42,20 @@ def _run(cfg: RunConfig) -> dict:
 
 
 def exchanges_to_reach(history: list[dict], target: float) -> float:
+    """Exchanges at which the (running-min) ergodic gap first reaches ``target``, interpolated
+    log-log between checkpoints."""
+    best, prev = math.inf, None
     for r in history:
-        if r["gap"] <= target:
-            return r["exchanges"]
+        best = min(best, r["gap"])
+        if best <= target:
+            if prev is None or prev[1] <= target:
+                return float(r["exchanges"])
+            (e0, g0), (e1, g1) = prev, (r["exchanges"], best)
+            if g1 <= 0 or g0 == g1:
+                return float(e1)
+            frac = math.log(g0 / target) / math.log(g0 / g1)
+            return math.exp(math.log(e0) + frac * (math.log(e1) - math.log(e0)))
+        prev = (r["exchanges"], best)
     return math.inf
 
 
@@ -74,7 +85,7 @@ def claims(rows: list[dict]) -> dict:
                     out["qoda_slopes"][f"{problem}/{noise}/{bits}b"] = r["slope"]
         for problem in PROBLEM_NAMES:
             q, x = find(problem, "qoda", noise, 32), find(problem, "qgenx", noise, 32)
-            if q and x:
+            if q and x:  # the gap both reach: the larger of the two final gaps
                 target = max(q["final_gap"], x["final_gap"])
                 eq, ex = exchanges_to_reach(q["history"], target), exchanges_to_reach(x["history"], target)
                 out["qoda_vs_qgenx_exchanges"][f"{problem}/{noise}"] = {"target_gap": target, "qoda": eq, "qgenx": ex,
@@ -104,8 +115,9 @@ def plot(rows: list[dict], out_dir: Path) -> list[Path]:
                 gaps = [h["gap"] for h in r["history"]]
                 bits = [h.get("bits_sent", 0) for h in r["history"]]
                 style = "-" if r["bits"] == 32 else ("--" if r["bits"] == 8 else ":")
-                axes[0, j].loglog(ts, gaps, style, label=label)
-                axes[1, j].loglog([max(b, 1) for b in bits], gaps, style, label=label)
+                color = f"C{METHODS.index(r['method']) % 10}"
+                axes[0, j].loglog(ts, gaps, style, color=color, label=label)
+                axes[1, j].loglog([max(b, 1) for b in bits], gaps, style, color=color, label=label)
             axes[0, j].set_title(f"{problem} ({noise} noise)")
             axes[0, j].set_xlabel("iterations")
             axes[1, j].set_xlabel("bits sent per worker")
@@ -131,7 +143,18 @@ def run_suite(runs: list[RunConfig], jobs: int | None = None, log=print) -> dict
     return {"benchmark": "vi", "rows": rows, "claims": claims(rows)}
 
 
+def _finite(obj: object) -> object:
+    """Strict JSON: non-finite numbers (a diverged run's gap) become null."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_finite(v) for v in obj]
+    return obj
+
+
 def write(res: dict, path: Path) -> list[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(res, indent=1) + "\n")
+    path.write_text(json.dumps(_finite(res), indent=1, allow_nan=False) + "\n")
     return plot(res["rows"], path.parent)
