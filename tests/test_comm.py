@@ -259,9 +259,12 @@ def test_bandwidth_benchmark_runs_in_its_own_namespaces_and_cleans_up():
     except NetnsUnavailable as e:
         pytest.skip(str(e))
     before = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
-    res = run_comm_bench(
-        workers=(2,), rates_mbit=(200,), sizes=(1 << 16,), steps=1, max_seconds=120, log=lambda s: None
-    )
+    try:
+        res = run_comm_bench(
+            workers=(2,), rates_mbit=(100,), sizes=(1 << 18,), steps=1, max_seconds=120, log=lambda s: None
+        )
+    except NetnsUnavailable as e:  # e.g. a container without CAP_NET_ADMIN
+        pytest.skip(str(e))
     after = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     assert after == before  # namespaces removed
     assert not res["skipped"], res["skipped"]
@@ -269,10 +272,11 @@ def test_bandwidth_benchmark_runs_in_its_own_namespaces_and_cleans_up():
     assert len(rows) == 10
     fp32, q4 = rows[("fp32", 32)], rows[("two_phase", 4)]
     assert rows[("compute_only", 0)]["bytes_per_rank"] == 0
-    assert fp32["bytes_per_rank"] == 4 * (1 << 16)  # 2 (K-1)/K * 4n with K = 2
+    assert fp32["bytes_per_rank"] == 4 * (1 << 18)  # 2 (K-1)/K * 4n with K = 2
     assert q4["bytes_per_rank"] < fp32["bytes_per_rank"] / 4
-    # the link is really limited: fp32 needs at least its bytes / bandwidth
-    assert fp32["seconds"] >= 0.9 * fp32["bytes_per_rank"] * 8 / 200e6
+    # the link is really limited: fp32 needs its bytes / bandwidth, less what the tbf burst
+    # (10 ms of traffic) lets through at once
+    assert fp32["seconds"] >= fp32["bytes_per_rank"] * 8 / 100e6 - 0.012
 
 
 def _nan_worker(rank, world, mode):

@@ -140,7 +140,7 @@ class LayerwiseCodec:
     # ------------------------------------------------------------------ flat buffers
     def gather(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """One flat float32 buffer per group from per-layer tensors (plan order)."""
-        self._check(tensors)
+        self.check_tensors(tensors)
         return [torch.cat([tensors[i].detach().reshape(-1).float() for i in g.indices]) for g in self.groups]
 
     def scatter(self, flats: Sequence[torch.Tensor], outs: Sequence[torch.Tensor], accumulate: bool) -> None:
@@ -188,7 +188,7 @@ class LayerwiseCodec:
             decode_into(seg, g.config, flat, accumulate=accumulate, layer_numels=numels)
 
     # ------------------------------------------------------------------ per-layer API
-    def _check(self, tensors: Sequence[torch.Tensor]) -> None:
+    def check_tensors(self, tensors: Sequence[torch.Tensor]) -> None:
         if len(tensors) != len(self.plan.entries):
             raise ValueError(
                 f"tensors: expected {len(self.plan.entries)} tensors (one per plan entry), got {len(tensors)}"
@@ -203,7 +203,7 @@ class LayerwiseCodec:
 
     def decode_into(self, payload: object, outs: Sequence[torch.Tensor], accumulate: bool = True) -> None:
         """Add (or write) the decoded layers into ``outs``; on any error nothing is written."""
-        self._check(outs)
+        self.check_tensors(outs)
         flats = [torch.empty(g.numel, dtype=torch.float32) for g in self.groups]
         self.decode_flats_into(payload, flats, accumulate=False)
         self.scatter(flats, outs, accumulate)

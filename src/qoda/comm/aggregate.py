@@ -157,7 +157,7 @@ class Aggregator:
     # ------------------------------------------------------------------ entry point
     def average_(self, tensors: Sequence[torch.Tensor], step: int) -> CommStats:
         """Replace every tensor by its average over the ranks; returns this call's costs."""
-        self.codec._check(tensors)
+        self.codec.check_tensors(tensors)
         if self.mode in (Mode.FP32, Mode.FP16):
             stats = self._allreduce(tensors)
         elif self.mode is Mode.ALLGATHER:
