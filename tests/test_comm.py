@@ -297,3 +297,22 @@ def test_non_finite_gradient_on_one_rank_fails_everywhere_without_hanging(mode):
     msgs = values(run(_nan_worker, 2, mode, timeout=60, pg_timeout=30))
     assert msgs[1] is not None and "NaN or Inf" in msgs[1]
     assert msgs[0] is not None and "[1]" in msgs[0]
+
+
+def _adapt_worker(rank, world):
+    from qoda.comm.aggregate import allreduce_sum
+    from qoda.quant.adapt import AdaptConfig, LevelAdapter, RefitSchedule
+
+    plan = _policy().plan(Tiny())
+    adapter = LevelAdapter(plan, AdaptConfig(schedule=RefitSchedule((0,), every=1000)), reduce=allreduce_sum())
+    grads = _inputs(rank)
+    adapter.observe(0, grads)
+    new_plan = adapter.refit(0)
+    agg = Aggregator(new_plan, "allgather")  # consistency check passes only if the levels agree
+    agg.average_(grads, 0)
+    return new_plan.fingerprint()
+
+
+def test_adapted_levels_agree_across_processes():
+    prints = values(run(_adapt_worker, 2, timeout=90))
+    assert prints[0] == prints[1] and "fitted" not in prints[0]  # the fingerprint holds level-set ids

@@ -95,6 +95,19 @@ def average_payloads(codec: LayerwiseCodec, payloads: Sequence[object], world: i
     return acc
 
 
+def allreduce_sum(group: dist.ProcessGroup | None = None):
+    """A ``reduce`` for :class:`qoda.quant.adapt.LevelAdapter`: sums a float64 array over the group."""
+
+    def reduce(arr: np.ndarray) -> np.ndarray:
+        t = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float64))
+        if dist.get_backend(group) == "nccl":
+            t = t.cuda()
+        dist.all_reduce(t, group=group)
+        return t.cpu().numpy()
+
+    return reduce
+
+
 class AggregationError(RuntimeError):
     """A rank failed during aggregation (reported on every rank)."""
 

@@ -21,6 +21,7 @@ from torch import nn
 
 from qoda.codec.layerwise import LayerwiseCodec, segment_seed
 from qoda.codec.length import entropy_code_length_bound, fixed_code_length
+from qoda.quant.adapt import AdaptConfig, LevelAdapter, RefitSchedule
 from qoda.quant.config import Coding, QuantizerConfig
 from qoda.quant.policy import LayerPlan, LayerPolicy
 from qoda.quant.quantizer import quantize
@@ -56,7 +57,17 @@ def schemes(bucket: int) -> dict[str, LayerPolicy]:
     out["layerwise-4b(conv:qsgd-inf,linear:nuqsgd)"] = LayerPolicy.by_module_class(
         QuantizerConfig.nuqsgd(4, bucket), {"conv": QuantizerConfig.qsgd_inf(4, bucket)}
     )
+    # adaptive: ALQ levels fitted to another minibatch's gradient at the same parameters
+    out["alq-global-4b"] = LayerPolicy.global_(QuantizerConfig.qsgd(4, bucket))
+    out["alq-layerwise-4b(by module class)"] = LayerPolicy.by_module_class(QuantizerConfig.qsgd(4, bucket))
     return out
+
+
+def fitted_plan(plan: LayerPlan, fit_grads: list[torch.Tensor]) -> LayerPlan:
+    """The plan with every type's levels fitted (ALQ) to ``fit_grads``."""
+    adapter = LevelAdapter(plan, AdaptConfig(schedule=RefitSchedule((0,), every=1)))
+    adapter.observe(0, fit_grads)
+    return adapter.refit(0) or plan
 
 
 def _with_coding(policy: LayerPolicy, coding: Coding) -> LayerPolicy:
@@ -67,8 +78,11 @@ def _with_coding(policy: LayerPolicy, coding: Coding) -> LayerPolicy:
                        policy.rules, policy.min_numel, policy.compress_1d)  # fmt: skip
 
 
-def train_and_collect(cfg: ReportConfig) -> tuple[nn.Module, list[tuple[int, list[torch.Tensor]]], float]:
-    """Train; return the model, gradients (step, per-parameter) at 3 points, test accuracy."""
+def train_and_collect(
+    cfg: ReportConfig,
+) -> tuple[nn.Module, list[tuple[int, list[torch.Tensor], list[torch.Tensor]]], float]:
+    """Train; return the model, ``(step, gradient, gradient of another minibatch)`` at 3 points
+    (same parameters), and the test accuracy."""
     torch.manual_seed(cfg.seed)
     xtr, ytr, xte, yte = load_digits_tensors(cfg.seed)
     model = DigitsCNN()
@@ -82,7 +96,13 @@ def train_and_collect(cfg: ReportConfig) -> tuple[nn.Module, list[tuple[int, lis
         loss = nn.functional.cross_entropy(model(xtr[idx]), ytr[idx])
         loss.backward()
         if step in snapshots:
-            grads.append((step, [p.grad.detach().clone() for p in model.parameters()]))
+            g_eval = [p.grad.detach().clone() for p in model.parameters()]
+            other = torch.randint(0, len(ytr), (cfg.batch_size,), generator=g)
+            model.zero_grad()
+            nn.functional.cross_entropy(model(xtr[other]), ytr[other]).backward()
+            grads.append((step, g_eval, [p.grad.detach().clone() for p in model.parameters()]))
+            model.zero_grad()
+            nn.functional.cross_entropy(model(xtr[idx]), ytr[idx]).backward()
         if step < cfg.steps:
             opt.step()
     with torch.no_grad():
@@ -137,9 +157,10 @@ def run_report(cfg: ReportConfig, out_dir: Path | None = None, log: bool = True)
     for scheme, base in schemes(cfg.bucket_size).items():
         for coding in (Coding.FIXED, Coding.ENTROPY):
             plan = _with_coding(base, coding).plan(model)
-            for step, g in grads:
+            for step, g, g_fit in grads:
+                use = fitted_plan(plan, g_fit) if scheme.startswith("alq-") else plan
                 rows.append(
-                    {"scheme": scheme, "coding": coding.value, "step": step, **measure(plan, g, cfg.seed + step)}
+                    {"scheme": scheme, "coding": coding.value, "step": step, **measure(use, g, cfg.seed + step)}
                 )
     result = {
         "job": "quantization report",
