@@ -202,14 +202,15 @@ class Reg(nn.Module):
         return self.out(torch.tanh(self.fc(x)))
 
 
-def _ddp_worker(rank, world, use_hook, steps, split):
+def _ddp_worker(rank, world, use_hook, steps, split, adapt=None):
     torch.manual_seed(0)
     model = Reg()
     ddp = nn.parallel.DistributedDataParallel(model)
     state = None
     if use_hook:
-        policy = LayerPolicy.global_(QuantizerConfig.qsgd(8, 256), min_numel=64)
-        state = QodaHookState(model, policy, mode="two_phase", start_iter=2)
+        bits = 8 if adapt is None else 4
+        policy = LayerPolicy.global_(QuantizerConfig.qsgd(bits, 256), min_numel=64)
+        state = QodaHookState(model, policy, mode="two_phase", start_iter=2, adapt=adapt)
         ddp.register_comm_hook(state, qoda_hook)
     opt = torch.optim.SGD(ddp.parameters(), lr=0.05)
     x, y = _regression_data(rank)
@@ -228,7 +229,8 @@ def _ddp_worker(rank, world, use_hook, steps, split):
         losses.append(float(loss.detach()))
     params = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
     grad_norm2 = max(float(sum(p.grad.square().sum() for p in model.parameters())), 1e-12)
-    return losses, params.numpy(), grad_norm2, (state.stats.as_dict() if state else None)
+    fits = sum(a.fits for _, a in state._adapters.values()) if state and state.adapt else 0
+    return losses, params.numpy(), grad_norm2, (state.stats.as_dict() if state else None), fits
 
 
 def test_ddp_hook_trains_like_the_uncompressed_reference():
@@ -246,6 +248,18 @@ def test_ddp_hook_trains_like_the_uncompressed_reference():
     budget = steps * 0.05**2 * 10 / 2 * 2 * eps * g2
     assert q_loss <= ref_loss + budget + 1e-4
     assert q[0][3]["calls"] > 0 and q[0][3]["bytes_sent"] > 0
+
+
+def test_ddp_hook_with_adaptive_levels_resumes_identically():
+    from qoda.quant.adapt import AdaptConfig, RefitSchedule
+
+    adapt = AdaptConfig(schedule=RefitSchedule((0, 20), every=20), observe_every=2)
+    straight = values(run(_ddp_worker, 2, True, 40, -1, adapt, timeout=180))
+    resumed = values(run(_ddp_worker, 2, True, 40, 25, adapt, timeout=180))
+    assert np.array_equal(straight[0][1], straight[1][1])
+    assert np.array_equal(straight[0][1], resumed[0][1])  # checkpointed adapter + hook state: same run
+    assert straight[0][0][-1] < 0.5 * straight[0][0][0]
+    assert straight[0][4] == 2 and resumed[0][4] == 2  # fitted at the first compressed step and at 20
 
 
 def test_bandwidth_benchmark_runs_in_its_own_namespaces_and_cleans_up():

@@ -16,6 +16,9 @@ Tuning guide:
    and the fewest rounds (best for 2 workers).
 3. ``start_iter`` (default 10): iterations of plain fp32 all-reduce before compression, as
    in PowerSGD; gives the optimizer a clean start and DDP time to rebuild its buckets.
+   With ``adapt`` (an :class:`~qoda.quant.adapt.AdaptConfig`), statistics are gathered from
+   the start, levels are fitted (ALQ/AMQ, identical on every rank) at the first compressed
+   iteration and re-fitted on the adapter's schedule.
 4. ``bits``: 8 bits is near-lossless, 4 bits usually fine with an adaptive optimizer, 2 bits
    needs error-tolerant training.
 
@@ -34,7 +37,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from qoda.comm.aggregate import Aggregator, CommStats, Mode
+from qoda.comm.aggregate import Aggregator, CommStats, Mode, allreduce_sum
+from qoda.quant.adapt import AdaptConfig, LevelAdapter
 from qoda.quant.policy import LayerEntry, LayerPlan, LayerPolicy
 
 
@@ -49,6 +53,7 @@ class QodaHookState:
         start_iter: int = 10,
         seed: int = 0,
         process_group: dist.ProcessGroup | None = None,
+        adapt: AdaptConfig | None = None,
     ) -> None:
         # ---- configuration (pickled)
         self.policy = policy
@@ -57,13 +62,16 @@ class QodaHookState:
             raise ValueError(f"start_iter: must be a non-negative int, got {start_iter!r}")
         self.start_iter = start_iter
         self.seed = int(seed)
+        self.adapt = adapt
         # ---- counters (pickled): the iteration drives the quantization seeds
         self.iter = 0
         self.stats = CommStats()
+        self.adapter_states: dict[int, dict] = {}  # per bucket, refreshed when pickled
         # ---- runtime only (not pickled)
         self.process_group = process_group
         self._params: dict[int, tuple[str, nn.Module, str]] = {}
         self._aggregators: dict[int, tuple[tuple[int, ...], Aggregator]] = {}
+        self._adapters: dict[int, tuple[tuple[int, ...], LevelAdapter]] = {}
         self.bind(model)
 
     def bind(self, model: nn.Module) -> None:
@@ -74,9 +82,12 @@ class QodaHookState:
             for local, p in mod.named_parameters(recurse=False)
         }
         self._aggregators = {}
+        self._adapters = {}
 
     def __getstate__(self) -> dict[str, Any]:
-        keep = ("policy", "mode", "start_iter", "seed", "iter", "stats")
+        for idx, (_, adapter) in self._adapters.items():
+            self.adapter_states[idx] = adapter.state_dict()
+        keep = ("policy", "mode", "start_iter", "seed", "iter", "stats", "adapt", "adapter_states")
         return {k: self.__dict__[k] for k in keep}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -84,14 +95,9 @@ class QodaHookState:
         self.process_group = None
         self._params = {}
         self._aggregators = {}
+        self._adapters = {}
 
-    def aggregator_for(self, bucket: dist.GradBucket) -> Aggregator:
-        """The aggregator of this bucket (rebuilt when DDP rebuilds its buckets)."""
-        params = bucket.parameters()
-        key = tuple(id(p) for p in params)
-        cached = self._aggregators.get(bucket.index())
-        if cached is not None and cached[0] == key:
-            return cached[1]
+    def _bucket_plan(self, params: list[torch.Tensor]) -> LayerPlan:
         if not self._params:
             raise RuntimeError("QodaHookState is not bound to a model: call state.bind(model) after loading it")
         entries = []
@@ -101,7 +107,32 @@ class QodaHookState:
             name, mod, local = self._params[id(p)]
             entries.append(LayerEntry(name, p.shape, self.policy.type_of(name, mod, local, p)))
         types = {e.type_name for e in entries if e.type_name is not None}
-        plan = LayerPlan(tuple(entries), {t: self.policy.config_for(t) for t in types})
+        return LayerPlan(tuple(entries), {t: self.policy.config_for(t) for t in types})
+
+    def adapter_for(self, bucket: dist.GradBucket) -> LevelAdapter:
+        """The level adapter of this bucket (restored from a checkpoint when one was loaded)."""
+        params = bucket.parameters()
+        key = tuple(id(p) for p in params)
+        cached = self._adapters.get(bucket.index())
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        assert self.adapt is not None
+        adapter = LevelAdapter(self._bucket_plan(params), self.adapt, reduce=allreduce_sum(self.process_group))
+        saved = self.adapter_states.get(bucket.index())
+        if saved is not None:
+            adapter.load_state_dict(saved)
+        self._adapters[bucket.index()] = (key, adapter)
+        return adapter
+
+    def aggregator_for(self, bucket: dist.GradBucket) -> Aggregator:
+        """The aggregator of this bucket (rebuilt when DDP rebuilds its buckets or levels change)."""
+        params = bucket.parameters()
+        key = tuple(id(p) for p in params)
+        plan = self.adapter_for(bucket).plan if self.adapt is not None else None
+        cached = self._aggregators.get(bucket.index())
+        if cached is not None and cached[0] == key and (plan is None or cached[1].codec.plan is plan):
+            return cached[1]
+        plan = plan or self._bucket_plan(params)
         agg = Aggregator(plan, self.mode, self.process_group, seed=self.seed ^ (bucket.index() << 32))
         self._aggregators[bucket.index()] = (key, agg)
         return agg
@@ -118,10 +149,15 @@ def qoda_hook(state: QodaHookState, bucket: dist.GradBucket) -> torch.futures.Fu
     buffer = bucket.buffer()
     group = state.process_group
     try:
+        if state.adapt is not None:  # statistics of the local gradients (no communication)
+            state.adapter_for(bucket).observe(state.iter, bucket.gradients())
         if state.iter < state.start_iter:
             buffer.div_(dist.get_world_size(group))
             fut = dist.all_reduce(buffer, group=group, async_op=True).get_future()
             return fut.then(lambda f: f.value()[0])
+        if state.adapt is not None:  # identical levels on every rank: all-reduced statistics
+            adapter = state.adapter_for(bucket)
+            adapter.refit(state.iter, force=adapter.fits == 0)
         agg = state.aggregator_for(bucket)
         state.stats += agg.average_(bucket.gradients(), step=state.iter)
         done: torch.futures.Future[torch.Tensor] = torch.futures.Future()

@@ -306,9 +306,12 @@ class LevelAdapter:
             layers = [tensors[i] for i in self.plan.indices(t)]
             self.stats[t].update(layers, self.plan.configs[t])
 
-    def refit(self, step: int) -> object | None:
-        """Re-fit if ``step`` is due and statistics exist; returns the new plan (else ``None``)."""
-        if not self.config.schedule.due(step) or step == self.last_fit_step:
+    def refit(self, step: int, force: bool = False) -> object | None:
+        """Re-fit if ``step`` is due (or ``force``) and statistics exist; returns the new plan (else ``None``).
+
+        Every worker must call it at the same steps with the same ``force``: it all-reduces.
+        """
+        if not (force or self.config.schedule.due(step)) or step == self.last_fit_step:
             return None
         counts = np.stack([self.stats[t].counts for t in self.plan.types])
         if self.reduce is not None:
