@@ -110,6 +110,8 @@ def test_bit_allocation_is_optimal_and_meets_the_budget():
         if sum(costs[i][k] for i, k in enumerate(combo)) <= budget
     )
     assert sum(errors[i][k] for i, k in enumerate(picks)) <= brute[0] * (1 + 1e-9) + 1e-12
+    exact = allocate_bits(errors, costs, 2.0 * sum(numels))  # only the all-cheapest allocation fits
+    assert exact == [0, 0, 0, 0]
     with pytest.raises(ValueError, match="budget"):
         allocate_bits(errors, costs, 1.0 * sum(numels))
 
@@ -174,3 +176,17 @@ def test_adapter_state_round_trip():
     assert a.fits == b.fits == 4 and b.plan.fingerprint() == a.plan.fingerprint()  # steps 0, 10, 20, 30
     with pytest.raises(ValueError, match="method"):
         AdaptConfig(method="magic")
+
+
+@pytest.mark.parametrize("shape", [(0.5, 3.0), (1.0, 1.0), (0.3, 8.0)])
+def test_descent_never_increases_the_expected_variance(shape):
+    from qoda.quant.adapt import _alq_sweeps
+
+    rng = np.random.default_rng(2)
+    u = np.sort(rng.beta(*shape, 5000))
+    w = rng.random(5000)
+    for s in (1, 6, 30):
+        for init in (LevelSet.uniform(s), LevelSet.exponential(s)):
+            start = init.array.astype(np.float64)
+            after = _alq_sweeps(u, w, start, sweeps=40, tol=0.0)
+            assert expected_variance(u, w, after) <= expected_variance(u, w, start) * (1 + 1e-12)

@@ -53,6 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--bucket-size", type=_positive_int("bucket-size"), default=1024)
     c.add_argument("--json", type=Path, default=None, help="write results to this JSON file")
 
+    va = bsub.add_parser("variance", help="normalised variance vs measured bits on WGAN and transformer gradients")
+    va.add_argument("--budgets", type=_positive_int("budgets"), nargs="+", default=[2, 3, 4, 5, 6, 8])
+    va.add_argument("--wgan-steps", type=_positive_int("wgan-steps"), default=30)
+    va.add_argument("--lm-steps", type=_positive_int("lm-steps"), default=60)
+    va.add_argument("--json", type=Path, default=Path("benchmarks/variance.json"))
+
     m = bsub.add_parser("comm", help="gradient averaging over bandwidth-limited links (needs root + iproute2)")
     m.add_argument("--workers", type=_positive_int("workers"), nargs="+", default=[2, 4])
     m.add_argument("--bandwidth-mbit", type=_positive_int("bandwidth-mbit"), nargs="+", default=[1000, 100])
@@ -107,6 +113,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.json:
             write_json(res, args.json)
             print(f"\nwrote {args.json}")
+        return 0
+    if args.command == "bench" and args.bench == "variance":
+        from qoda.bench.variance import run_variance_study, write
+
+        for b in args.budgets:
+            if not 2 <= b <= 8:
+                raise SystemExit(f"qoda bench variance: --budgets: each must be in [2, 8], got {b}")
+        res = run_variance_study(tuple(args.budgets), args.wgan_steps, args.lm_steps)
+        png = write(res, args.json)
+        print(json.dumps(res["summary"], indent=1))
+        print(f"\nwrote {args.json} and {png}")
         return 0
     if args.command == "bench" and args.bench == "comm":
         from qoda.bench.comm import format_comm, run_comm_bench

@@ -203,12 +203,20 @@ def allocate_bits(
 ) -> list[int]:
     """Choose one option per layer minimising ``sum errors[i][k]`` with ``sum costs[i][k] <= budget``.
 
-    Costs are rounded *up* to ``budget / resolution`` units, so the chosen allocation always
-    meets the real budget; raises if even the cheapest options do not fit.
+    Knapsack by dynamic programming over the cost *above* each layer's cheapest option, rounded
+    up to ``(budget - sum of cheapest) / resolution`` units: the chosen allocation always meets
+    the real budget, and the all-cheapest allocation is always feasible.  Raises if even the
+    cheapest options do not fit.
     """
-    unit = budget / resolution
     n = len(errors)
-    c_units = [[math.ceil(c / unit - 1e-9) for c in row] for row in costs]
+    base = [min(row) for row in costs]
+    slack = budget - sum(base)
+    if slack < -1e-9 * max(1.0, abs(budget)):
+        raise ValueError("budget: too small for the cheapest option of every layer")
+    if slack <= 1e-9 * max(1.0, abs(budget)):  # only the cheapest options fit
+        return [int(np.argmin(row)) for row in costs]
+    unit = slack / resolution
+    c_units = [[math.ceil((c - b) / unit - 1e-9) for c in row] for row, b in zip(costs, base, strict=True)]
     inf = math.inf
     dp = np.full(resolution + 1, inf)
     dp[0] = 0.0
@@ -225,8 +233,6 @@ def allocate_bits(
             choice[i, better] = k
         dp = new
     end = int(np.argmin(dp))
-    if not math.isfinite(dp[end]):
-        raise ValueError("budget: too small for the cheapest option of every layer")
     picks = [0] * n
     cap = end
     for i in range(n - 1, -1, -1):

@@ -1,0 +1,1 @@
+"""WGAN-GP models (the trainer is still to come)."""

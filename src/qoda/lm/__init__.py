@@ -1,0 +1,1 @@
+"""A small byte-level transformer language model and its offline corpus."""
