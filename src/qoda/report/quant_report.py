@@ -58,8 +58,8 @@ def schemes(bucket: int) -> dict[str, LayerPolicy]:
         QuantizerConfig.nuqsgd(4, bucket), {"conv": QuantizerConfig.qsgd_inf(4, bucket)}
     )
     # adaptive: ALQ levels fitted to another minibatch's gradient at the same parameters
-    out["alq-global-4b"] = LayerPolicy.global_(QuantizerConfig.qsgd(4, bucket))
-    out["alq-layerwise-4b(by module class)"] = LayerPolicy.by_module_class(QuantizerConfig.qsgd(4, bucket))
+    out["alq-global-4b"] = LayerPolicy.global_(QuantizerConfig.qsgd_inf(4, bucket))
+    out["alq-layerwise-4b(by module class)"] = LayerPolicy.by_module_class(QuantizerConfig.qsgd_inf(4, bucket))
     return out
 
 
