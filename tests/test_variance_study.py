@@ -17,6 +17,7 @@ def test_rows_cover_models_methods_codings(study):
         "qsgd",
         "qsgd_inf",
         "nuqsgd",
+        "cgx_maxmin",
         "alq_global",
         "alq_layerwise",
         "alq_layerwise_dp",
@@ -34,6 +35,10 @@ def test_dp_allocation_meets_the_budget_and_fitted_levels_help(study):
         # levels fitted on another minibatch beat the fixed families on this one
         assert fixed["alq_global"]["normalized_variance"] < fixed["qsgd"]["normalized_variance"]
         assert fixed["alq_global"]["normalized_variance"] < fixed["nuqsgd"]["normalized_variance"]
+        # max-min = the L-inf quantizer on centred buckets plus one float32 centre per bucket
+        extra = fixed["cgx_maxmin"]["bits_per_coord"] - fixed["qsgd_inf"]["bits_per_coord"]
+        # 32 bits per bucket of <= 1024 compressed coordinates (>= 90% of all coordinates here)
+        assert 0.9 * 32 / 1024 <= extra <= 1.5 * 32 / 1024
         # the entropy coding of the same quantization is smaller
         ent = {r["method"]: r for r in study["rows"] if r["model"] == model and r["coding"] == "entropy"}
         assert ent["qsgd"]["bits_per_coord"] < fixed["qsgd"]["bits_per_coord"]

@@ -5,7 +5,8 @@ Gradients: the WGAN-GP ResNet generator + critic of :mod:`qoda.gan.models` on th
 byte-level transformer of :mod:`qoda.lm` on standard-library source, each at initialisation and
 after some training.  For every average budget ``b`` bits per coordinate and every method, the
 gradient is encoded by the real codec; the row holds the bits it produced and the exact
-normalised variance ``E||Q(g) - g||^2 / ||g||^2``.  Adaptive methods fit their levels to the
+normalised variance ``E||Q(g) - g||^2 / ||g||^2``.  ``cgx_maxmin`` is CGX-style max-min uniform
+quantization (see :func:`measure_maxmin`).  Adaptive methods fit their levels to the
 gradient of a *different* minibatch at the same parameters (never to the one they quantize).
 """
 
@@ -129,6 +130,7 @@ def method_plans(snap: Snapshot, bits: int, coding: Coding, cache: dict) -> dict
         "qsgd": LayerPolicy.global_(QuantizerConfig.qsgd(bits, BUCKET, coding=coding)).plan(m),
         "qsgd_inf": LayerPolicy.global_(QuantizerConfig.qsgd_inf(bits, BUCKET, coding=coding)).plan(m),
         "nuqsgd": LayerPolicy.global_(QuantizerConfig.nuqsgd(bits, BUCKET, coding=coding)).plan(m),
+        "cgx_maxmin": LayerPolicy.global_(QuantizerConfig.qsgd_inf(bits, BUCKET, coding=coding)).plan(m),
     }
     for name, policy in (
         ("alq_global", LayerPolicy.global_(QuantizerConfig.qsgd_inf(bits, BUCKET))),
@@ -171,6 +173,30 @@ def measure(plan: LayerPlan, grads: list[torch.Tensor], seed: int) -> tuple[floa
     return var / sq, msg.bits / sum(g.numel() for g in grads)
 
 
+def measure_maxmin(plan: LayerPlan, grads: list[torch.Tensor], seed: int) -> tuple[float, float]:
+    """CGX-style max-min uniform quantization, built from the codec's L-inf quantizer.
+
+    Each bucket is shifted by its centre ``c = (max + min) / 2`` (one extra float32 on the
+    wire), then quantized with uniform levels on ``[-r, r]``, ``r = (max - min) / 2``: the
+    sign-magnitude grid has ``2^b - 1`` equally spaced points on ``[min, max]`` where CGX has
+    ``2^b``.  The quantization error is that of the centred bucket, so the exact variance and
+    the encoded size are measured on it (plus 32 bits per bucket for the centres).
+    """
+    centred = list(grads)
+    buckets = 0
+    for t in plan.types:
+        bucket = plan.configs[t].bucket_size
+        for i in plan.indices(t):
+            chunks = grads[i].reshape(-1).split(bucket)
+            buckets += len(chunks)
+            centred[i] = torch.cat([c - (c.max() + c.min()) / 2 for c in chunks]).view_as(grads[i])
+    codec = LayerwiseCodec(plan)
+    msg = codec.encode(centred, seed)
+    var = sum(exact_variance([centred[i] for i in plan.indices(t)], plan.configs[t]) for t in plan.types)
+    sq = sum(float(g.double().square().sum()) for g in grads)
+    return var / sq, (msg.bits + 32 * buckets) / sum(g.numel() for g in grads)
+
+
 def run_variance_study(
     budgets: tuple[int, ...] = BUDGETS,
     wgan_steps: int = 30,
@@ -184,7 +210,8 @@ def run_variance_study(
         for bits in budgets:
             for coding in (Coding.FIXED, Coding.ENTROPY):
                 for method, plan in method_plans(snap, bits, coding, cache).items():
-                    var, bpc = measure(plan, snap.grads, seed=bits)
+                    fn = measure_maxmin if method == "cgx_maxmin" else measure
+                    var, bpc = fn(plan, snap.grads, seed=bits)
                     rows.append({"model": snap.model, "method": method, "coding": coding.value,
                                  "budget_bits": bits, "bits_per_coord": bpc, "normalized_variance": var})  # fmt: skip
             log(f"{snap.model:18s} {bits}b done")
