@@ -5,7 +5,6 @@ import struct
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 from qoda.codec import rans
 from qoda.codec.format import HEADER_SIZE, CodecError, payload_crc
@@ -16,7 +15,7 @@ from qoda.quant.config import QuantizerConfig
 from qoda.quant.levels import LevelSet
 from qoda.quant.policy import LayerPolicy
 from qoda.quant.quantizer import quantize
-from qoda.report.digits import DigitsCNN, load_digits_tensors
+from qoda.report.digits import DigitsCNN
 
 ROUND_TRIP = [
     QuantizerConfig.qsgd(b, bs, coding=c)
@@ -72,24 +71,6 @@ def test_reported_bits_are_exact(cfg):
         assert stream_bits <= rans.code_length_bound(counts)
         nz = counts[counts > 0] / n
         assert stream_bits >= n * float(-(nz * np.log2(nz)).sum()) - 1  # never below the entropy
-
-
-@pytest.fixture(scope="module")
-def real_gradients():
-    """Gradients of the digits CNN at initialisation and after 100 SGD steps."""
-    torch.manual_seed(0)
-    xtr, ytr, _, _ = load_digits_tensors()
-    model = DigitsCNN()
-    opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    grads = []
-    for step in range(101):
-        model.zero_grad()
-        idx = torch.randint(0, len(ytr), (64,))
-        nn.functional.cross_entropy(model(xtr[idx]), ytr[idx]).backward()
-        if step in (0, 100):
-            grads.append([p.grad.clone() for p in model.parameters() if p.dim() > 1])
-        opt.step()
-    return grads
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])

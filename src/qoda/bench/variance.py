@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -108,9 +108,7 @@ def lm_snapshots(train_steps: int = 60, batch: int = 16, seed: int = 0) -> list[
 
 # ----------------------------------------------------------------------------- methods
 def _with_levels(plan: LayerPlan, levels: dict[str, LevelSet], coding: Coding) -> LayerPlan:
-    configs = {
-        t: QuantizerConfig(levels.get(t, c.levels), c.bucket_size, c.norm, coding) for t, c in plan.configs.items()
-    }
+    configs = {t: replace(c, levels=levels.get(t, c.levels), coding=coding) for t, c in plan.configs.items()}
     return LayerPlan(plan.entries, configs)
 
 

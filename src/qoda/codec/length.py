@@ -17,9 +17,9 @@ import torch
 
 from qoda.codec import rans
 from qoda.codec.format import HEADER_SIZE
-from qoda.quant.config import Norm, QuantizerConfig
-from qoda.quant.kernels.torch_ref import bucket_ids
+from qoda.quant.config import QuantizerConfig
 from qoda.quant.quantizer import TensorOrTensors, bucket_starts, flatten_float32
+from qoda.quant.variance import level_intervals, normalized_magnitudes
 
 
 def overhead_bits(n_layers: int, n_buckets: int) -> int:
@@ -35,19 +35,8 @@ def fixed_code_length(numels: list[int] | tuple[int, ...], config: QuantizerConf
 
 def expected_code_distribution(x: TensorOrTensors, config: QuantizerConfig) -> torch.Tensor:
     """``p_bar[c]``: expected fraction of coordinates with code ``c`` given ``x`` (float64)."""
-    flat, numels, _ = flatten_float32(x)
-    v = flat.detach().double().cpu()
-    starts = torch.tensor(bucket_starts(numels, config.bucket_size))
-    bucket = bucket_ids(starts)
-    n_b = len(starts) - 1
-    if config.norm is Norm.LINF:
-        norms = torch.zeros(n_b, dtype=torch.float64).scatter_reduce_(0, bucket, v.abs(), "amax")
-    else:
-        norms = torch.zeros(n_b, dtype=torch.float64).index_add_(0, bucket, v.square()).sqrt()
-    nb = norms[bucket]
-    u = torch.where(nb > 0, v.abs() / torch.where(nb > 0, nb, 1.0), 0.0).clamp_max(1.0)
-    levels = torch.tensor(config.levels.values, dtype=torch.float64)
-    j = (torch.searchsorted(levels, u, right=True) - 1).clamp_(0, len(levels) - 2)
+    v, _, u = (t.cpu() for t in normalized_magnitudes(x, config))
+    levels, j = level_intervals(u, config.levels)
     p_up = (u - levels[j]) / (levels[j + 1] - levels[j])
     neg = (v < 0).long()
     alphabet = 2 * config.levels.num_levels

@@ -22,15 +22,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
 
-from qoda.quant.config import Norm, QuantizerConfig
-from qoda.quant.kernels.torch_ref import bucket_ids
+from qoda.quant.config import QuantizerConfig
 from qoda.quant.levels import LevelSet
-from qoda.quant.quantizer import TensorOrTensors, bucket_starts, flatten_float32
+from qoda.quant.quantizer import TensorOrTensors
+from qoda.quant.variance import normalized_magnitudes
 
 DEFAULT_BINS = 2048
 MIN_GAP = 1e-6  # smallest distance between fitted levels (they must stay distinct in float32)
@@ -63,17 +63,7 @@ class MagnitudeStats:
 
     def update(self, x: TensorOrTensors, config: QuantizerConfig) -> None:
         """Add the magnitudes of ``x`` (bucketed as ``config`` buckets it), weighted by ``||v||^2``."""
-        flat, numels, _ = flatten_float32(x)
-        v = flat.detach().double().cpu()
-        starts = torch.tensor(bucket_starts(numels, config.bucket_size))
-        bucket = bucket_ids(starts)
-        n_b = len(starts) - 1
-        if config.norm is Norm.LINF:
-            norms = torch.zeros(n_b, dtype=torch.float64).scatter_reduce_(0, bucket, v.abs(), "amax")
-        else:
-            norms = torch.zeros(n_b, dtype=torch.float64).index_add_(0, bucket, v.square()).sqrt()
-        nb = norms[bucket]
-        u = torch.where(nb > 0, v.abs() / torch.where(nb > 0, nb, 1.0), 0.0).clamp_max(1.0)
+        _, nb, u = (t.cpu() for t in normalized_magnitudes(x, config))
         idx = np.minimum(np.searchsorted(self.edges, u.numpy(), side="right") - 1, self.bins - 1)
         new = np.bincount(idx, weights=nb.square().numpy(), minlength=self.bins)
         self.counts = self.decay * self.counts + new
@@ -330,7 +320,7 @@ class LevelAdapter:
             cfg = configs[t]
             fit = fit_alq if self.config.method == "alq" else fit_amq
             levels = fit(stats, cfg.levels.s)
-            configs[t] = QuantizerConfig(levels, cfg.bucket_size, cfg.norm, cfg.coding)
+            configs[t] = replace(cfg, levels=levels)
         self.plan = type(self.plan)(self.plan.entries, configs)
         self.stats = {t: MagnitudeStats(self.config.bins) for t in self.plan.types}
         self.fits += 1
@@ -351,7 +341,7 @@ class LevelAdapter:
             if t not in configs:
                 raise ValueError(f"adapter state: type {t!r} is not in this plan")
             c = configs[t]
-            configs[t] = QuantizerConfig(LevelSet(tuple(values), "fitted"), c.bucket_size, c.norm, c.coding)
+            configs[t] = replace(c, levels=LevelSet(tuple(values), "fitted"))
         self.plan = type(self.plan)(self.plan.entries, configs)
         self.stats = {t: MagnitudeStats.from_state_dict(s) for t, s in state["stats"].items()}
         self.fits = int(state["fits"])

@@ -32,26 +32,40 @@ from qoda.quant.levels import LevelSet
 from qoda.quant.quantizer import TensorOrTensors, bucket_starts, flatten_float32
 
 
-def coordinate_variances(x: TensorOrTensors, config: QuantizerConfig) -> torch.Tensor:
-    """Per-coordinate ``E[(Q(x)_i - x_i)^2 | x]`` in float64 (flat, segment order)."""
+def normalized_magnitudes(
+    x: TensorOrTensors, config: QuantizerConfig
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(v, ||bucket(i)||_q, u)`` per coordinate in float64, bucketed as ``config`` buckets ``x``.
+
+    ``u_i = |v_i| / ||v||_q`` (0 in a zero bucket), the quantity every diagnostic is a function of.
+    """
     flat, numels, _ = flatten_float32(x)
     v = flat.detach().to(torch.float64)
     if not bool(torch.isfinite(v).all()):
-        raise ValueError("exact_variance: input contains NaN or Inf")
+        raise ValueError("input contains NaN or Inf")
     starts = torch.tensor(bucket_starts(numels, config.bucket_size), device=v.device)
     bucket = bucket_ids(starts)
-    n_b = len(starts) - 1
+    norms = torch.zeros(len(starts) - 1, dtype=torch.float64, device=v.device)
     if config.norm is Norm.LINF:
-        norms = torch.zeros(n_b, dtype=torch.float64, device=v.device)
         norms.scatter_reduce_(0, bucket, v.abs(), reduce="amax", include_self=True)
     else:
-        sq = torch.zeros(n_b, dtype=torch.float64, device=v.device).index_add_(0, bucket, v.square())
-        norms = sq.sqrt()
+        norms = norms.index_add_(0, bucket, v.square()).sqrt()
     nb = norms[bucket]
     u = torch.where(nb > 0, v.abs() / torch.where(nb > 0, nb, 1.0), 0.0).clamp_max(1.0)
-    levels = torch.tensor(config.levels.values, dtype=torch.float64, device=v.device)
-    j = (torch.searchsorted(levels, u, right=True) - 1).clamp_(0, len(levels) - 2)
-    return nb.square() * (u - levels[j]) * (levels[j + 1] - u)
+    return v, nb, u
+
+
+def level_intervals(u: torch.Tensor, levels: LevelSet) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(levels as float64, j)`` with ``l_j <= u <= l_{j+1}`` per coordinate."""
+    lv = torch.tensor(levels.values, dtype=torch.float64, device=u.device)
+    return lv, (torch.searchsorted(lv, u, right=True) - 1).clamp_(0, len(lv) - 2)
+
+
+def coordinate_variances(x: TensorOrTensors, config: QuantizerConfig) -> torch.Tensor:
+    """Per-coordinate ``E[(Q(x)_i - x_i)^2 | x]`` in float64 (flat, segment order)."""
+    _, nb, u = normalized_magnitudes(x, config)
+    lv, j = level_intervals(u, config.levels)
+    return nb.square() * (u - lv[j]) * (lv[j + 1] - u)
 
 
 def exact_variance(x: TensorOrTensors, config: QuantizerConfig) -> float:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -71,11 +71,8 @@ def fitted_plan(plan: LayerPlan, fit_grads: list[torch.Tensor]) -> LayerPlan:
 
 
 def _with_coding(policy: LayerPolicy, coding: Coding) -> LayerPolicy:
-    def swap(c: QuantizerConfig) -> QuantizerConfig:
-        return QuantizerConfig(c.levels, c.bucket_size, c.norm, coding)
-
-    return LayerPolicy(policy.mode, swap(policy.default), {k: swap(v) for k, v in policy.configs.items()},
-                       policy.rules, policy.min_numel, policy.compress_1d)  # fmt: skip
+    configs = {k: replace(v, coding=coding) for k, v in policy.configs.items()}
+    return replace(policy, default=replace(policy.default, coding=coding), configs=configs)
 
 
 def train_and_collect(
