@@ -211,3 +211,43 @@ def test_qoda_rates_family():
     opt = QODA([p], rate="single")
     eta, gamma = opt.rates()
     assert eta == gamma == 1.0
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_per_group_learning_rates(name):
+    """Player groups: equal rates reproduce the single-group run exactly; with a constant
+    operator the first iteration's displacement is linear in the group's rate (every method)."""
+    torch.manual_seed(0)
+    g1, g2 = torch.randn(5, dtype=torch.float64), torch.randn(3, dtype=torch.float64)
+
+    def run(groups):
+        ps = [nn.Parameter(torch.zeros(5, dtype=torch.float64)), nn.Parameter(torch.zeros(3, dtype=torch.float64))]
+        opt = create_optimizer(name, groups(ps), lr=0.05)
+        for _ in range(3):
+            for _call in range(OPTIMIZERS[name].calls_per_iteration):
+                ps[0].grad, ps[1].grad = g1.clone(), g2.clone()
+                if _call == 0 and isinstance(opt, TwoCallOptimizer):
+                    opt.extrapolation()
+            opt.step()
+        return [p.detach().clone() for p in ps]
+
+    single = run(lambda ps: ps)
+    same = run(lambda ps: [{"params": [ps[0]]}, {"params": [ps[1]]}])
+    assert all(torch.equal(a, b) for a, b in zip(single, same, strict=True))
+
+    def first(lr2):
+        ps = [nn.Parameter(torch.zeros(5, dtype=torch.float64)), nn.Parameter(torch.zeros(3, dtype=torch.float64))]
+        opt = create_optimizer(name, [{"params": [ps[0]]}, {"params": [ps[1]], "lr": lr2}], lr=0.05)
+        for _call in range(OPTIMIZERS[name].calls_per_iteration):
+            ps[0].grad, ps[1].grad = g1.clone(), g2.clone()
+            if _call == 0 and isinstance(opt, TwoCallOptimizer):
+                opt.extrapolation()
+        opt.step()
+        return ps[0].detach().clone(), ps[1].detach().clone()
+
+    a0, a1 = first(0.05)
+    b0, b1 = first(0.15)
+    assert torch.equal(a0, b0)  # the other player's move does not depend on this group's rate
+    torch.testing.assert_close(b1, 3 * a1, rtol=1e-12, atol=1e-15)
+    with pytest.raises(ValueError, match=r"param_groups\[1\]\.lr"):
+        create_optimizer(name, [{"params": [nn.Parameter(torch.zeros(2))]}, {"params": [nn.Parameter(torch.zeros(2))], "lr": -1.0}])

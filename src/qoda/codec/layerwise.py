@@ -147,11 +147,12 @@ class LayerwiseCodec:
         """Write (or add) group buffers back into per-layer tensors."""
         for g, flat in zip(self.groups, flats, strict=True):
             for i, part in zip(g.indices, flat.split(list(g.numels)), strict=True):
-                target = outs[i].view(-1)
+                target = outs[i]  # any strides: logical (row-major) order, as gather() reads it
+                src = part.to(target.device, target.dtype).view(target.shape)
                 if accumulate:
-                    target.add_(part.to(target.device, target.dtype))
+                    target.add_(src)
                 else:
-                    target.copy_(part.to(target.device, target.dtype))
+                    target.copy_(src)
 
     def encode_flats(
         self, flats: Sequence[torch.Tensor], seed: int, pieces: Sequence[Sequence[int]] | None = None, tag: int = 0

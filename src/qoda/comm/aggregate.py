@@ -193,7 +193,7 @@ class Aggregator:
         flat = wire.float() if self.mode is Mode.FP16 else wire
         offset = 0
         for t in tensors:
-            t.view(-1).copy_(flat[offset : offset + t.numel()])
+            t.copy_(flat[offset : offset + t.numel()].view(t.shape))  # any strides
             offset += t.numel()
         st.payload_bits = 8 * wire.numel() * wire.element_size()
         ring = 2 * (self.world - 1) * wire.numel() * wire.element_size() // self.world

@@ -118,7 +118,7 @@ class DCGANCritic(nn.Module):
 
 def gradient_penalty(critic: nn.Module, real: torch.Tensor, fake: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """WGAN-GP penalty ``E[(||grad_x D(x_hat)||_2 - 1)^2]`` on random interpolates."""
-    eps = torch.rand(real.shape[0], 1, 1, 1, generator=gen, device=real.device)
+    eps = torch.rand(real.shape[0], 1, 1, 1, generator=gen).to(real.device)  # CPU stream: same draws on any device
     x = (eps * real + (1 - eps) * fake).requires_grad_(True)
     (g,) = torch.autograd.grad(critic(x).sum(), x, create_graph=True)
     return (g.flatten(1).norm(dim=1) - 1).square().mean()

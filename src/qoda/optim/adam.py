@@ -1,4 +1,5 @@
-"""Adam-based GAN optimizers: ExtraAdam (Gidel et al. 2019) and OptimisticAdam (Daskalakis et al. 2018)."""
+"""Adam-based GAN optimizers: ExtraAdam (Gidel et al. 2019), OptimisticAdam (Daskalakis et al.
+2018) and simultaneous Adam (the usual GAN baseline, one exchange per iteration)."""
 
 from __future__ import annotations
 
@@ -18,8 +19,9 @@ def _check_adam(lr: float, betas: tuple[float, float], eps: float) -> None:
 
 
 def _adam_direction(opt: VIOptimizer, p: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """Update the moments of ``p`` with ``g``; return the bias-corrected step ``lr m / (sqrt(v) + eps)``."""
-    grp = opt.group
+    """Update the moments of ``p`` with ``g``; return the bias-corrected step ``lr m / (sqrt(v) + eps)``
+    (hyper-parameters of ``p``'s own group)."""
+    grp = opt.group_of(p)
     b1, b2 = grp["betas"]
     st = opt.state[p]
     if "m" not in st:
@@ -70,5 +72,28 @@ class OptimisticAdam(VIOptimizer):
             prev = self.state[p].get("prev_dir", d)
             p.sub_(2 * d - prev)
             self.state[p]["prev_dir"] = d
+        self.group["t"] += 1
+        return loss
+
+
+class SimultaneousAdam(VIOptimizer):
+    """Simultaneous Adam on both players: ``X <- X - d_t`` with ``d`` the Adam step (one call per step).
+
+    The usual GAN baseline with ``n_critic = 1``; no extrapolation and no optimism, so it has no
+    convergence guarantee on monotone games (compare GDA on the bilinear game).
+    """
+
+    def __init__(
+        self, params: Iterable[torch.Tensor], lr: float = 1e-3, betas: tuple[float, float] = (0.5, 0.9),
+        eps: float = 1e-8, averager: Averager | None = None,
+    ) -> None:  # fmt: skip
+        _check_adam(lr, betas, eps)
+        super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps}, averager)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        loss = self._call(closure)
+        for p, vi in zip(self.params, self._dual(), strict=True):
+            p.sub_(_adam_direction(self, p, vi))
         self.group["t"] += 1
         return loss

@@ -34,21 +34,40 @@ def check_positive(name: str, value: float, allow_zero: bool = False) -> None:
 
 
 class VIOptimizer(Optimizer):
-    """Base class: one param group, counters, the averaged dual vector."""
+    """Base class: counters, the averaged dual vector, per-group learning rates.
 
-    def __init__(self, params: Iterable[torch.Tensor], defaults: dict[str, Any], averager: Averager | None) -> None:
+    Parameter groups (for example one per player) may set their own ``lr`` (and, for the Adam
+    variants, ``betas``/``eps``); everything global to the iteration (counters, the adaptive
+    step-size sums, the iteration ``t``) lives in the first group, :attr:`group`.  The dual
+    vector is always the whole operator: one exchange averages every group's gradients.
+    """
+
+    def __init__(self, params: Iterable[Any], defaults: dict[str, Any], averager: Averager | None) -> None:
         super().__init__(params, {**defaults, **dict.fromkeys(COUNTERS, 0), "t": 0})
-        if len(self.param_groups) != 1:
-            raise ValueError("params: these optimizers take a single parameter group")
+        for i, g in enumerate(self.param_groups):
+            if "lr" in g:
+                check_positive(f"param_groups[{i}].lr", g["lr"])
         self.averager = averager
 
     @property
     def group(self) -> dict[str, Any]:
+        """The first parameter group: holds the counters and the global step-size state."""
         return self.param_groups[0]
 
     @property
     def params(self) -> list[torch.Tensor]:
-        return list(self.group["params"])
+        return [p for g in self.param_groups for p in g["params"]]
+
+    def group_of(self, p: torch.Tensor) -> dict[str, Any]:
+        """The parameter group holding ``p``."""
+        for g in self.param_groups:
+            if any(q is p for q in g["params"]):
+                return g
+        raise KeyError("parameter is not managed by this optimizer")
+
+    def _lrs(self) -> list[float]:
+        """The learning rate of every parameter, in :attr:`params` order."""
+        return [g["lr"] for g in self.param_groups for _ in g["params"]]
 
     @property
     def counters(self) -> dict[str, int]:

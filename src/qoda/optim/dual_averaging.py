@@ -60,12 +60,14 @@ class QODA(VIOptimizer):
             st["y"] = torch.zeros_like(p)
             st["prev"] = torch.zeros_like(p)
 
-    def rates(self) -> tuple[float, float]:
+    def rates(self, lr: float | None = None) -> tuple[float, float]:
+        """``(eta, gamma)`` for a group with learning rate ``lr`` (default: the first group's)."""
         g = self.group
-        eta = g["lr"] * g["c_eta"] * (1.0 + g["sum_diff"]) ** -0.5
+        lr = g["lr"] if lr is None else lr
+        eta = lr * g["c_eta"] * (1.0 + g["sum_diff"]) ** -0.5
         if g["rate"] == "single":
             return eta, eta
-        return eta, g["lr"] * g["c_gamma"] * (1.0 + g["sum_sq"]) ** (g["q"] - 0.5)
+        return eta, lr * g["c_gamma"] * (1.0 + g["sum_sq"]) ** (g["q"] - 0.5)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -74,8 +76,8 @@ class QODA(VIOptimizer):
         g = self.group
         g["sum_diff"] += self._sq([vi - self.state[p]["prev"] for p, vi in zip(self.params, v, strict=True)])
         g["sum_sq"] += self._sq(v)
-        eta, gamma = self.rates()
-        for p, vi in zip(self.params, v, strict=True):
+        for p, vi, lr in zip(self.params, v, self._lrs(), strict=True):
+            eta, gamma = self.rates(lr)
             st = self.state[p]
             st["y"].sub_(vi)
             x_next = st["anchor"] + eta * st["y"]
@@ -100,19 +102,18 @@ class QGenX(TwoCallOptimizer):
             self.state[p]["anchor"] = p.detach().clone()
             self.state[p]["y"] = torch.zeros_like(p)
 
-    def gamma(self) -> float:
-        return self.group["lr"] * (1.0 + self.group["sum_diff"]) ** -0.5
+    def gamma(self, lr: float | None = None) -> float:
+        lr = self.group["lr"] if lr is None else lr
+        return lr * (1.0 + self.group["sum_diff"]) ** -0.5
 
     def _extrapolate(self, v: list[torch.Tensor]) -> None:
-        gamma = self.gamma()
-        for p, vi in zip(self.params, v, strict=True):
+        for p, vi, lr in zip(self.params, v, self._lrs(), strict=True):
             self.state[p]["lead"] = vi
-            p.sub_(gamma * vi)
+            p.sub_(self.gamma(lr) * vi)
 
     def _update(self, v: list[torch.Tensor]) -> None:
         self.group["sum_diff"] += self._sq([vi - self.state[p]["lead"] for p, vi in zip(self.params, v, strict=True)])
-        gamma = self.gamma()
-        for p, vi in zip(self.params, v, strict=True):
+        for p, vi, lr in zip(self.params, v, self._lrs(), strict=True):
             st = self.state[p]
             st["y"].sub_(vi)
-            p.copy_(st["anchor"] + gamma * st["y"])
+            p.copy_(st["anchor"] + self.gamma(lr) * st["y"])

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from qoda.optim.adam import ExtraAdam, OptimisticAdam
+from qoda.optim.adam import ExtraAdam, OptimisticAdam, SimultaneousAdam
 from qoda.optim.base import Averager, VIOptimizer
 from qoda.optim.dual_averaging import QODA, QGenX
 from qoda.optim.gradient import GDA, ExtraGradient, OptimisticGradient
@@ -32,6 +32,7 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
         OptimizerSpec("og", OptimisticGradient, 1, "optimistic gradient (Popov), constant step"),
         OptimizerSpec("extra_adam", ExtraAdam, 2, "extra-gradient with Adam steps (Gidel et al. 2019)"),
         OptimizerSpec("optimistic_adam", OptimisticAdam, 1, "optimistic Adam (Daskalakis et al. 2018)"),
+        OptimizerSpec("adam", SimultaneousAdam, 1, "simultaneous Adam on both players (GAN baseline)"),
     )
 }
 

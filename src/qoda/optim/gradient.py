@@ -20,8 +20,8 @@ class GDA(VIOptimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         loss = self._call(closure)
-        for p, vi in zip(self.params, self._dual(), strict=True):
-            p.sub_(self.group["lr"] * vi)
+        for p, vi, lr in zip(self.params, self._dual(), self._lrs(), strict=True):
+            p.sub_(lr * vi)
         self.group["t"] += 1
         return loss
 
@@ -34,12 +34,12 @@ class ExtraGradient(TwoCallOptimizer):
         super().__init__(params, {"lr": lr}, averager)
 
     def _extrapolate(self, v: list[torch.Tensor]) -> None:
-        for p, vi in zip(self.params, v, strict=True):
-            p.sub_(self.group["lr"] * vi)
+        for p, vi, lr in zip(self.params, v, self._lrs(), strict=True):
+            p.sub_(lr * vi)
 
     def _update(self, v: list[torch.Tensor]) -> None:
-        for p, vi in zip(self.params, v, strict=True):
-            p.copy_(self.state[p]["x_t"] - self.group["lr"] * vi)
+        for p, vi, lr in zip(self.params, v, self._lrs(), strict=True):
+            p.copy_(self.state[p]["x_t"] - lr * vi)
 
 
 class OptimisticGradient(VIOptimizer):
@@ -52,8 +52,7 @@ class OptimisticGradient(VIOptimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         loss = self._call(closure)
-        lr = self.group["lr"]
-        for p, vi in zip(self.params, self._dual(), strict=True):
+        for p, vi, lr in zip(self.params, self._dual(), self._lrs(), strict=True):
             prev = self.state[p].get("prev", vi)
             p.sub_(2 * lr * vi - lr * prev)
             self.state[p]["prev"] = vi

@@ -32,6 +32,7 @@ DEFAULT_HYPER: dict[str, dict[str, float]] = {
     "og": {"lr": 0.2},
     "extra_adam": {"lr": 0.01},
     "optimistic_adam": {"lr": 0.01},
+    "adam": {"lr": 0.01},
 }
 
 

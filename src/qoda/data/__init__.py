@@ -1,0 +1,1 @@
+"""Image data sets read from local files only (nothing is downloaded) and per-worker batching."""

@@ -1,0 +1,1 @@
+"""Sample-quality metrics for generators: FID through torchmetrics with offline feature extractors."""

@@ -1,0 +1,1 @@
+"""The distributed WGAN-GP trainer (``qoda train``): config, compression, checkpoints, loop, launcher."""

@@ -1,0 +1,79 @@
+"""From the trainer's compression options to an averager (one exchange of the joint operator).
+
+==================  ====================================================================
+``compression``     averager
+==================  ====================================================================
+none                fp32 all-reduce
+fp16                fp16 all-reduce (scaled by 1/K before the cast)
+qsgd                one uniform level set for every compressed tensor (L2 buckets)
+nuqsgd              one exponential level set (p = 1/2, L2 buckets)
+global_adaptive     one level set fitted (ALQ) to all compressed tensors' statistics
+layerwise_adaptive  one fitted level set per layer type (``layer_types``)
+==================  ====================================================================
+
+``layer_types``: ``player_class`` (default) gives each player's convolutions and linear
+layers their own levels (``generator.conv``, ``critic.linear``, ...): the two players'
+gradients have different statistics; ``module_class`` shares them across players;
+``per_layer`` gives every tensor its own levels.  Tensors under 1,024 coordinates and 1-D
+tensors (biases, norm scales) travel uncompressed, as the policy's defaults say.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch.distributed as dist
+from torch import nn
+
+from qoda.comm.adaptive import AdaptiveAggregator
+from qoda.comm.aggregate import Aggregator, Mode
+from qoda.quant.adapt import AdaptConfig, RefitSchedule
+from qoda.quant.config import Norm, QuantizerConfig
+from qoda.quant.policy import LayerEntry, LayerPlan, LayerPolicy
+from qoda.train.config import TrainConfig
+
+
+def quantizer_config(cfg: TrainConfig) -> QuantizerConfig:
+    norm = cfg.quant_norm
+    if norm == "auto":
+        norm = "linf" if cfg.adaptive else "l2"
+    base = QuantizerConfig.nuqsgd(cfg.bits, cfg.bucket_size) if cfg.compression == "nuqsgd" else (
+        QuantizerConfig.qsgd(cfg.bits, cfg.bucket_size))  # fmt: skip
+    return replace(base, norm=Norm(norm))
+
+
+def _prefix_types(plan: LayerPlan) -> LayerPlan:
+    """Qualify every type with the player owning the tensor (the first name component)."""
+    entries, configs = [], {}
+    for e in plan.entries:
+        t = None if e.type_name is None else f"{e.name.split('.', 1)[0]}.{e.type_name}"
+        entries.append(LayerEntry(e.name, e.shape, t))
+        if t is not None:
+            configs[t] = plan.configs[e.type_name]
+    return LayerPlan(tuple(entries), configs)
+
+
+def layer_plan(cfg: TrainConfig, players: nn.Module) -> LayerPlan:
+    """The layer plan over both players' parameters (``players`` = ModuleDict generator/critic)."""
+    qc = quantizer_config(cfg)
+    if cfg.compression == "layerwise_adaptive":
+        if cfg.layer_types == "per_layer":
+            return LayerPolicy.per_layer(qc).plan(players)
+        plan = LayerPolicy.by_module_class(qc).plan(players)
+        return _prefix_types(plan) if cfg.layer_types == "player_class" else plan
+    return LayerPolicy.global_(qc).plan(players)
+
+
+def build_averager(
+    cfg: TrainConfig, players: nn.Module, group: dist.ProcessGroup | None = None
+) -> Aggregator | AdaptiveAggregator:
+    """The averager of ``cfg.compression`` over ``group`` (checks the settings across ranks)."""
+    plan = layer_plan(cfg, players)
+    if cfg.compression == "none":
+        return Aggregator(plan, Mode.FP32, group, seed=cfg.seed)
+    if cfg.compression == "fp16":
+        return Aggregator(plan, Mode.FP16, group, seed=cfg.seed)
+    if cfg.adaptive:
+        adapt = AdaptConfig(schedule=RefitSchedule(tuple(cfg.refit_steps), cfg.refit_every))
+        return AdaptiveAggregator(plan, cfg.mode, group, seed=cfg.seed, adapt=adapt)
+    return Aggregator(plan, cfg.mode, group, seed=cfg.seed)

