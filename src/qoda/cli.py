@@ -148,6 +148,19 @@ def build_parser() -> argparse.ArgumentParser:
     va.add_argument("--lm-steps", type=_positive_int("lm-steps"), default=60)
     va.add_argument("--json", type=Path, default=Path("benchmarks/variance.json"))
 
+    q = bsub.add_parser("quality", help="FID at equal steps: none/fp16/QSGD/layer-wise x QODA/ExtraAdam (2 workers)")
+    q.add_argument("--steps", type=_positive_int("steps"), default=1500)
+    q.add_argument("--workers", type=_positive_int("workers"), default=2)
+    q.add_argument("--out", type=Path, default=Path("runs/quality"), help="run directories (default runs/quality)")
+    q.add_argument("--json", type=Path, default=Path("benchmarks/quality.json"))
+
+    fa = bsub.add_parser("faults", help="fault scenarios across real processes: fuzzing, NaN, mismatch, kills, resume")
+    fa.add_argument("--fuzz-cases", type=_positive_int("fuzz-cases"), default=10_000)
+    fa.add_argument("--kills", type=_positive_int("kills"), default=5, help="SIGKILLs of the checkpoint scenario")
+    fa.add_argument("--pg-timeout", type=float, default=10.0, help="process-group timeout of the dead-worker runs")
+    fa.add_argument("--seed", type=int, default=0)
+    fa.add_argument("--json", type=Path, default=Path("benchmarks/faults.json"))
+
     m = bsub.add_parser("comm", help="gradient averaging over bandwidth-limited links (needs root + iproute2)")
     m.add_argument("--workers", type=_positive_int("workers"), nargs="+", default=[2, 4])
     m.add_argument("--bandwidth-mbit", type=_positive_int("bandwidth-mbit"), nargs="+", default=[1000, 100])
@@ -216,6 +229,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps(res["summary"], indent=1))
         print(f"\nwrote {args.json} and {png}")
         return 0
+    if args.command == "bench" and args.bench == "quality":
+        from qoda.bench.quality import format_quality, run_quality, write
+
+        res = run_quality(args.steps, args.workers, args.out)
+        md = write(res, args.json)
+        print(format_quality(res))
+        print(json.dumps(res["claims"], indent=1))
+        print(f"\nwrote {args.json} and {md}")
+        return 0
+    if args.command == "bench" and args.bench == "faults":
+        from qoda.bench.faults import format_faults, run_faults
+
+        if not args.pg_timeout > 0:
+            raise SystemExit(f"qoda bench faults: --pg-timeout must be > 0, got {args.pg_timeout}")
+        res = run_faults(args.fuzz_cases, args.kills, args.pg_timeout, args.seed)
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(res, indent=1, allow_nan=False) + "\n")
+        args.json.with_suffix(".md").write_text(format_faults(res) + "\n")
+        print(format_faults(res))
+        print(f"\nwrote {args.json} and {args.json.with_suffix('.md')}")
+        return 0 if res["all_ok"] else 1
     if args.command == "bench" and args.bench == "comm":
         from qoda.bench.comm import format_comm, run_comm_bench
         from qoda.bench.netns import NetnsUnavailable

@@ -183,6 +183,8 @@ def _parse(payload: object, config: QuantizerConfig | None, layer_numels: Sequen
     if config is None:
         if h.coding is not WireCoding.RAW:
             raise CodecError(f"payload: expected a raw segment, got coding {h.coding.name.lower()}")
+        if h.norm or h.code_bits or h.num_levels or h.bucket_size or h.level_set_id:
+            raise CodecError("payload corrupted: a raw segment carries quantizer fields")
     else:
         expect = {
             "coding": (WireCoding.FIXED if config.coding is Coding.FIXED else WireCoding.ENTROPY, h.coding),

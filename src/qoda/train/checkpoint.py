@@ -42,7 +42,9 @@ def save(out: Path, step: int, common: dict[str, Any] | None, per_rank: dict[str
     """Collective: every rank writes its shard; rank 0 writes ``common`` and commits."""
     root = checkpoint_root(out)
     d = root / f"step-{step:07d}"
-    atomic_save({"version": FORMAT_VERSION, "step": step, "rank": rank, "world": world, **per_rank}, d / f"rank-{rank}.pt")
+    atomic_save(
+        {"version": FORMAT_VERSION, "step": step, "rank": rank, "world": world, **per_rank}, d / f"rank-{rank}.pt"
+    )
     if rank == 0:
         assert common is not None
         atomic_save({"version": FORMAT_VERSION, "step": step, "world": world, **common}, d / "common.pt")

@@ -47,14 +47,19 @@ class TrainConfig:
     norm: str = "group"  # generator normalisation; GroupNorm(1, C) suits data parallelism
     # ---- optimisation (one joint step per iteration: both players' gradients at the same point)
     optimizer: str = "qoda"
-    lr_g: float = 0.01
-    lr_d: float = 0.01
+    lr_g: float = 2e-4
+    lr_d: float = 2e-4
     betas: tuple[float, float] = (0.5, 0.9)  # Adam variants
+    qoda_precondition: str = "adam"  # QODA: adam (deep-learning variant, constant rates) or none (adaptive rules)
+    qoda_scope: str = "global"  # QODA without preconditioner: adaptive rates global (theory) or per coordinate
+    qoda_rate: str = "separated"  # QODA without preconditioner: separated (q = 1/4) or single (gamma = eta)
+    qoda_delta: float = 1.0  # QODA without preconditioner: the "1 +" of the adaptive rules
     n_critic: int = 1
+    nonfinite: str = "raise"  # NaN/Inf gradient on any worker: raise on every worker, or skip the step on every worker
     gp_weight: float = 10.0
     ema: float = 0.999
     batch_size: int = 64  # per worker
-    steps: int = 1500
+    steps: int = 2000
     seed: int = 0
     # ---- compression
     compression: str = "layerwise_adaptive"
@@ -104,6 +109,15 @@ class TrainConfig:
         one_of("quant_norm", QUANT_NORMS)
         one_of("fid_extractor", EXTRACTORS)
         one_of("device", ("auto", "cpu", "cuda"))
+        one_of("qoda_scope", ("global", "coordinate"))
+        one_of("qoda_precondition", ("adam", "none"))
+        one_of("nonfinite", ("raise", "skip"))
+        if self.nonfinite == "skip" and self.optimizer in ("qgenx", "extra_adam"):
+            raise ConfigError(
+                f"nonfinite: 'skip' needs a one-call optimizer (qoda, optimistic_adam, adam); {self.optimizer} has "
+                "already moved to its extrapolated point when the second gradient arrives"
+            )
+        one_of("qoda_rate", ("single", "separated"))
         if self.mode not in (Mode.ALLGATHER.value, Mode.TWO_PHASE.value):
             raise ConfigError(f"mode: expected allgather or two_phase; got {self.mode!r}")
         for n in ("width", "n_critic", "batch_size", "steps", "bucket_size", "refit_every", "log_every",
@@ -113,7 +127,7 @@ class TrainConfig:
         if self.fid_samples < 2:
             raise ConfigError(f"fid_samples: must be >= 2, got {self.fid_samples}")
         positive("seed", zero=True)
-        for n in ("lr_g", "lr_d", "timeout_seconds"):
+        for n in ("lr_g", "lr_d", "timeout_seconds", "qoda_delta"):
             positive(n, float)
         positive("gp_weight", float, zero=True)
         if not isinstance(self.ema, int | float) or not 0.0 <= self.ema < 1.0:
@@ -158,7 +172,9 @@ class TrainConfig:
             text = path.read_text()
             data = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
         except (ValueError, tomllib.TOMLDecodeError) as e:
-            raise ConfigError(f"config: {path} is not valid {'TOML' if path.suffix == '.toml' else 'JSON'}: {e}") from None
+            raise ConfigError(
+                f"config: {path} is not valid {'TOML' if path.suffix == '.toml' else 'JSON'}: {e}"
+            ) from None
         if not isinstance(data, dict):
             raise ConfigError(f"config: {path} must hold a table/object of options")
         return cls.from_dict({**data, **(overrides or {})})

@@ -54,4 +54,6 @@ def wgan_gp_operator(
         grads_g = tuple(torch.zeros_like(p) for p in g_params)
     for p, g in zip((*g_params, *d_params), (*grads_g, *grads_d), strict=True):
         p.grad = g.detach()
-    return GameLosses(float(loss_d.detach()), float(loss_g.detach()), float((out_real - out_fake).detach()), float(gp.detach()))
+    return GameLosses(
+        float(loss_d.detach()), float(loss_g.detach()), float((out_real - out_fake).detach()), float(gp.detach())
+    )

@@ -25,9 +25,9 @@ def image_grid(images: torch.Tensor, nrow: int | None = None, pad: int = 2) -> n
     grid = np.ones((rows * (h + pad) + pad, nrow * (w + pad) + pad, c), dtype=np.float32)
     for i in range(n):
         r, k = divmod(i, nrow)
-        grid[pad + r * (h + pad) : pad + r * (h + pad) + h, pad + k * (w + pad) : pad + k * (w + pad) + w] = (
-            x[i].transpose(1, 2, 0)
-        )
+        grid[pad + r * (h + pad) : pad + r * (h + pad) + h, pad + k * (w + pad) : pad + k * (w + pad) + w] = x[
+            i
+        ].transpose(1, 2, 0)
     return grid
 
 

