@@ -171,10 +171,15 @@ def scenario_dead(tmp: Path, how: str, pg_timeout: float) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------ subprocess scenarios
-def _cli(args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    cmd = [sys.executable, "-m", "qoda.cli", "train", *args]
-    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+def _cli(args: list[str], log: Path) -> subprocess.Popen:
+    """``qoda train`` in a child process; its output goes to ``log`` (never a pipe nobody drains)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with log.open("ab") as f:
+        return subprocess.Popen([sys.executable, "-m", "qoda.cli", "train", *args], stdout=f, stderr=f, env=env)
+
+
+def _tail(log: Path, n: int = 300) -> str:
+    return log.read_text(errors="replace")[-n:] if log.exists() else ""
 
 
 def _args(cfg) -> list[str]:
@@ -208,15 +213,16 @@ def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
 def scenario_kill_during_checkpoint(tmp: Path, kills: int, seed: int, steps: int = 250) -> dict[str, Any]:
     t0 = time.perf_counter()
     ref = _tiny(tmp / "ckpt-ref", steps=steps, checkpoint_every=1)
-    p = _cli(_args(ref))
+    log = tmp / "ckpt.log"
+    p = _cli(_args(ref), log)
     if p.wait(timeout=600) != 0:
-        return _row("kill_during_checkpoint", False, f"reference run failed: {p.stderr.read().decode()[-300:]}", 0.0)
+        return _row("kill_during_checkpoint", False, f"reference run failed: {_tail(log)}", 0.0)
     cfg = _tiny(tmp / "ckpt-victim", steps=steps, checkpoint_every=1, resume=True)
     rng = random.Random(seed)
     mid_write, done_kills = 0, 0
     root = Path(cfg.out) / "checkpoints"
     for _ in range(kills):
-        p = _cli(_args(cfg))
+        p = _cli(_args(cfg), log)
         time.sleep(rng.uniform(3.5, 8.0))  # start-up is ~3 s; then a checkpoint per step
         if p.poll() is not None:
             break
@@ -225,10 +231,10 @@ def scenario_kill_during_checkpoint(tmp: Path, kills: int, seed: int, steps: int
         done_kills += 1
         if any(root.glob("step-*/.*.tmp")) or len(list(root.glob("step-*"))) > 1:
             mid_write += 1  # killed with a checkpoint half-written
-    p = _cli(_args(cfg))
+    p = _cli(_args(cfg), log)
     rc = p.wait(timeout=600)
     if rc != 0:
-        return _row("kill_during_checkpoint", False, f"resume failed: {p.stderr.read().decode()[-300:]}",
+        return _row("kill_during_checkpoint", False, f"resume failed: {_tail(log)}",
                     time.perf_counter() - t0)  # fmt: skip
     same = _same(_final_params(Path(ref.out)), _final_params(Path(cfg.out)))
     return _row("kill_during_checkpoint", same,
@@ -241,9 +247,9 @@ def scenario_torchrun(tmp: Path) -> dict[str, Any]:
     t0 = time.perf_counter()
     steps = 30
     ref = _tiny(tmp / "tr-ref", steps=steps, checkpoint_every=5, workers=2)
-    p = _cli(_args(ref))
+    p = _cli(_args(ref), tmp / "torchrun-ref.log")
     if p.wait(timeout=600) != 0:
-        return _row("torchrun_elastic", False, f"reference run failed: {p.stderr.read().decode()[-300:]}", 0.0)
+        return _row("torchrun_elastic", False, f"reference run failed: {_tail(tmp / 'torchrun-ref.log')}", 0.0)
     cfg = _tiny(tmp / "tr-victim", steps=steps, checkpoint_every=5, resume=True)
     from qoda.utils.procs import free_port
 

@@ -59,7 +59,7 @@ class TrainConfig:
     gp_weight: float = 10.0
     ema: float = 0.999
     batch_size: int = 64  # per worker
-    steps: int = 2000
+    steps: int = 1500
     seed: int = 0
     # ---- compression
     compression: str = "layerwise_adaptive"
