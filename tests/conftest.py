@@ -5,6 +5,15 @@ from torch import nn
 from qoda.report.digits import DigitsCNN, load_digits_tensors
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _shared_cache(tmp_path_factory):
+    """One FID-extractor cache for the whole session (child processes inherit it), never ~/.cache."""
+    import os
+
+    os.environ["QODA_CACHE"] = str(tmp_path_factory.mktemp("qoda-cache"))
+    yield
+
+
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)

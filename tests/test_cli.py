@@ -41,3 +41,42 @@ def test_bad_options_name_the_option(argv, field, capsys):
         main(argv)
     assert e.value.code == 2
     assert field in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["--bits", "12"], "qoda train: error: bits: must be an integer in 1..8, got 12"),
+        (["--optimizer", "sgd"], "qoda train: error: optimizer: expected one of"),
+        (["--compression", "zip"], "qoda train: error: compression: expected one of"),
+        (["--dataset", "cifar10"], "qoda train: error: data_root:"),
+        (["--lr-d", "-1"], "qoda train: error: lr_d: must be > 0"),
+    ],
+)
+def test_train_rejects_bad_options_in_one_line(argv, needle, capsys):
+    assert main(["train", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(needle) and "\n" not in err, err
+
+
+def test_train_cli_argparse_types_and_config_file(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--steps", "many"])
+    assert e.value.code == 2
+    assert "--steps: invalid int value: 'many'" in capsys.readouterr().err
+    cfg = tmp_path / "c.json"
+    cfg.write_text('{"bits": 3, "optimizer": "nope"}')
+    assert main(["train", "--config", str(cfg), "--optimizer", "qoda", "--bits", "99"]) == 2
+    assert "bits: must be an integer in 1..8, got 99" in capsys.readouterr().err
+
+
+def test_train_cli_runs_and_refuses_to_resume_another_config(tmp_path, capsys):
+    out = tmp_path / "run"
+    common = ["train", "--dataset", "digits", "--width", "8", "--batch-size", "8", "--steps", "2",
+              "--fid-samples", "10", "--out", str(out), "--no-progress", "--compression", "qsgd"]  # fmt: skip
+    assert main(common) == 0
+    printed = capsys.readouterr().out
+    assert "samples:" in printed and "report:" in printed and "plots:" in printed
+    assert json.loads((out / "report.json").read_text())["steps"] == 2
+    assert main([*common, "--resume", "--bits", "8", "--steps", "4"]) == 2
+    assert "different config: bits=4 (now 8)" in capsys.readouterr().err

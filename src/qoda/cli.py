@@ -90,11 +90,18 @@ def _run_train(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"qoda train: error: {e}", file=sys.stderr)
         return 2
+    from qoda.data.images import DatasetError
+    from qoda.train.checkpoint import CheckpointError
+    from qoda.train.launch import WorkerError
+
     try:
         report = train(cfg)
-    except ConfigError as e:  # e.g. resume against a checkpoint of another config
+    except (ConfigError, CheckpointError, DatasetError) as e:  # e.g. resume against another config's checkpoint
         print(f"qoda train: error: {e}", file=sys.stderr)
         return 2
+    except WorkerError as e:
+        print(f"qoda train: error: {e}", file=sys.stderr)
+        return 1
     if report is not None:
         out = Path(cfg.out)
         print(

@@ -48,7 +48,7 @@ TINY = {
 def _tiny(out: Path, **kw: Any):
     from qoda.train.config import TrainConfig
 
-    return TrainConfig(**{**TINY, "out": str(out), "cache_dir": str(out.parent / "cache"), **kw})
+    return TrainConfig(**{**TINY, "out": str(out), **kw})  # FID extractor cache: the default (or $QODA_CACHE)
 
 
 # ------------------------------------------------------------------------------------ in-process scenarios
@@ -111,15 +111,19 @@ def _mismatch(rank: int, world: int) -> str:
     return "accepted"
 
 
-def _dies(rank: int, world: int, out: str, how: str) -> str:
-    from qoda.train.trainer import Trainer
+def _dies(rank: int, world: int, out: str, how: str, pg_timeout: float) -> str:
+    from qoda.train import trainer as tr
 
-    tr = Trainer(_tiny(Path(out), steps=50), rank, world)
-    for _ in range(50):
-        if rank == 1 and tr.step == 3:
+    original = tr.Trainer.train_step
+
+    def step(self):
+        if rank == 1 and self.step == 3:
             Path(out, "victim-ready").write_text(str(time.time()))
             os.kill(os.getpid(), signal.SIGKILL if how == "kill" else signal.SIGSTOP)
-        tr.train_step()
+        return original(self)
+
+    tr.Trainer.train_step = step  # this child process only
+    tr.run_worker(_tiny(Path(out), steps=50, timeout_seconds=pg_timeout), rank, world)  # the group's own timeout
     return "finished"
 
 
@@ -158,14 +162,15 @@ def scenario_dead(tmp: Path, how: str, pg_timeout: float) -> dict[str, Any]:
     times: dict[int, float] = {}
     t0 = time.time()
     try:
-        res = run(_dies, 2, str(out), how, timeout=pg_timeout + 120, pg_timeout=pg_timeout, wait_for=[0], times=times)
+        res = run(_dies, 2, str(out), how, pg_timeout, timeout=pg_timeout + 120, pg_timeout=pg_timeout, wait_for=[0],
+                  times=times)  # fmt: skip
     except TimeoutError as e:
         return _row(f"{how}ed_worker", False, f"rank 0 hung: {e}", time.time() - t0)
     ready = float((out / "victim-ready").read_text()) if (out / "victim-ready").exists() else t0
     status, value = res[0]
     detect = times.get(0, time.time()) - ready
-    ok = status == "error" and (how == "kill" or detect <= pg_timeout + 30)
-    first = str(value).splitlines()[0][:150]
+    ok = status == "error" and "WorkerLostError" in str(value) and (how == "kill" or detect <= pg_timeout + 30)
+    first = str(value).splitlines()[0][:400]
     name = "killed_worker" if how == "kill" else "stalled_worker"
     return _row(name, ok, f"rank 0 raised after {detect:.1f} s: {first}", detect, pg_timeout=pg_timeout)
 

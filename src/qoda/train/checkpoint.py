@@ -51,7 +51,8 @@ def save(out: Path, step: int, common: dict[str, Any] | None, per_rank: dict[str
     if dist.is_initialized():
         dist.barrier()
     if rank == 0:
-        atomic_write_json({"step": step, "world": world, "dir": d.name}, root / "latest.json")
+        pointer = {"step": step, "world": world, "dir": d.name, "config": common["config"]}
+        atomic_write_json(pointer, root / "latest.json")
         for old in root.glob("step-*"):  # keep only the committed one (and never a half-written newer one)
             if old.name != d.name:
                 shutil.rmtree(old, ignore_errors=True)
@@ -72,9 +73,32 @@ def latest(out: Path) -> dict[str, Any] | None:
     return ptr
 
 
+def check_compatible(out: Path, cfg: TrainConfig, world: int) -> dict[str, Any] | None:
+    """The committed pointer if ``cfg`` with ``world`` workers may resume from it (``None``: no
+    checkpoint); raises with the differing fields otherwise.  Cheap: reads ``latest.json`` only."""
+    ptr = latest(out)
+    if ptr is None:
+        return None
+    if int(ptr["world"]) != world:
+        raise CheckpointError(
+            f"resume: the checkpoint at step {ptr['step']} was written by {ptr['world']} workers, this run has "
+            f"{world}; the per-worker data shards and random streams would differ (restart with {ptr['world']})"
+        )
+    if "config" in ptr:
+        _check_config(out, cfg, ptr["config"])
+    return ptr
+
+
+def _check_config(out: Path, cfg: TrainConfig, saved: dict[str, Any]) -> None:
+    diff = cfg.trajectory_diff(saved)
+    if diff:
+        detail = ", ".join(f"{k}={saved.get(k)!r} (now {cfg.to_dict()[k]!r})" for k in diff)
+        raise ConfigError(f"resume: the checkpoint in {out} was written with a different config: {detail}")
+
+
 def load(out: Path, cfg: TrainConfig, rank: int, world: int) -> tuple[dict[str, Any], dict[str, Any]]:
     """``(common, per_rank)`` of the committed checkpoint, after compatibility checks."""
-    ptr = latest(out)
+    ptr = check_compatible(out, cfg, world)
     if ptr is None:
         raise CheckpointError(f"resume: no committed checkpoint under {checkpoint_root(out)}")
     if int(ptr["world"]) != world:
@@ -90,10 +114,7 @@ def load(out: Path, cfg: TrainConfig, rank: int, world: int) -> tuple[dict[str, 
         raise CheckpointError(f"resume: checkpoint {d} cannot be read: {e}") from None
     if common.get("version") != FORMAT_VERSION or mine.get("version") != FORMAT_VERSION:
         raise CheckpointError(f"resume: checkpoint {d} has format {common.get('version')}, expected {FORMAT_VERSION}")
-    diff = cfg.trajectory_diff(common["config"])
-    if diff:
-        detail = ", ".join(f"{k}={common['config'].get(k)!r} (now {cfg.to_dict()[k]!r})" for k in diff)
-        raise ConfigError(f"resume: the checkpoint in {out} was written with a different config: {detail}")
+    _check_config(out, cfg, common["config"])
     if int(mine["step"]) != int(common["step"]):
         raise CheckpointError(f"resume: checkpoint {d} mixes steps {mine['step']} and {common['step']}")
     return common, mine

@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from qoda.train import checkpoint
 from qoda.train.config import TrainConfig
 from qoda.train.trainer import resolve_device, run_worker
 
@@ -68,8 +69,20 @@ def train(cfg: TrainConfig) -> dict[str, Any] | None:
             return run_worker(cfg, rank, world)
         finally:
             dist.destroy_process_group()
+    if cfg.resume:  # refuse an incompatible checkpoint before starting anything
+        checkpoint.check_compatible(Path(cfg.out), cfg, cfg.workers)
     if cfg.workers == 1:
         return run_worker(cfg, 0, 1)
-    mp.start_processes(_spawned, args=(cfg, cfg.workers, free_port()), nprocs=cfg.workers, join=True,
-                       start_method="spawn")  # fmt: skip
+    try:
+        mp.start_processes(_spawned, args=(cfg, cfg.workers, free_port()), nprocs=cfg.workers, join=True,
+                           start_method="spawn")  # fmt: skip
+    except mp.ProcessRaisedException as e:
+        last = [ln for ln in str(e.msg).strip().splitlines() if ln.strip()][-1]
+        raise WorkerError(f"worker {e.error_index} failed: {last}") from None
+    except mp.ProcessExitedException as e:
+        raise WorkerError(f"worker {e.error_index} died (exit code {e.exit_code}); the others were stopped") from None
     return json.loads((Path(cfg.out) / "report.json").read_text())
+
+
+class WorkerError(RuntimeError):
+    """A spawned worker failed; the message is its error's last line."""

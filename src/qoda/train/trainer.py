@@ -88,6 +88,23 @@ def quantization_variance(params: list[torch.Tensor], plan: LayerPlan) -> float:
     return var / total
 
 
+class WorkerLostError(RuntimeError):
+    """A collective failed because a peer died or stalled (raised on the surviving workers)."""
+
+
+_TRANSPORT_MARKERS = ("gloo", "nccl", "connection", "timed out", "timeout", "broken pipe", "peer")
+
+
+def _is_transport_failure(e: RuntimeError) -> bool:
+    """A torch.distributed transport error (not one of qoda's own, which carry their own message)."""
+    from qoda.comm.aggregate import AggregationError
+
+    if isinstance(e, AggregationError | WorkerLostError):
+        return False
+    msg = str(e).lower()
+    return any(m in msg for m in _TRANSPORT_MARKERS)
+
+
 class NonFiniteGradientError(FloatingPointError):
     """A worker produced NaN/Inf gradients (raised on every worker at the same step)."""
 
@@ -373,6 +390,16 @@ def _run(cfg: TrainConfig, rank: int, world: int, data: ImageDataset | None = No
                 trainer.save_checkpoint()
             if bar is not None:
                 bar.update(1)
+    except RuntimeError as e:
+        if world > 1 and _is_transport_failure(e):
+            ptr = checkpoint.latest(out)
+            last = f"step {ptr['step']}" if ptr else "none yet"
+            raise WorkerLostError(
+                f"rank {rank}, step {trainer.step}: a collective failed, so another worker died, stalled longer "
+                f"than timeout_seconds={cfg.timeout_seconds:g}, or the network broke (last committed checkpoint: "
+                f"{last}; rerun with --resume). Transport said: {str(e).splitlines()[0][:200]}"
+            ) from e
+        raise
     finally:
         if bar is not None:
             bar.close()
