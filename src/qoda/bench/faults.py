@@ -226,9 +226,20 @@ def scenario_kill_during_checkpoint(tmp: Path, kills: int, seed: int, steps: int
     rng = random.Random(seed)
     mid_write, done_kills = 0, 0
     root = Path(cfg.out) / "checkpoints"
+    ptr = root / "latest.json"
+
+    def committed() -> int:
+        try:
+            return int(json.loads(ptr.read_text())["step"])
+        except (OSError, ValueError, KeyError):
+            return -1
+
     for _ in range(kills):
         p = _cli(_args(cfg), log)
-        time.sleep(rng.uniform(3.5, 8.0))  # start-up is ~3 s; then a checkpoint per step
+        before, deadline = committed(), time.monotonic() + 300
+        while committed() <= before and p.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)  # wait until this process has committed a checkpoint of its own ...
+        time.sleep(rng.uniform(0.0, 0.25))  # ... then kill it at a random moment (a checkpoint per step)
         if p.poll() is not None:
             break
         p.send_signal(signal.SIGKILL)

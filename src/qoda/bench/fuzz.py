@@ -131,8 +131,9 @@ def mutate(payload: np.ndarray, rng: np.random.Generator) -> tuple[str, np.ndarr
         else:
             n_seg = struct.unpack_from("<I", buf[8:12].tobytes())[0]
             k = lw._HEAD.size + 8 * int(rng.integers(n_seg))
-            v = struct.unpack_from("<Q", buf[k : k + 8].tobytes())[0] + int(rng.integers(-9, 10)) or 1
-            buf[k : k + 8] = np.frombuffer(struct.pack("<Q", max(v, 0)), np.uint8)
+            old = struct.unpack_from("<Q", buf[k : k + 8].tobytes())[0]
+            v = old + int(rng.choice([-9, -5, -1, 1, 3, 8]))
+            buf[k : k + 8] = np.frombuffer(struct.pack("<Q", v if v >= 0 else old + 1), np.uint8)
         _forge_message_crc(buf)
     return kind, buf
 

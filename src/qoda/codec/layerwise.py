@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from qoda.codec.format import HEADER_SIZE, CodecError, as_bytes_array
+from qoda.codec.format import DTYPE_CODES, HEADER_SIZE, CodecError, as_bytes_array
 from qoda.codec.segment import Encoded, decode_into, encode_raw, encode_tensor
 from qoda.quant.config import QuantizerConfig
 from qoda.quant.policy import LayerPlan
@@ -37,6 +37,7 @@ from qoda.quant.policy import LayerPlan
 MAGIC = b"QODM"
 VERSION = 1
 _HEAD = struct.Struct("<4sB3xII")
+_DTYPE_OFFSET = 7  # of the segment header (qoda.codec.format.HEADER: magic, version, coding, norm, dtype)
 
 
 def segment_seed(seed: int, index: int) -> int:
@@ -186,6 +187,10 @@ class LayerwiseCodec:
         segs = unpack_message(payload, len(self.groups), self.plan_id ^ tag)
         for k, (g, seg, flat) in enumerate(zip(self.groups, segs, flats, strict=True)):
             numels = g.numels if pieces is None else pieces[k]
+            # messages carry float32 group buffers only (gather() casts); any other source-dtype
+            # field is damage (checked on the byte: the segment's CRC is verified by decode_into)
+            if seg.size > _DTYPE_OFFSET and int(seg[_DTYPE_OFFSET]) != DTYPE_CODES[torch.float32]:
+                raise CodecError(f"segment {k}: source dtype field {int(seg[_DTYPE_OFFSET])}, messages carry float32")
             decode_into(seg, g.config, flat, accumulate=accumulate, layer_numels=numels)
 
     # ------------------------------------------------------------------ per-layer API
