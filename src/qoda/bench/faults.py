@@ -271,7 +271,7 @@ def scenario_torchrun(tmp: Path) -> dict[str, Any]:
 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--max-restarts", "2",
            "--master-addr", "127.0.0.1", "--master-port", str(free_port()), "-m", "qoda.cli", "train",
-           *_args(cfg), "--timeout-seconds", "30"]  # fmt: skip
+           *_args(cfg), "--timeout-seconds", "120"]  # fmt: skip  (start-up under load can exceed 30 s)
     log_path = tmp / "torchrun.log"
     log_file = log_path.open("wb")
     agent = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT,
