@@ -1,4 +1,4 @@
-"""The ``qoda`` command: ``qoda report`` (the default job) and ``qoda bench codec``."""
+"""The ``qoda`` command: ``qoda train`` (the main job), ``qoda report``, ``qoda vi`` and ``qoda bench ...``."""
 
 from __future__ import annotations
 

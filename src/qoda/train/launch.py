@@ -44,10 +44,19 @@ def _init(cfg: TrainConfig, rank: int, world: int) -> None:
     device = resolve_device(cfg.device)
     if device.type == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count())
-    dist.init_process_group(
-        "nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world,
-        timeout=datetime.timedelta(seconds=cfg.timeout_seconds),
-    )  # fmt: skip
+    timeout = datetime.timedelta(seconds=cfg.timeout_seconds)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if "TORCHELASTIC_RESTART_COUNT" not in os.environ:
+        dist.init_process_group(backend, rank=rank, world_size=world, timeout=timeout)
+        return
+    # Under the elastic agent the store outlives restarts: prefix every key with the restart
+    # round, or a restarted worker can read a dead peer's gloo address from the previous round
+    # ("Gloo connectFullMesh failed ... Connection refused", measured in `qoda bench faults`).
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
+    base = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                         is_master=(rank == 0 and not agent_store), timeout=timeout)  # fmt: skip
+    store = dist.PrefixStore(f"qoda/round-{os.environ['TORCHELASTIC_RESTART_COUNT']}", base)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
 
 
 def _spawned(rank: int, cfg: TrainConfig, world: int, port: int) -> None:
