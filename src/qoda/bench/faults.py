@@ -269,9 +269,25 @@ def scenario_torchrun(tmp: Path) -> dict[str, Any]:
     cfg = _tiny(tmp / "tr-victim", steps=steps, checkpoint_every=5, resume=True)
     from qoda.utils.procs import free_port
 
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--max-restarts", "2",
-           "--master-addr", "127.0.0.1", "--master-port", str(free_port()), "-m", "qoda.cli", "train",
-           *_args(cfg), "--timeout-seconds", "120"]  # fmt: skip  (start-up under load can exceed 30 s)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--max-restarts",
+        "2",
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        str(free_port()),
+        "-m",
+        "qoda.cli",
+        "train",
+        *_args(cfg),
+        "--timeout-seconds",
+        "120",
+    ]  # fmt: skip  (start-up under load can exceed 30 s)
     log_path = tmp / "torchrun.log"
     log_file = log_path.open("wb")
     agent = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT,
