@@ -99,8 +99,10 @@ class FIDEvaluator:
                 for k in _FAKE_STATES:
                     t = getattr(self.metric, k)
                     wire = t.double() if t.is_floating_point() else t.long()
+                    if dist.get_backend(group) == "nccl":
+                        wire = wire.cuda()
                     dist.all_reduce(wire, group=group)
-                    setattr(self.metric, k, wire.to(t.dtype))
+                    setattr(self.metric, k, wire.to(t.device, t.dtype))
             fid = float(self.metric.compute())
         finally:
             generator.train(was_training)

@@ -18,9 +18,9 @@ def _check_adam(lr: float, betas: tuple[float, float], eps: float) -> None:
         raise ValueError(f"betas: both must be in [0, 1), got {betas!r}")
 
 
-def _adam_direction(opt: VIOptimizer, p: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """Update the moments of ``p`` with ``g``; return the bias-corrected step ``lr m / (sqrt(v) + eps)``
-    (hyper-parameters of ``p``'s own group)."""
+def adam_moments(opt: VIOptimizer, p: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Update the moments of ``p`` with ``g`` (hyper-parameters of ``p``'s own group); return the
+    bias-corrected ``(m_hat, sqrt(v_hat) + eps)``."""
     grp = opt.group_of(p)
     b1, b2 = grp["betas"]
     st = opt.state[p]
@@ -31,7 +31,13 @@ def _adam_direction(opt: VIOptimizer, p: torch.Tensor, g: torch.Tensor) -> torch
     st["v"].mul_(b2).addcmul_(g, g, value=1 - b2)
     m_hat = st["m"] / (1 - b1 ** st["k"])
     v_hat = st["v"] / (1 - b2 ** st["k"])
-    return grp["lr"] * m_hat / (v_hat.sqrt() + grp["eps"])
+    return m_hat, v_hat.sqrt() + grp["eps"]
+
+
+def _adam_direction(opt: VIOptimizer, p: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """The bias-corrected Adam step ``lr m_hat / (sqrt(v_hat) + eps)`` after updating the moments."""
+    m_hat, denom = adam_moments(opt, p, g)
+    return opt.group_of(p)["lr"] * m_hat / denom
 
 
 class ExtraAdam(TwoCallOptimizer):
@@ -54,8 +60,8 @@ class ExtraAdam(TwoCallOptimizer):
             p.copy_(self.state[p]["x_t"] - _adam_direction(self, p, vi))
 
 
-class OptimisticAdam(VIOptimizer):
-    """Optimistic Adam: ``X <- X - 2 d_t + d_{t-1}`` with ``d`` the Adam step; one call per step."""
+class _OneCallAdam(VIOptimizer):
+    """Shared constructor of the one-call Adam variants."""
 
     def __init__(
         self, params: Iterable[torch.Tensor], lr: float = 1e-3, betas: tuple[float, float] = (0.5, 0.9),
@@ -63,6 +69,10 @@ class OptimisticAdam(VIOptimizer):
     ) -> None:  # fmt: skip
         _check_adam(lr, betas, eps)
         super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps}, averager)
+
+
+class OptimisticAdam(_OneCallAdam):
+    """Optimistic Adam: ``X <- X - 2 d_t + d_{t-1}`` with ``d`` the Adam step; one call per step."""
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -76,19 +86,12 @@ class OptimisticAdam(VIOptimizer):
         return loss
 
 
-class SimultaneousAdam(VIOptimizer):
+class SimultaneousAdam(_OneCallAdam):
     """Simultaneous Adam on both players: ``X <- X - d_t`` with ``d`` the Adam step (one call per step).
 
     The usual GAN baseline with ``n_critic = 1``; no extrapolation and no optimism, so it has no
     convergence guarantee on monotone games (compare GDA on the bilinear game).
     """
-
-    def __init__(
-        self, params: Iterable[torch.Tensor], lr: float = 1e-3, betas: tuple[float, float] = (0.5, 0.9),
-        eps: float = 1e-8, averager: Averager | None = None,
-    ) -> None:  # fmt: skip
-        _check_adam(lr, betas, eps)
-        super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps}, averager)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from qoda.optim.adam import adam_moments
 from qoda.optim.base import Averager, TwoCallOptimizer, VIOptimizer, check_positive
 
 RATES = ("separated", "single")
@@ -136,17 +137,12 @@ class QODA(VIOptimizer):
     def _adam_step(self, v: list[torch.Tensor]) -> None:
         """The Adam-preconditioned iteration (``precondition="adam"``)."""
         for p, vi in zip(self.params, v, strict=True):
-            grp = self.group_of(p)
-            b1, b2 = grp["betas"]
+            m_hat, denom = adam_moments(self, p, vi)
+            d = m_hat / denom
             st = self.state[p]
-            if "m" not in st:
-                st["m"], st["v"], st["k"] = torch.zeros_like(p), torch.zeros_like(p), 0
-            st["k"] += 1
-            st["m"].mul_(b1).add_(vi, alpha=1 - b1)
-            st["v"].mul_(b2).addcmul_(vi, vi, value=1 - b2)
-            d = (st["m"] / (1 - b1 ** st["k"])) / ((st["v"] / (1 - b2 ** st["k"])).sqrt() + grp["eps"])
+            lr = self.group_of(p)["lr"]
             st["y"].sub_(d)
-            p.copy_(st["anchor"] + grp["lr"] * st["y"] - grp["lr"] * d)
+            p.copy_(st["anchor"] + lr * st["y"] - lr * d)
             st["prev"] = vi
 
     def _coordinate_step(self, v: list[torch.Tensor]) -> None:

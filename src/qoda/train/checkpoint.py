@@ -101,11 +101,6 @@ def load(out: Path, cfg: TrainConfig, rank: int, world: int) -> tuple[dict[str, 
     ptr = check_compatible(out, cfg, world)
     if ptr is None:
         raise CheckpointError(f"resume: no committed checkpoint under {checkpoint_root(out)}")
-    if int(ptr["world"]) != world:
-        raise CheckpointError(
-            f"resume: the checkpoint at step {ptr['step']} was written by {ptr['world']} workers, this run has "
-            f"{world}; the per-worker data shards and random streams would differ (restart with {ptr['world']})"
-        )
     d = checkpoint_root(out) / ptr["dir"]
     try:
         common = torch.load(d / "common.pt", map_location="cpu", weights_only=False)

@@ -255,10 +255,11 @@ class Trainer:
     def _check_finite(self) -> bool:
         """Collective: are every worker's gradients finite?  One small all-reduce, so that all
         workers take the same decision (policy ``nonfinite``) and none waits for another."""
-        bad = torch.zeros(self.world, dtype=torch.int64)
-        bad[self.rank] = int(not all(bool(torch.isfinite(p.grad).all()) for p in self.players.parameters()))
+        finite = torch.stack([torch.isfinite(p.grad).all() for p in self.players.parameters()]).all()
+        bad = torch.zeros(self.world, dtype=torch.int64, device=self.device)  # NCCL moves device tensors only
+        bad[self.rank] = (~finite).long()
         dist.all_reduce(bad)
-        ranks = [r for r in range(self.world) if bad[r]]
+        ranks = [r for r, b in enumerate(bad.tolist()) if b]
         if not ranks:
             return True
         if self.cfg.nonfinite == "raise":
@@ -348,7 +349,6 @@ def _run(cfg: TrainConfig, rank: int, world: int, data: ImageDataset | None = No
             from tqdm import tqdm
 
             bar = tqdm(total=cfg.steps, initial=trainer.step, desc="qoda train", unit="step", dynamic_ncols=True)
-    plan = _plan_of(trainer.averager)
     params = list(trainer.players.parameters())
     session_start = time.perf_counter()
     base_elapsed = trainer.elapsed
