@@ -254,3 +254,34 @@ def test_decode_into_strided_output_takes_the_copy_path():
     decode_into(enc.data, cfg, out, accumulate=True)
     assert torch.equal(out, quantize(x, cfg, 0).dequantize() + 1)
     assert (base[1::2] == 1).all()
+
+
+@pytest.mark.parametrize("cfg", [c for c in ROUND_TRIP if c.coding.value == "fixed"], ids=str)
+def test_encode_into_reused_buffer_gives_the_same_bytes(cfg):
+    xs = _layers(2)
+    fresh = encode_tensor(xs, cfg, 7)
+    buf = np.full(len(fresh) + 100, 0xAB, dtype=np.uint8)  # larger, dirty: reuse must not leak old bytes
+    for seed in (3, 7):  # the second call overwrites the first completely
+        reused = encode_tensor(xs, cfg, seed, out=buf)
+    assert np.shares_memory(reused.data, buf)
+    assert np.array_equal(reused.data, fresh.data) and reused.bits == fresh.bits
+    assert (buf[len(fresh) :] == 0xAB).all()  # nothing written past the segment
+    with pytest.raises(ValueError, match="out: need"):
+        encode_tensor(xs, cfg, 7, out=np.empty(len(fresh) - 1, dtype=np.uint8))
+
+
+def test_layerwise_message_into_reused_buffer():
+    model = DigitsCNN()
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    codec = LayerwiseCodec(LayerPolicy.by_module_class(QuantizerConfig.qsgd(4, 128)).plan(model))
+    flats = codec.gather([p.grad for p in model.parameters()])
+    fresh = codec.encode_flats(flats, seed=9)
+    assert codec.message_size() == len(fresh)
+    buf = np.full(len(fresh) + 7, 0x5A, dtype=np.uint8)
+    codec.encode_flats(flats, seed=1, out=buf)
+    again = codec.encode_flats(flats, seed=9, out=buf)
+    assert np.array_equal(again.data, fresh.data) and again.bits == fresh.bits
+    assert again.segment_bits == fresh.segment_bits and again.framing_bits == fresh.framing_bits
+    entropy = LayerwiseCodec(LayerPolicy.global_(QuantizerConfig.qsgd(4, 128, coding="entropy")).plan(model))
+    assert entropy.message_size() is None  # data-dependent size: encoded separately, then framed

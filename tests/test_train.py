@@ -272,7 +272,7 @@ def test_two_process_run_end_to_end(tmp_path):
 
 @pytest.mark.parametrize(
     ("optimizer", "compression", "mode"),
-    [("qoda", "layerwise_adaptive", "allgather"), ("extra_adam", "qsgd", "two_phase")],
+    [("qoda", "layerwise_adaptive", "allgather"), ("extra_adam", "qsgd", "two_phase"), ("adam", "powersgd", "allgather")],
 )
 def test_resume_is_bit_exact(tmp_path, optimizer, compression, mode):
     """6 steps straight == 3 steps, stop, resume to 6 (2 processes; levels re-fitted after the resume)."""
@@ -293,6 +293,12 @@ def test_resume_is_bit_exact(tmp_path, optimizer, compression, mode):
                 if k == "stats":  # the costs, except wall-clock times, are exact too
                     a, b = ({n: v for n, v in d.items() if not n.endswith("seconds")} for d in (a, b))
                 _assert_same(a, b, f"averager.{k}")
+        if "hook" in rank_full["averager"]:  # PowerSGD: error feedback, warm start, iteration, its RNG
+            a, b = rank_full["averager"]["hook"], rank_res["averager"]["hook"]
+            assert a["iter"] == b["iter"] == 6 and a["error_dict"]  # compressing since iteration 2
+            _assert_same(a["rng"].get_state(), b["rng"].get_state(), "hook.rng")
+            for k in ("error_dict", "p_memory_dict", "q_memory_dict"):
+                _assert_same(a[k], b[k], f"hook.{k}")
         assert torch.equal(rank_full["rng"], rank_res["rng"])
 
 

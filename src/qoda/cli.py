@@ -175,6 +175,23 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--steps", type=_positive_int("steps"), default=4, help="timed steps per configuration")
     m.add_argument("--max-seconds", type=_positive_int("max-seconds"), default=3600, help="run-time bound")
     m.add_argument("--json", type=Path, default=None)
+
+    e = bsub.add_parser("e2e", help="WGAN-GP training steps over bandwidth-limited links (needs root + iproute2)")
+    e.add_argument("--workers", type=_positive_int("workers"), nargs="+", default=[2, 4])
+    e.add_argument("--bandwidth-mbit", type=_positive_int("bandwidth-mbit"), nargs="+", default=[1000, 300, 100])
+    e.add_argument("--configs", nargs="+", default=None, help="default: all (see qoda.bench.e2e.CONFIGS)")
+    e.add_argument("--steps", type=_positive_int("steps"), default=12, help="timed steps per configuration")
+    e.add_argument("--warmup", type=_positive_int("warmup"), default=3)
+    e.add_argument("--batch", type=_positive_int("batch"), default=64, help="per worker (trainer default 64)")
+    e.add_argument("--max-seconds", type=_positive_int("max-seconds"), default=5400, help="run-time bound")
+    e.add_argument("--quality", type=Path, default=Path("benchmarks/quality.json"),
+                   help="FID histories for the time-to-target-FID estimate")  # fmt: skip
+    e.add_argument("--json", type=Path, default=Path("benchmarks/e2e.json"))
+
+    sc = bsub.add_parser("scaling", help="alpha-beta model of step time for 4-64 workers, checked against e2e runs")
+    sc.add_argument("--e2e", type=Path, default=Path("benchmarks/e2e.json"), help="measured runs (qoda bench e2e)")
+    sc.add_argument("--codec", type=Path, default=Path("benchmarks/codec.json"), help="codec throughput")
+    sc.add_argument("--json", type=Path, default=Path("benchmarks/scaling.json"))
     return p
 
 
@@ -278,7 +295,50 @@ def main(argv: Sequence[str] | None = None) -> int:
             write_json(res, args.json)
             print(f"\nwrote {args.json}")
         return 0
+    if args.command == "bench" and args.bench == "e2e":
+        return _run_e2e(args)
+    if args.command == "bench" and args.bench == "scaling":
+        from qoda.bench.scaling import ScalingInputError, format_scaling, plot_scaling, run_scaling
+
+        try:
+            res = run_scaling(args.e2e, args.codec)
+        except ScalingInputError as err:
+            print(f"qoda bench scaling: {err}", file=sys.stderr)
+            return 2
+        from qoda.bench.codec import write_json
+
+        write_json(res, args.json)
+        args.json.with_suffix(".md").write_text(format_scaling(res) + "\n")
+        plot_scaling(res, args.json.with_suffix(".png"))
+        print(format_scaling(res))
+        print(f"\nwrote {args.json}, {args.json.with_suffix('.md')} and {args.json.with_suffix('.png')}")
+        return 0
     return 2
+
+
+def _run_e2e(args: argparse.Namespace) -> int:
+    from qoda.bench.codec import write_json
+    from qoda.bench.e2e import CONFIG_NAMES, format_e2e, plot_e2e, run_e2e_bench
+    from qoda.bench.netns import NetnsUnavailable
+
+    configs = tuple(args.configs or CONFIG_NAMES)
+    bad = [c for c in configs if c not in CONFIG_NAMES]
+    if bad:
+        raise SystemExit(f"qoda bench e2e: --configs: unknown {bad}; choose from {', '.join(CONFIG_NAMES)}")
+    try:
+        res = run_e2e_bench(
+            tuple(args.workers), tuple(float(b) for b in args.bandwidth_mbit), configs, args.steps, args.warmup,
+            args.batch, args.max_seconds, args.quality,
+        )  # fmt: skip
+    except NetnsUnavailable as err:
+        print(f"qoda bench e2e cannot run here: {err}", file=sys.stderr)
+        return 3
+    write_json(res, args.json)
+    args.json.with_suffix(".md").write_text(format_e2e(res) + "\n")
+    plot_e2e(res, args.json.with_suffix(".png"))
+    print(format_e2e(res))
+    print(f"\nwrote {args.json}, {args.json.with_suffix('.md')} and {args.json.with_suffix('.png')}")
+    return 0 if not res["skipped"] else 1
 
 
 if __name__ == "__main__":

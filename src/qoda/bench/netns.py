@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import time
 from types import TracebackType
 
 SUBNET = "10.213.0"
@@ -101,3 +102,29 @@ class Topology:
 
     def __exit__(self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
         self.close()
+
+
+def run_workers(topo: Topology, commands: list[list[str]], deadline: float) -> str | None:
+    """Start ``commands[i]`` inside worker ``i``'s namespace; wait until all exit or ``deadline``
+    (``time.monotonic()``).  Returns ``None`` on success, else the first failure (stderr tail, or
+    the time bound).  Every process is killed before returning."""
+    procs = [
+        subprocess.Popen([*topo.prefix(i), *cmd], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        for i, cmd in enumerate(commands)
+    ]
+    failed = None
+    try:
+        for p in procs:
+            p.wait(timeout=max(1.0, deadline - time.monotonic()))
+            if p.returncode != 0 and failed is None:
+                failed = (p.stderr.read() if p.stderr else "")[-2000:] or f"exit code {p.returncode}"
+    except subprocess.TimeoutExpired:
+        failed = "run-time bound reached"
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+            if p.stderr:
+                p.stderr.close()
+    return failed

@@ -66,24 +66,45 @@ class Header:
     numel: int
     body_len: int
 
-    def pack(self, body_parts: list[bytes | np.ndarray]) -> np.ndarray:
-        """Header + body as one uint8 array, with the CRC filled in."""
-        head = HEADER.pack(
-            MAGIC, VERSION, int(self.coding), self.norm, DTYPE_CODES[self.dtype], self.code_bits, 0,
+    @property
+    def size(self) -> int:
+        """Bytes of the whole segment (header and body)."""
+        return HEADER_SIZE + self.body_len
+
+    def frame(self, out: np.ndarray | None = None) -> np.ndarray:
+        """The segment's buffer with this header written (CRC still zero): ``out[:size]`` if
+        given (a reused buffer, so large messages pay no fresh-page faults), else a new array.
+        Fill the body in place, then :func:`seal` it."""
+        if out is None:
+            buf = np.empty(self.size, dtype=np.uint8)
+        else:
+            if out.dtype != np.uint8 or out.ndim != 1 or out.size < self.size:
+                raise ValueError(f"out: need a 1-D uint8 array of at least {self.size} bytes")
+            buf = out[: self.size]
+        HEADER.pack_into(
+            buf, 0, MAGIC, VERSION, int(self.coding), self.norm, DTYPE_CODES[self.dtype], self.code_bits, 0,
             self.num_levels, self.bucket_size, self.level_set_id, self.n_layers, self.numel,
             self.body_len, 0,
         )  # fmt: skip
-        out = np.empty(HEADER_SIZE + self.body_len, dtype=np.uint8)
-        out[:HEADER_SIZE] = np.frombuffer(head, dtype=np.uint8)
+        return buf
+
+    def pack(self, body_parts: list[bytes | np.ndarray], out: np.ndarray | None = None) -> np.ndarray:
+        """Header + body as one uint8 array, with the CRC filled in."""
+        buf = self.frame(out)
         pos = HEADER_SIZE
         for part in body_parts:
             b = np.frombuffer(part, dtype=np.uint8) if isinstance(part, bytes) else part.view(np.uint8).reshape(-1)
-            out[pos : pos + b.size] = b
+            buf[pos : pos + b.size] = b
             pos += b.size
-        assert pos == out.size, "body parts do not add up to body_len"
-        crc = payload_crc(out)
-        out[_CRC_OFFSET:HEADER_SIZE] = np.frombuffer(struct.pack("<I", crc), dtype=np.uint8)
-        return out
+        assert pos == buf.size, "body parts do not add up to body_len"
+        return seal(buf)
+
+
+def seal(buf: np.ndarray) -> np.ndarray:
+    """Write the CRC of a framed segment (see :meth:`Header.frame`); returns ``buf``."""
+    struct.pack_into("<I", buf, _CRC_OFFSET, 0)
+    struct.pack_into("<I", buf, _CRC_OFFSET, payload_crc(buf))
+    return buf
 
 
 def payload_crc(buf: np.ndarray) -> int:

@@ -30,8 +30,8 @@ import numpy as np
 import torch
 
 from qoda.codec.format import DTYPE_CODES, HEADER_SIZE, CodecError, as_bytes_array
-from qoda.codec.segment import Encoded, decode_into, encode_raw, encode_tensor
-from qoda.quant.config import QuantizerConfig
+from qoda.codec.segment import Encoded, decode_into, encode_raw, encode_tensor, fixed_segment_header
+from qoda.quant.config import Coding, QuantizerConfig
 from qoda.quant.policy import LayerPlan
 
 MAGIC = b"QODM"
@@ -45,11 +45,21 @@ def segment_seed(seed: int, index: int) -> int:
     return (seed * 0x100000001B3 + index * 0x9E3779B1 + 1) & 0xFFFFFFFFFFFFFFFF
 
 
+def _message_head(lengths: Sequence[int], tag: int) -> bytes:
+    head = _HEAD.pack(MAGIC, VERSION, len(lengths), tag & 0xFFFFFFFF)
+    head += struct.pack(f"<{len(lengths)}Q", *lengths)
+    return head + struct.pack("<I", zlib.crc32(head))
+
+
+def _frame_message(buf: np.ndarray, lengths: Sequence[int], tag: int) -> None:
+    """Write the message header in front of segments already in place in ``buf``."""
+    head = _message_head(lengths, tag)
+    buf[: len(head)] = np.frombuffer(head, dtype=np.uint8)
+
+
 def pack_message(segments: Sequence[Encoded], tag: int) -> np.ndarray:
     """Concatenate segments behind a message header (see the module docstring)."""
-    head = _HEAD.pack(MAGIC, VERSION, len(segments), tag & 0xFFFFFFFF)
-    head += struct.pack(f"<{len(segments)}Q", *(len(s) for s in segments))
-    head += struct.pack("<I", zlib.crc32(head))
+    head = _message_head([len(s) for s in segments], tag)
     return np.concatenate([np.frombuffer(head, dtype=np.uint8), *(s.data for s in segments)])
 
 
@@ -155,24 +165,67 @@ class LayerwiseCodec:
                 else:
                     target.copy_(src)
 
+    def message_size(self, pieces: Sequence[Sequence[int]] | None = None) -> int | None:
+        """Exact byte size of a message (``None`` if a group is entropy-coded: data-dependent)."""
+        total = _HEAD.size + 8 * len(self.groups) + 4
+        for k, g in enumerate(self.groups):
+            numels = g.numels if pieces is None else pieces[k]
+            if g.config is None:
+                total += HEADER_SIZE + 8 * len(numels) + 4 * int(sum(numels))
+            elif g.config.coding is Coding.FIXED:
+                total += fixed_segment_header(g.config, torch.float32, numels).size
+            else:
+                return None
+        return total
+
     def encode_flats(
-        self, flats: Sequence[torch.Tensor], seed: int, pieces: Sequence[Sequence[int]] | None = None, tag: int = 0
+        self,
+        flats: Sequence[torch.Tensor],
+        seed: int,
+        pieces: Sequence[Sequence[int]] | None = None,
+        tag: int = 0,
+        out: np.ndarray | None = None,
     ) -> EncodedMessage:
         """A message of one segment per group buffer; ``pieces[k]`` overrides group k's layer sizes
-        (for a chunk of the group)."""
+        (for a chunk of the group).
+
+        With fixed-width (or raw) groups every segment is encoded in place into one buffer:
+        ``out`` if given (reused across steps by the aggregator; the message is then a view of
+        it, valid until the next call), else a fresh one.  Entropy-coded groups are encoded
+        separately and concatenated.
+        """
+        size = self.message_size(pieces)
+        if size is None:
+            buf = None
+        elif out is None:
+            buf = np.empty(size, dtype=np.uint8)
+        else:
+            if out.dtype != np.uint8 or out.ndim != 1 or out.size < size:
+                raise ValueError(f"out: need a 1-D uint8 array of at least {size} bytes")
+            buf = out[:size]
+        pos = _HEAD.size + 8 * len(self.groups) + 4
         segs: list[Encoded] = []
         for k, (g, flat) in enumerate(zip(self.groups, flats, strict=True)):
             numels = g.numels if pieces is None else pieces[k]
+            dest = None if buf is None else buf[pos:]
             if g.config is None:
-                segs.append(encode_raw(flat, layer_numels=numels))
+                seg = encode_raw(flat, layer_numels=numels)
+                if dest is not None:
+                    dest[: len(seg)] = seg.data
             else:
-                segs.append(encode_tensor(flat, g.config, segment_seed(seed, k), layer_numels=numels))
-        data = pack_message(segs, self.plan_id ^ tag)
-        head = 8 * (data.size - sum(len(s) for s in segs))
-        bits = head + sum(s.bits for s in segs)
+                seg = encode_tensor(flat, g.config, segment_seed(seed, k), layer_numels=numels, out=dest)
+            segs.append(seg)
+            pos += len(seg)
+        if buf is None:
+            data = pack_message(segs, self.plan_id ^ tag)
+        else:
+            data = buf
+            _frame_message(data, [len(sg) for sg in segs], self.plan_id ^ tag)
+        head = 8 * (data.size - sum(len(sg) for sg in segs))
+        bits = head + sum(sg.bits for sg in segs)
         n_layers = sum(len(p) for p in (pieces if pieces is not None else [g.numels for g in self.groups]))
         framing = head + len(segs) * 8 * HEADER_SIZE + 64 * n_layers
-        return EncodedMessage(data, bits, {g.name: s.bits for g, s in zip(self.groups, segs, strict=True)}, framing)
+        return EncodedMessage(data, bits, {g.name: sg.bits for g, sg in zip(self.groups, segs, strict=True)}, framing)
 
     def decode_flats_into(
         self,

@@ -27,6 +27,7 @@ from qoda.codec.format import (
     WireCoding,
     as_bytes_array,
     parse_header,
+    seal,
 )
 from qoda.quant.config import Coding, Norm, QuantizerConfig
 from qoda.quant.kernels import cpu
@@ -135,25 +136,51 @@ def _pack_codes(codes: np.ndarray, width: int, out: np.ndarray) -> None:
         np.bitwise_or.at(out, pos >> 3, (bit << (pos & 7)).astype(np.uint8))
 
 
+def fixed_segment_header(config: QuantizerConfig, dtype: torch.dtype, numels: Sequence[int]) -> Header:
+    """The header of a fixed-width segment of layers ``numels`` (its ``size`` is exact)."""
+    n_buckets = len(bucket_starts(numels, config.bucket_size)) - 1
+    body_len = 8 * len(numels) + 4 * n_buckets + _fixed_bytes(int(sum(numels)), config.bits)
+    return _header(config, WireCoding.FIXED, dtype, numels, body_len)
+
+
 def encode_tensor(
-    x: TensorOrTensors, config: QuantizerConfig, seed: int, layer_numels: Sequence[int] | None = None
+    x: TensorOrTensors,
+    config: QuantizerConfig,
+    seed: int,
+    layer_numels: Sequence[int] | None = None,
+    out: np.ndarray | None = None,
 ) -> Encoded:
     """Quantize and encode in one pass (CPU: fused numba kernel).  Same bytes as
-    ``encode(quantize(x, config, seed))``; ``layer_numels`` as in :func:`quantize`."""
+    ``encode(quantize(x, config, seed))``; ``layer_numels`` as in :func:`quantize`.
+
+    Fixed width on the CPU writes header, norms and codes straight into one buffer: ``out``
+    (a reused uint8 array of at least :func:`fixed_segment_header` ``.size`` bytes; the
+    result is then a view of it) or a new one.  No intermediate copies.
+    """
     flat, numels, dtype = flatten_float32(x, layer_numels)
     if flat.device.type != "cpu" or config.coding is Coding.ENTROPY:
-        return encode(quantize(x, config, seed, layer_numels=layer_numels))
+        enc = encode(quantize(x, config, seed, layer_numels=layer_numels))
+        if out is not None:
+            out[: len(enc)] = enc.data
+            enc = Encoded(out[: len(enc)], enc.bits)
+        return enc
     starts = bucket_starts(numels, config.bucket_size)
     tables = level_tables(config.levels)
     k1, k2 = seed_keys(seed)
-    norms = np.empty(len(starts) - 1, dtype=np.float32)
-    packed = np.empty(_fixed_bytes(flat.numel(), config.bits), dtype=np.uint8)
+    header = fixed_segment_header(config, dtype, numels)
+    buf = header.frame(out)
+    pos = HEADER_SIZE + 8 * len(numels)
+    buf[HEADER_SIZE:pos].view(np.uint64)[:] = numels
+    norms = buf[pos : pos + 4 * (len(starts) - 1)].view(np.float32)  # 4-byte aligned: 44 + 8 L
+    packed = buf[pos + norms.nbytes :]
     status, bucket = cpu.quantize_pack(
         flat.numpy(), starts, *tables.kernel_args,
         int(config.norm is Norm.LINF), k1, k2, config.bits, norms, packed, scratch_for(config),
     )  # fmt: skip
     raise_for_status(status, bucket, starts, "encode")
-    return _pack(config, dtype, numels, norms, [packed])
+    seal(buf)
+    n = int(sum(numels))
+    return Encoded(buf, 8 * buf.size - (8 * _fixed_bytes(n, config.bits) - n * config.bits))
 
 
 def encode_raw(x: TensorOrTensors, layer_numels: Sequence[int] | None = None) -> Encoded:

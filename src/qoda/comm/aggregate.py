@@ -138,6 +138,7 @@ class Aggregator:
         self.rank = dist.get_rank(group)
         self.seed = int(seed)
         self.stats = CommStats()
+        self._buffer: np.ndarray | None = None  # reused send buffer (allgather), see _send_buffer
         # NCCL moves CUDA tensors only; codes are packed and decoded on the host either way
         nccl = dist.get_backend(group) == "nccl"
         self.wire_device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
@@ -227,6 +228,18 @@ class Aggregator:
         dist.all_gather(outs, padded, group=self.group)
         return [o[:k].cpu() for o, k in zip(outs, n, strict=True)], max(n)
 
+    def _send_buffer(self) -> np.ndarray | None:
+        """The reused buffer this rank's allgather message is encoded into (``None`` for
+        entropy coding, whose size depends on the data).  Reuse spares the default allocator's
+        fresh-page faults on every step; the message is copied into the wire tensor before the
+        next call."""
+        size = self.codec.message_size()
+        if size is None:
+            return None
+        if self._buffer is None or self._buffer.size < size:
+            self._buffer = np.empty(size, dtype=np.uint8)
+        return self._buffer
+
     def _encode_or_empty(self, fn, *args, **kwargs):
         """Encode; on failure return ``(None, error)`` so the rank can still tell the others."""
         try:
@@ -238,8 +251,9 @@ class Aggregator:
         st = CommStats()
         t0 = time.perf_counter()
         msg, err = self._encode_or_empty(
-            self.codec.encode_flats, self.codec.gather(tensors), derive_seed(self.seed, step, self.rank)
-        )
+            self.codec.encode_flats, self.codec.gather(tensors), derive_seed(self.seed, step, self.rank),
+            out=self._send_buffer(),
+        )  # fmt: skip
         t1 = time.perf_counter()
         data = torch.from_numpy(msg.data) if msg is not None else torch.zeros(0, dtype=torch.uint8)
         try:

@@ -5,6 +5,7 @@
 ==================  ====================================================================
 none                fp32 all-reduce
 fp16                fp16 all-reduce (scaled by 1/K before the cast)
+powersgd            PyTorch's PowerSGD hook (rank ``powersgd_rank``, error feedback)
 qsgd                one uniform level set for every compressed tensor (L2 buckets)
 nuqsgd              one exponential level set (p = 1/2, L2 buckets)
 global_adaptive     one level set fitted (ALQ) to all compressed tensors' statistics
@@ -27,6 +28,7 @@ from torch import nn
 
 from qoda.comm.adaptive import AdaptiveAggregator
 from qoda.comm.aggregate import Aggregator, Mode
+from qoda.comm.baselines import PowerSGDAverager
 from qoda.quant.adapt import AdaptConfig, RefitSchedule
 from qoda.quant.config import Norm, QuantizerConfig
 from qoda.quant.policy import LayerEntry, LayerPlan, LayerPolicy
@@ -66,8 +68,11 @@ def layer_plan(cfg: TrainConfig, players: nn.Module) -> LayerPlan:
 
 def build_averager(
     cfg: TrainConfig, players: nn.Module, group: dist.ProcessGroup | None = None
-) -> Aggregator | AdaptiveAggregator:
+) -> Aggregator | AdaptiveAggregator | PowerSGDAverager:
     """The averager of ``cfg.compression`` over ``group`` (checks the settings across ranks)."""
+    if cfg.compression == "powersgd":
+        shapes = [p.shape for p in players.parameters()]
+        return PowerSGDAverager(shapes, cfg.powersgd_rank, cfg.powersgd_start_iter, group, seed=cfg.seed)
     plan = layer_plan(cfg, players)
     if cfg.compression == "none":
         return Aggregator(plan, Mode.FP32, group, seed=cfg.seed)

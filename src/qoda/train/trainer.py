@@ -38,7 +38,7 @@ from qoda.eval.features import build_extractor
 from qoda.eval.fid import FIDEvaluator
 from qoda.gan.models import LATENT, DCGANCritic, DCGANGenerator, ResNetCritic, ResNetGenerator
 from qoda.optim import OPTIMIZERS, create_optimizer
-from qoda.optim.base import TwoCallOptimizer, VIOptimizer
+from qoda.optim.base import Averager, TwoCallOptimizer, VIOptimizer
 from qoda.quant.policy import LayerPlan
 from qoda.quant.variance import exact_variance
 from qoda.train import checkpoint
@@ -112,7 +112,12 @@ class NonFiniteGradientError(FloatingPointError):
 class Trainer:
     """One worker of a ``qoda train`` run (``world`` processes, this is ``rank``)."""
 
-    def __init__(self, cfg: TrainConfig, rank: int = 0, world: int = 1, data: ImageDataset | None = None) -> None:
+    def __init__(
+        self, cfg: TrainConfig, rank: int = 0, world: int = 1, data: ImageDataset | None = None,
+        averager: Averager | None = None,
+    ) -> None:  # fmt: skip
+        """``averager`` replaces the one ``cfg.compression`` builds (benchmarks: the compute-only
+        bound uses :class:`~qoda.comm.baselines.LocalAverager`)."""
         self.cfg, self.rank, self.world = cfg, rank, world
         self.out = Path(cfg.out)
         self.data = data if data is not None else load_dataset(cfg.dataset, cfg.data_root and Path(cfg.data_root))
@@ -123,7 +128,7 @@ class Trainer:
         self.generator, self.critic = generator.to(self.device), critic.to(self.device)
         self.players = nn.ModuleDict({"generator": self.generator, "critic": self.critic})
         self.ema = copy.deepcopy(self.generator).requires_grad_(False)
-        self.averager = build_averager(cfg, self.players)
+        self.averager = averager if averager is not None else build_averager(cfg, self.players)
         groups = [
             {"params": list(self.generator.parameters()), "lr": cfg.lr_g},
             {"params": list(self.critic.parameters()), "lr": cfg.lr_d},
@@ -165,7 +170,7 @@ class Trainer:
             "rng": self.rng.get_state(),
             "torch_rng": torch.random.get_rng_state(),
             "counters": self.optimizer.counters,
-            "averager": avg.state_dict() if isinstance(avg, AdaptiveAggregator) else {"stats": avg.stats.as_dict()},
+            "averager": avg.state_dict() if hasattr(avg, "state_dict") else {"stats": avg.stats.as_dict()},
         }
 
     def save_checkpoint(self) -> None:
@@ -184,7 +189,7 @@ class Trainer:
         self.skipped = int(common.get("skipped", 0))
         self.rng.set_state(mine["rng"])
         torch.random.set_rng_state(mine["torch_rng"])
-        if isinstance(self.averager, AdaptiveAggregator):
+        if hasattr(self.averager, "state_dict"):
             self.averager.load_state_dict(mine["averager"])
         else:
             self.averager.stats = CommStats(**mine["averager"]["stats"])
@@ -256,6 +261,10 @@ class Trainer:
         """Collective: are every worker's gradients finite?  One small all-reduce, so that all
         workers take the same decision (policy ``nonfinite``) and none waits for another."""
         finite = torch.stack([torch.isfinite(p.grad).all() for p in self.players.parameters()]).all()
+        if getattr(self.averager, "local", False):  # no communication at all (compute-only bound)
+            if bool(finite):
+                return True
+            raise NonFiniteGradientError(f"step {self.step}: non-finite (NaN/Inf) gradients on rank {self.rank}")
         bad = torch.zeros(self.world, dtype=torch.int64, device=self.device)  # NCCL moves device tensors only
         bad[self.rank] = (~finite).long()
         dist.all_reduce(bad)

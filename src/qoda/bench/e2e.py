@@ -1,0 +1,340 @@
+"""``qoda bench e2e``: training steps of ``qoda train`` over real bandwidth-limited links.
+
+Every (workers, bandwidth) setting builds fresh network namespaces (:mod:`qoda.bench.netns`:
+one per worker, veth pairs to a bridge, ``tc tbf`` on both ends of every link) and starts one
+process per worker inside them.  The processes form one gloo group over those addresses and
+run, one after the other, the same WGAN-GP training iterations (the trainer's default model and
+data, :meth:`qoda.train.trainer.Trainer.train_step`) under every configuration of
+:data:`CONFIGS`.  A step's time is the slowest rank's (barrier before, max-reduce after); the
+figure is the median over the timed steps.  The split into compute, encode, communication and
+decode is rank 0's, from the averager's own clocks.
+
+Baselines, stated plainly (the README repeats this):
+
+* ``fp32`` is what data-parallel GAN training runs today: simultaneous Adam (one gradient
+  exchange per iteration, the same oracle work per iteration as QODA) with an uncompressed
+  fp32 all-reduce.  ``fp16`` and ``powersgd`` compress that same baseline (PyTorch's fp16 cast
+  and PowerSGD hook).  ``speedup_vs_fp32`` is over this baseline.
+* ``extragradient_fp32`` (ExtraAdam, fp32) and ``qgenx_8bit`` (Q-GenX, global adaptive 8-bit:
+  the published baseline) need two oracle calls *and* two exchanges per iteration.
+* ``compute_only`` is the same processes and steps with no communication at all
+  (:class:`~qoda.comm.baselines.LocalAverager`); ``compute_only_2call`` the same for the
+  two-call methods.  ``compute_only_seconds`` of a row is the bound of its own family.
+
+Time to a target FID is an estimate: the iterations the optimizer needed to reach the target
+in ``benchmarks/quality.json`` (same optimizer and compression, 2 workers, 1,500 iterations)
+times the step time measured here.  Rows without such a run have ``null``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+DEFAULT_WORKERS = (2, 4)
+DEFAULT_RATES_MBIT = (1000.0, 300.0, 100.0)
+TARGET_FID = 200.0
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """One row family: trainer options, and whether it communicates at all."""
+
+    name: str
+    options: dict[str, Any] = field(default_factory=dict)
+    local: bool = False  # compute-only: no communication
+    label: str = ""
+
+
+CONFIGS: tuple[BenchConfig, ...] = (
+    BenchConfig("compute_only", {"optimizer": "qoda", "compression": "none"}, True,
+                "no communication, one-call methods (lower bound)"),
+    BenchConfig("compute_only_2call", {"optimizer": "extra_adam", "compression": "none"}, True,
+                "no communication, two-call methods (lower bound)"),
+    BenchConfig("fp32", {"optimizer": "adam", "compression": "none"}, label="Adam, fp32 all-reduce (baseline)"),
+    BenchConfig("fp16", {"optimizer": "adam", "compression": "fp16"}, label="Adam, fp16 all-reduce"),
+    BenchConfig("powersgd", {"optimizer": "adam", "compression": "powersgd", "powersgd_rank": 1},
+                label="Adam, PowerSGD rank 1 (PyTorch hook)"),
+    BenchConfig("extragradient_fp32", {"optimizer": "extra_adam", "compression": "none"},
+                label="ExtraAdam, fp32 (2 exchanges)"),
+    BenchConfig("qgenx_8bit", {"optimizer": "qgenx", "compression": "global_adaptive", "bits": 8},
+                label="Q-GenX, global adaptive 8-bit (2 exchanges)"),
+    BenchConfig("qoda_fp32", {"optimizer": "qoda", "compression": "none"}, label="QODA, fp32"),
+    BenchConfig("qoda_lw4_allgather", {"optimizer": "qoda", "compression": "layerwise_adaptive", "bits": 4,
+                                       "mode": "allgather"}, label="QODA, layer-wise 4-bit, allgather"),
+    BenchConfig("qoda_lw4_two_phase", {"optimizer": "qoda", "compression": "layerwise_adaptive", "bits": 4,
+                                       "mode": "two_phase"}, label="QODA, layer-wise 4-bit, two-phase"),
+)  # fmt: skip
+CONFIG_NAMES = tuple(c.name for c in CONFIGS)
+TWO_CALL = frozenset({"qgenx", "extra_adam"})
+
+
+def compute_bound_of(name: str) -> str:
+    opts = next(c for c in CONFIGS if c.name == name).options
+    return "compute_only_2call" if opts.get("optimizer") in TWO_CALL else "compute_only"
+
+
+# ---------------------------------------------------------------------------- one worker
+def _measure(
+    bc: BenchConfig, rank: int, world: int, data: Any, steps: int, warmup: int, batch: int, out: str
+) -> dict[str, Any]:
+    import torch
+    import torch.distributed as dist
+
+    from qoda.comm.baselines import LocalAverager
+    from qoda.train.config import TrainConfig
+    from qoda.train.trainer import Trainer
+
+    cfg = TrainConfig(**bc.options, batch_size=batch, steps=10**9, progress=False, out=out, workers=world)
+    trainer = Trainer(cfg, rank, world, data, averager=LocalAverager() if bc.local else None)
+    times, recs = [], []
+    for step in range(warmup + steps):
+        dist.barrier()
+        t = time.perf_counter()
+        rec = trainer.train_step()
+        elapsed = torch.tensor([time.perf_counter() - t], dtype=torch.float64)
+        dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+        if step >= warmup:
+            times.append(float(elapsed))
+            recs.append(rec)
+    stats = trainer.averager.stats
+    calls = max(1, stats.calls)
+
+    def med(k: str) -> float:
+        return statistics.median(r[k] for r in recs)
+
+    return {
+        "config": bc.name,
+        "label": bc.label,
+        "optimizer": cfg.optimizer,
+        "compression": "compute_only" if bc.local else cfg.compression,
+        "bits": cfg.bits if cfg.quantized else (16 if cfg.compression == "fp16" else 32),
+        "mode": cfg.mode if cfg.quantized else "allreduce",
+        "exchanges_per_step": 0 if bc.local else (2 if cfg.optimizer in TWO_CALL else 1),
+        "workers": world,
+        "steps": steps,
+        "batch_per_worker": batch,
+        "parameters": trainer.numel,
+        "step_seconds": statistics.median(times),
+        "step_seconds_all": times,
+        "compute_seconds": med("compute_seconds"),
+        "encode_seconds": med("encode_seconds"),
+        "comm_seconds": med("comm_seconds"),
+        "decode_seconds": med("decode_seconds"),
+        "bytes_sent_per_exchange": stats.bytes_sent / calls,
+        "payload_bits_per_exchange": stats.payload_bits / calls,
+    }
+
+
+def _latency(reps: int = 30) -> float:
+    """Median seconds of a one-float all-reduce: the per-collective latency of this network."""
+    import torch
+    import torch.distributed as dist
+
+    t = torch.zeros(1)
+    times = []
+    for _ in range(reps):
+        dist.barrier()
+        s = time.perf_counter()
+        dist.all_reduce(t)
+        times.append(time.perf_counter() - s)
+    return statistics.median(times)
+
+
+def worker_main(a: argparse.Namespace) -> None:
+    import torch
+    import torch.distributed as dist
+
+    from qoda.data.images import load_dataset
+
+    os.environ["GLOO_SOCKET_IFNAME"] = a.ifname
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://{a.master}:{a.port}", rank=a.rank, world_size=a.world,
+        timeout=timedelta(seconds=a.pg_timeout),
+    )  # fmt: skip
+    data = load_dataset("mnist")
+    rows: list[dict[str, Any]] = []
+    lat = _latency()
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in a.configs:
+            bc = next(c for c in CONFIGS if c.name == name)
+            row = _measure(bc, a.rank, a.world, data, a.steps, a.warmup, a.batch, tmp)
+            row.update(bandwidth_mbit=a.rate, allreduce_latency_seconds=lat)
+            rows.append(row)
+            if a.rank == 0:
+                Path(a.out).write_text(json.dumps(rows))
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # rows are on disk; skip teardown (see qoda.bench.comm.worker_main)
+
+
+# ---------------------------------------------------------------------------- orchestration
+def run_e2e_bench(
+    workers: tuple[int, ...] = DEFAULT_WORKERS,
+    rates_mbit: tuple[float, ...] = DEFAULT_RATES_MBIT,
+    configs: tuple[str, ...] = CONFIG_NAMES,
+    steps: int = 12,
+    warmup: int = 3,
+    batch: int = 64,
+    max_seconds: float = 3600,
+    quality: Path | None = Path("benchmarks/quality.json"),
+    log=print,
+) -> dict[str, Any]:
+    """Every (workers, rate) setting in fresh namespaces; returns the result document."""
+    from qoda.bench.codec import allocator
+    from qoda.bench.netns import Topology, check_available, run_workers
+
+    unknown = [c for c in configs if c not in CONFIG_NAMES]
+    if unknown:
+        raise ValueError(f"configs: unknown {unknown}; known: {', '.join(CONFIG_NAMES)}")
+    needed = {"fp32", *(compute_bound_of(c) for c in configs)}  # the reference rows of every ratio
+    configs = tuple(c for c in CONFIG_NAMES if c in needed or c in configs)
+    if steps < 1 or warmup < 0 or batch < 1:
+        raise ValueError("steps and batch must be >= 1, warmup >= 0")
+    check_available()
+    deadline = time.monotonic() + max_seconds
+    rows: list[dict[str, Any]] = []
+    skipped: list[str] = []
+    for k in workers:
+        for rate in rates_mbit:
+            left = deadline - time.monotonic()
+            if left < 60:
+                skipped.append(f"{k} workers at {rate:g} Mbit/s: run-time bound reached")
+                continue
+            with Topology(k, rate) as topo, tempfile.TemporaryDirectory() as tmp:
+                out = Path(tmp) / "rows.json"
+                common = ["--world", str(k), "--master", topo.addr(0), "--port", "29613", "--rate", str(rate),
+                          "--steps", str(steps), "--warmup", str(warmup), "--batch", str(batch), "--out", str(out),
+                          "--pg-timeout", str(int(max(120, left))), "--configs", *configs]  # fmt: skip
+                cmds = [
+                    [sys.executable, "-m", "qoda.bench.e2e", "--rank", str(i), "--ifname", topo.ifname(i), *common]
+                    for i in range(k)
+                ]
+                failed = run_workers(topo, cmds, deadline)
+                got = json.loads(out.read_text()) if out.exists() else []
+            rows.extend(got)
+            if failed:
+                skipped.append(f"{k} workers at {rate:g} Mbit/s: stopped after {len(got)} rows: {failed[-300:]}")
+            log(f"{k} workers, {rate:g} Mbit/s: {len(got)} rows" + (f" ({failed[-200:]})" if failed else ""))
+    add_ratios(rows, _fid_steps(quality))
+    return {
+        "benchmark": "e2e",
+        "links": "network namespaces + veth + bridge, tc tbf on both ends of each link",
+        "model": "qoda train defaults: DCGAN width 64 on MNIST 32x32, WGAN-GP",
+        "batch_per_worker": batch,
+        "steps": steps,
+        "warmup": warmup,
+        "threads_per_worker": 1,
+        "cores": os.cpu_count(),
+        "allocator": allocator(),
+        "target_fid": TARGET_FID,
+        "rows": rows,
+        "skipped": skipped,
+    }
+
+
+def _fid_steps(quality: Path | None) -> dict[tuple[str, str], int]:
+    """Iterations to reach :data:`TARGET_FID` per (optimizer, compression) in a quality run."""
+    if quality is None or not Path(quality).exists():
+        return {}
+    found = {}
+    for r in json.loads(Path(quality).read_text()).get("rows", []):
+        hit = [h["step"] for h in r.get("fid_history", []) if h["fid"] <= TARGET_FID]
+        if hit:
+            found[(r["optimizer"], r["compression"])] = min(hit)
+    return found
+
+
+def add_ratios(rows: list[dict[str, Any]], fid_steps: dict[tuple[str, str], int] | None = None) -> None:
+    """Per row: the compute-only bound of its family, speed-up over fp32, ratio to the bound,
+    and the estimated seconds to the target FID."""
+
+    def find(name: str, r: dict[str, Any]) -> dict[str, Any] | None:
+        return next(
+            (b for b in rows if b["config"] == name and b["workers"] == r["workers"]
+             and b["bandwidth_mbit"] == r["bandwidth_mbit"]),
+            None,
+        )  # fmt: skip
+
+    for r in rows:
+        base, bound = find("fp32", r), find(compute_bound_of(r["config"]), r)
+        r["compute_only_seconds"] = bound["step_seconds"] if bound else None
+        r["speedup_vs_fp32"] = base["step_seconds"] / r["step_seconds"] if base else None
+        r["ratio_to_compute_only"] = r["step_seconds"] / bound["step_seconds"] if bound else None
+        r["comm_share_of_step"] = 1.0 - r["compute_seconds"] / r["step_seconds"] if r["step_seconds"] else None
+        n = (fid_steps or {}).get((r["optimizer"], r["compression"]))
+        r["seconds_to_target_fid"] = n * r["step_seconds"] if n and r["compression"] != "compute_only" else None
+
+
+def format_e2e(res: dict[str, Any]) -> str:
+    lines = [
+        f"{res['model']}, batch {res['batch_per_worker']} per worker, median of {res['steps']} steps, "
+        f"1 thread per worker on {res['cores']} cores, allocator: {res['allocator']}",
+        "",
+        "| workers | Mbit/s | config | step s | compute | encode | comm | decode | vs fp32 | / compute-only |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in res["rows"]:
+        sp, rc = r.get("speedup_vs_fp32"), r.get("ratio_to_compute_only")
+        lines.append(
+            f"| {r['workers']} | {r['bandwidth_mbit']:g} | {r['config']} | {r['step_seconds']:.3f} | "
+            f"{r['compute_seconds']:.3f} | {r['encode_seconds']:.4f} | {r['comm_seconds']:.3f} | "
+            f"{r['decode_seconds']:.4f} | {'' if sp is None else f'{sp:.2f}x'} | {'' if rc is None else f'{rc:.2f}x'} |"
+        )
+    for s in res.get("skipped", []):
+        lines.append(f"\nskipped: {s}")
+    return "\n".join(lines)
+
+
+def plot_e2e(res: dict[str, Any], path: Path) -> None:
+    """Speed-up over fp32 against bandwidth, one panel per worker count."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ks = sorted({r["workers"] for r in res["rows"]})
+    fig, axes = plt.subplots(1, len(ks), figsize=(5.5 * len(ks), 4), squeeze=False)
+    for ax, k in zip(axes[0], ks, strict=True):
+        for name in CONFIG_NAMES:
+            pts = sorted((r["bandwidth_mbit"], r["speedup_vs_fp32"]) for r in res["rows"]
+                         if r["workers"] == k and r["config"] == name and r.get("speedup_vs_fp32"))  # fmt: skip
+            if pts:
+                ax.plot(*zip(*pts, strict=True), marker="o", label=name, ls="--" if name.startswith("compute") else "-")
+        ax.set_xscale("log")
+        ax.set_xlabel("link bandwidth (Mbit/s, tc tbf)")
+        ax.set_ylabel("step speed-up over Adam fp32 all-reduce")
+        ax.set_title(f"{k} workers")
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _worker_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser()
+    for name in ("rank", "world", "port", "steps", "warmup", "batch", "pg-timeout"):
+        p.add_argument(f"--{name}", type=int, required=True)
+    for name in ("master", "ifname", "out"):
+        p.add_argument(f"--{name}", required=True)
+    p.add_argument("--rate", type=float, required=True)
+    p.add_argument("--configs", nargs="+", required=True)
+    return p.parse_args(argv)
+
+
+if __name__ == "__main__":
+    worker_main(_worker_args(sys.argv[1:]))

@@ -1,0 +1,311 @@
+"""``qoda bench scaling``: an alpha-beta model of a training step, fed with measurements.
+
+Per iteration a worker computes its oracle calls (``C``, measured: the compute-only rows of
+``qoda bench e2e``) and runs ``x`` exchanges (1 for Adam/QODA, 2 for the extra-gradient
+methods).  With ``K`` workers, per-message latency ``alpha``, link goodput ``beta`` bytes/s,
+``n`` parameters, a quantized message of ``m`` bytes, and codec times ``E(n) = 4n / enc`` and
+``D(n) = 4n / dec`` (``qoda bench codec``, one thread)::
+
+    fp32 ring all-reduce   2(K-1) alpha + 2 (K-1)/K * 4n / beta
+    fp16 ring all-reduce   2(K-1) alpha + 2 (K-1)/K * 2n / beta
+    PowerSGD (rank r)      3 ring all-reduces (vectors, P, Q): 6(K-1) alpha + 2 (K-1)/K * 4 f / beta,
+                           f = floats of the factors and the uncompressed vectors
+    qoda allgather         2(K-1) alpha + (K-1) m / beta + E(n) + K D(n)
+                           (sizes then payloads, ring all-gather; every worker decodes all K)
+    qoda two-phase         5(K-1) alpha + 2 (K-1)/K * m / beta + (1 + 1/K) E(n) + 2 D(n)
+                           (all-to-all of chunks, decode + re-encode the own chunk, all-gather)
+
+    step = C + x * exchange + finite-check all-reduces (2(K-1) alpha each, one per oracle call)
+
+``beta`` is the tbf rate times the TCP goodput of a 1500-byte MTU frame, 1448/1538 (IP and
+TCP-with-timestamps headers, Ethernet framing): arithmetic, not fitted.  ``alpha`` is fitted
+once per measured setting from a one-float all-reduce (``2(K-1) alpha``).
+
+Validation: every measured e2e row is predicted from its own setting's compute-only time and
+latency, and the relative error is reported per row.  Extrapolation to 4-64 workers at
+1-100 Gbit/s uses the 2-worker compute time (one core per worker, as one GPU per worker), in
+two regimes: the per-worker batch fixed (weak scaling) and the global batch fixed at the
+measured 4-worker total (strong scaling, as in the paper, where compute per worker falls as
+``1/K``).  Compute is assumed linear in the batch.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+MTU_GOODPUT = 1448 / 1538  # TCP payload per Ethernet frame on a 1500-byte MTU
+WORKERS = (4, 8, 12, 16, 32, 64)
+RATES_GBIT = (1.0, 2.5, 5.0, 10.0, 100.0)
+PAPER = {4: 1.28, 8: 1.83, 12: 2.50, 16: 2.47}  # QODA layer-wise over uncompressed (reference, section 5)
+
+
+class ScalingInputError(ValueError):
+    """A measurement file is missing or lacks the rows the model needs."""
+
+
+@dataclass(frozen=True)
+class Network:
+    alpha: float  # seconds per message
+    beta: float  # bytes per second (goodput)
+
+    @classmethod
+    def of(cls, rate_mbit: float, alpha: float) -> Network:
+        return cls(alpha, rate_mbit * 1e6 / 8 * MTU_GOODPUT)
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What one exchange moves and costs, from the measurements."""
+
+    parameters: int  # n
+    message_bytes: dict[str, float]  # quantized message per worker, per aggregation config
+    powersgd_floats: float  # floats per worker in PowerSGD's all-reduces
+    encode_gbps: float  # codec, one thread
+    decode_gbps: float
+
+
+def ring_allreduce(k: int, nbytes: float, net: Network, collectives: int = 1) -> float:
+    return 2 * (k - 1) * net.alpha * collectives + 2 * (k - 1) / k * nbytes / net.beta
+
+
+def exchange_seconds(kind: str, k: int, net: Network, w: Workload) -> float:
+    """One exchange of ``kind`` (``fp32``, ``fp16``, ``powersgd``, ``allgather:<cfg>``,
+    ``two_phase:<cfg>``) among ``k`` workers."""
+    n = w.parameters
+    if k == 1:
+        return 0.0
+    enc, dec = 4 * n / (w.encode_gbps * 1e9), 4 * n / (w.decode_gbps * 1e9)
+    if kind == "fp32":
+        return ring_allreduce(k, 4 * n, net)
+    if kind == "fp16":
+        return ring_allreduce(k, 2 * n, net)
+    if kind == "powersgd":
+        return ring_allreduce(k, 4 * w.powersgd_floats, net, collectives=3)
+    mode, _, cfg = kind.partition(":")
+    m = w.message_bytes[cfg]
+    if mode == "allgather":
+        return 2 * (k - 1) * net.alpha + (k - 1) * m / net.beta + enc + k * dec
+    if mode == "two_phase":
+        return 5 * (k - 1) * net.alpha + 2 * (k - 1) / k * m / net.beta + (1 + 1 / k) * enc + 2 * dec
+    raise ValueError(f"kind: unknown exchange {kind!r}")
+
+
+#: e2e config -> (exchange kind, exchanges per iteration, compute bound config)
+MODELLED: dict[str, tuple[str, int, str]] = {
+    "fp32": ("fp32", 1, "compute_only"),
+    "fp16": ("fp16", 1, "compute_only"),
+    "powersgd": ("powersgd", 1, "compute_only"),
+    "extragradient_fp32": ("fp32", 2, "compute_only_2call"),
+    "qgenx_8bit": ("allgather:qgenx_8bit", 2, "compute_only_2call"),
+    "qoda_fp32": ("fp32", 1, "compute_only"),
+    "qoda_lw4_allgather": ("allgather:qoda_lw4", 1, "compute_only"),
+    "qoda_lw4_two_phase": ("two_phase:qoda_lw4", 1, "compute_only"),
+}
+
+
+def step_seconds(config: str, k: int, net: Network, w: Workload, compute: float) -> float:
+    kind, x, _ = MODELLED[config]
+    checks = x * 2 * (k - 1) * net.alpha if k > 1 else 0.0  # the per-call finite-gradient all-reduce
+    return compute + x * exchange_seconds(kind, k, net, w) + checks
+
+
+# ---------------------------------------------------------------------------- inputs
+def _load(path: Path, what: str) -> dict[str, Any]:
+    if not Path(path).exists():
+        raise ScalingInputError(f"{what}: {path} not found (run `qoda bench {what}` first)")
+    try:
+        return json.loads(Path(path).read_text())
+    except json.JSONDecodeError as e:
+        raise ScalingInputError(f"{what}: {path} is not valid JSON: {e}") from None
+
+
+def workload_from(e2e: dict[str, Any], codec: dict[str, Any]) -> Workload:
+    rows = e2e.get("rows", [])
+
+    def message(cfg: str) -> float:
+        # the allgather row: each worker's message = its payload bits (codes and norms) + framing,
+        # measured as bytes sent per exchange / (K - 1) minus the 8-byte size message
+        cands = [r for r in rows if r["config"] == cfg and r["workers"] > 1]
+        if not cands:
+            raise ScalingInputError(f"e2e: no {cfg!r} rows: cannot size its message")
+        return statistics.median(r["bytes_sent_per_exchange"] / (r["workers"] - 1) - 8 for r in cands)
+
+    ps = [r for r in rows if r["config"] == "powersgd"]
+    fp32 = [r for r in rows if r["config"] == "fp32"]
+    if not fp32:
+        raise ScalingInputError("e2e: no fp32 rows")
+    return Workload(
+        parameters=int(fp32[0]["parameters"]),
+        message_bytes={"qoda_lw4": message("qoda_lw4_allgather"), "qgenx_8bit": message("qgenx_8bit")},
+        powersgd_floats=statistics.median(r["payload_bits_per_exchange"] / 32 for r in ps) if ps else float("nan"),
+        encode_gbps=float(codec["encode_gbps"]),
+        decode_gbps=float(codec["decode_gbps"]),
+    )
+
+
+def validate(e2e: dict[str, Any], w: Workload) -> list[dict[str, Any]]:
+    """Predict every measured row from its own setting's compute-only time and latency."""
+    rows = e2e["rows"]
+    out = []
+    for r in rows:
+        if r["config"] not in MODELLED:
+            continue
+        k, rate = r["workers"], r["bandwidth_mbit"]
+        bound = next((b for b in rows if b["config"] == MODELLED[r["config"]][2] and b["workers"] == k
+                      and b["bandwidth_mbit"] == rate), None)  # fmt: skip
+        if bound is None:
+            continue
+        net = Network.of(rate, r["allreduce_latency_seconds"] / (2 * (k - 1)))
+        pred = step_seconds(r["config"], k, net, w, bound["step_seconds"])
+        out.append({
+            "config": r["config"], "workers": k, "bandwidth_mbit": rate, "measured_seconds": r["step_seconds"],
+            "predicted_seconds": pred, "error": pred / r["step_seconds"] - 1.0,
+            "alpha_seconds": net.alpha,
+        })  # fmt: skip
+    return out
+
+
+def predict(
+    w: Workload, compute_1call: float, compute_2call: float, alpha: float, per_worker_batch: int, strong_total: int
+) -> list[dict[str, Any]]:
+    """Step times and speed-ups for :data:`WORKERS` x :data:`RATES_GBIT`, both regimes."""
+    rows = []
+    for regime in ("weak", "strong"):
+        for k in WORKERS:
+            scale = 1.0 if regime == "weak" else strong_total / (k * per_worker_batch)
+            c1, c2 = compute_1call * scale, compute_2call * scale
+            for g in RATES_GBIT:
+                net = Network.of(g * 1000, alpha)
+                t = {c: step_seconds(c, k, net, w, c2 if MODELLED[c][1] == 2 else c1) for c in MODELLED}
+                best = min(t["qoda_lw4_allgather"], t["qoda_lw4_two_phase"])
+                mode = "allgather" if t["qoda_lw4_allgather"] <= t["qoda_lw4_two_phase"] else "two_phase"
+                rows.append({
+                    "regime": regime, "workers": k, "bandwidth_gbit": g, "step_seconds": t,
+                    "compute_seconds": c1,
+                    "qoda_speedup_vs_fp32": t["fp32"] / best,
+                    "qoda_speedup_vs_extragradient_fp32": t["extragradient_fp32"] / best,
+                    "best_qoda_mode": mode,
+                })  # fmt: skip
+    return rows
+
+
+def run_scaling(e2e_path: Path, codec_path: Path) -> dict[str, Any]:
+    e2e, codec = _load(e2e_path, "e2e"), _load(codec_path, "codec")
+    w = workload_from(e2e, codec)
+    checks = validate(e2e, w)
+    rows = e2e["rows"]
+    two = [r for r in rows if r["workers"] == 2]
+    c1 = [r["step_seconds"] for r in two if r["config"] == "compute_only"]
+    c2 = [r["step_seconds"] for r in two if r["config"] == "compute_only_2call"]
+    if not c1 or not c2:
+        raise ScalingInputError("e2e: needs 2-worker compute_only and compute_only_2call rows")
+    alpha = statistics.median(c["alpha_seconds"] for c in checks) if checks else 50e-6
+    batch = int(rows[0].get("batch_per_worker", 64))
+    preds = predict(w, statistics.median(c1), statistics.median(c2), alpha, batch, 4 * batch)
+    paper = []
+    for k, published in PAPER.items():
+        strong = {r["bandwidth_gbit"]: r for r in preds if r["regime"] == "strong" and r["workers"] == k}
+        weak = {r["bandwidth_gbit"]: r for r in preds if r["regime"] == "weak" and r["workers"] == k}
+        paper.append({
+            "workers": k, "published_speedup": published,
+            **{f"model_strong_{g:g}gbit": strong[g]["qoda_speedup_vs_fp32"] for g in (1.0, 2.5, 5.0)},
+            **{f"model_weak_{g:g}gbit": weak[g]["qoda_speedup_vs_fp32"] for g in (1.0, 2.5, 5.0)},
+            "model_strong_1gbit_vs_extragradient": strong[1.0]["qoda_speedup_vs_extragradient_fp32"],
+        })  # fmt: skip
+    errs = [abs(c["error"]) for c in checks]
+    return {
+        "benchmark": "scaling",
+        "model": "alpha-beta; see qoda.bench.scaling",
+        "inputs": {
+            "parameters": w.parameters,
+            "message_bytes": w.message_bytes,
+            "powersgd_floats": w.powersgd_floats,
+            "encode_gbps": w.encode_gbps,
+            "decode_gbps": w.decode_gbps,
+            "alpha_seconds": alpha,
+            "goodput_fraction": MTU_GOODPUT,
+            "compute_1call_seconds": statistics.median(c1),
+            "compute_2call_seconds": statistics.median(c2),
+            "per_worker_batch": batch,
+            "strong_global_batch": 4 * batch,
+        },
+        "validation": checks,
+        "max_abs_error": max(errs) if errs else None,
+        "rows_within_15_percent": sum(e <= 0.15 for e in errs),
+        "rows_validated": len(errs),
+        "predictions": preds,
+        "paper": paper,
+    }
+
+
+def format_scaling(res: dict[str, Any]) -> str:
+    lines = [
+        "Model vs measurement (qoda bench e2e):",
+        "",
+        "| workers | Mbit/s | config | measured s | predicted s | error |",
+        "|---|---|---|---|---|---|",
+    ]
+    for c in res["validation"]:
+        lines.append(
+            f"| {c['workers']} | {c['bandwidth_mbit']:g} | {c['config']} | {c['measured_seconds']:.3f} | "
+            f"{c['predicted_seconds']:.3f} | {c['error']:+.1%} |"
+        )
+    lines += [
+        f"\n{res['rows_within_15_percent']} of {res['rows_validated']} rows within 15%; "
+        f"largest error {res['max_abs_error']:.1%}"
+        if res["max_abs_error"] is not None
+        else "",
+        "",
+        "QODA layer-wise 4-bit (best mode) over Adam fp32, predicted:",
+        "",
+        "| regime | workers | " + " | ".join(f"{g:g} Gbit/s" for g in RATES_GBIT) + " |",
+        "|---|---|" + "---|" * len(RATES_GBIT),
+    ]
+    for regime in ("weak", "strong"):
+        for k in WORKERS:
+            cells = [r for r in res["predictions"] if r["regime"] == regime and r["workers"] == k]
+            lines.append(
+                f"| {regime} | {k} | "
+                + " | ".join(f"{r['qoda_speedup_vs_fp32']:.2f}x ({r['best_qoda_mode'][0]})" for r in cells)
+                + " |"
+            )
+    lines += ["", "Published (reference section 5) vs model (strong scaling):", "",
+              "| GPUs | published | model 1 Gbit/s | 2.5 Gbit/s | 5 Gbit/s | model 1 Gbit/s vs ExtraAdam |",
+              "|---|---|---|---|---|---|"]  # fmt: skip
+    for p in res["paper"]:
+        lines.append(
+            f"| {p['workers']} | {p['published_speedup']:.2f}x | {p['model_strong_1gbit']:.2f}x | "
+            f"{p['model_strong_2.5gbit']:.2f}x | {p['model_strong_5gbit']:.2f}x | "
+            f"{p['model_strong_1gbit_vs_extragradient']:.2f}x |"
+        )
+    return "\n".join(lines)
+
+
+def plot_scaling(res: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, regime in zip(axes, ("weak", "strong"), strict=True):
+        for g in RATES_GBIT:
+            pts = [(r["workers"], r["qoda_speedup_vs_fp32"]) for r in res["predictions"]
+                   if r["regime"] == regime and r["bandwidth_gbit"] == g]  # fmt: skip
+            ax.plot(*zip(*pts, strict=True), marker="o", label=f"{g:g} Gbit/s")
+        if regime == "strong":
+            ax.plot(list(PAPER), list(PAPER.values()), "k*", ms=10, label="published (GPUs)")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("workers")
+        ax.set_ylabel("QODA layer-wise 4-bit step speed-up over fp32")
+        ax.set_title(f"{regime} scaling (model)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
