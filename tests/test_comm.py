@@ -9,6 +9,7 @@ import torch.distributed as dist
 from torch import nn
 
 from distributed import run, values
+from netns_check import run_cleanly
 from qoda.codec.layerwise import LayerwiseCodec
 from qoda.comm.aggregate import AggregationError, Aggregator
 from qoda.comm.ddp_hook import QodaHookState, qoda_hook
@@ -263,24 +264,13 @@ def test_ddp_hook_with_adaptive_levels_resumes_identically():
 
 
 def test_bandwidth_benchmark_runs_in_its_own_namespaces_and_cleans_up():
-    import subprocess
-
     from qoda.bench.comm import run_comm_bench
-    from qoda.bench.netns import NetnsUnavailable, check_available
 
-    try:
-        check_available()
-    except NetnsUnavailable as e:
-        pytest.skip(str(e))
-    before = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
-    try:
-        res = run_comm_bench(
+    res = run_cleanly(
+        lambda: run_comm_bench(
             workers=(2,), rates_mbit=(100,), sizes=(1 << 18,), steps=1, max_seconds=120, log=lambda s: None
         )
-    except NetnsUnavailable as e:  # e.g. a container without CAP_NET_ADMIN
-        pytest.skip(str(e))
-    after = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
-    assert after == before  # namespaces removed
+    )
     assert not res["skipped"], res["skipped"]
     rows = {(r["mode"], r["bits"]): r for r in res["rows"]}
     assert len(rows) == 10

@@ -271,13 +271,18 @@ def test_two_process_run_end_to_end(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("optimizer", "compression", "mode"),
-    [("qoda", "layerwise_adaptive", "allgather"), ("extra_adam", "qsgd", "two_phase"), ("adam", "powersgd", "allgather")],
+    ("optimizer", "compression", "mode", "overlap"),
+    [
+        ("qoda", "layerwise_adaptive", "allgather", False),
+        ("extra_adam", "qsgd", "two_phase", False),
+        ("adam", "powersgd", "allgather", False),
+        ("extra_adam", "layerwise_adaptive", "two_phase", True),
+    ],
 )
-def test_resume_is_bit_exact(tmp_path, optimizer, compression, mode):
+def test_resume_is_bit_exact(tmp_path, optimizer, compression, mode, overlap):
     """6 steps straight == 3 steps, stop, resume to 6 (2 processes; levels re-fitted after the resume)."""
     write_cifar(tmp_path / "data")
-    kw = dict(optimizer=optimizer, compression=compression, mode=mode)
+    kw = dict(optimizer=optimizer, compression=compression, mode=mode, overlap=overlap)
     full = tiny_config(tmp_path, out=str(tmp_path / "full"), **kw)
     values(run(_train, 2, full, timeout=240))
     part = tiny_config(tmp_path, out=str(tmp_path / "part"), **kw)
@@ -293,6 +298,9 @@ def test_resume_is_bit_exact(tmp_path, optimizer, compression, mode):
                 if k == "stats":  # the costs, except wall-clock times, are exact too
                     a, b = ({n: v for n, v in d.items() if not n.endswith("seconds")} for d in (a, b))
                 _assert_same(a, b, f"averager.{k}")
+        if "parts" in rank_full["averager"]:  # overlap: one adaptive averager per player
+            for a, b in zip(rank_full["averager"]["parts"], rank_res["averager"]["parts"], strict=True):
+                _assert_same(a["adapter"], b["adapter"], "averager.parts.adapter")
         if "hook" in rank_full["averager"]:  # PowerSGD: error feedback, warm start, iteration, its RNG
             a, b = rank_full["averager"]["hook"], rank_res["averager"]["hook"]
             assert a["iter"] == b["iter"] == 6 and a["error_dict"]  # compressing since iteration 2
@@ -300,6 +308,24 @@ def test_resume_is_bit_exact(tmp_path, optimizer, compression, mode):
             for k in ("error_dict", "p_memory_dict", "q_memory_dict"):
                 _assert_same(a[k], b[k], f"hook.{k}")
         assert torch.equal(rank_full["rng"], rank_res["rng"])
+
+
+def test_overlapped_exchange_gives_the_same_trajectory(tmp_path):
+    """fp32 with 2 workers: averaging each player on its own group while the critic's gradient is
+    computed (overlap) must give bit-identical parameters (a + b is exact in any grouping)."""
+    write_cifar(tmp_path / "data")
+    runs = {}
+    for overlap in (False, True):
+        cfg = tiny_config(tmp_path, out=str(tmp_path / f"o{overlap}"), optimizer="qoda", compression="none",
+                          overlap=overlap, steps=4, eval_every=100, sample_every=100, checkpoint_every=4)  # fmt: skip
+        report, _ = values(run(_train, 2, cfg, timeout=240))
+        runs[overlap] = (_final_state(tmp_path / f"o{overlap}")[0], report)
+    _assert_same(runs[False][0], runs[True][0])
+    assert runs[True][1]["bytes_sent_per_step"] == runs[False][1]["bytes_sent_per_step"]
+    with pytest.raises(ConfigError, match="overlap"):
+        tiny_config(tmp_path, overlap=True, nonfinite="skip")
+    with pytest.raises(ConfigError, match="overlap"):
+        tiny_config(tmp_path, overlap=True, compression="global_adaptive")
 
 
 def test_resume_refuses_a_checkpoint_of_another_config(tmp_path):

@@ -17,6 +17,9 @@ Baselines, stated plainly (the README repeats this):
   and PowerSGD hook).  ``speedup_vs_fp32`` is over this baseline.
 * ``extragradient_fp32`` (ExtraAdam, fp32) and ``qgenx_8bit`` (Q-GenX, global adaptive 8-bit:
   the published baseline) need two oracle calls *and* two exchanges per iteration.
+* ``*_overlap`` rows average the generator's gradient on a background thread (own process
+  group) while the critic's gradient is computed (:mod:`qoda.comm.overlap`), as DDP overlaps
+  its buckets with the backward pass; ``fp32_overlap`` is that fairer baseline.
 * ``compute_only`` is the same processes and steps with no communication at all
   (:class:`~qoda.comm.baselines.LocalAverager`); ``compute_only_2call`` the same for the
   two-call methods.  ``compute_only_seconds`` of a row is the bound of its own family.
@@ -29,6 +32,7 @@ times the step time measured here.  Rows without such a run have ``null``.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import statistics
@@ -73,6 +77,17 @@ CONFIGS: tuple[BenchConfig, ...] = (
                                        "mode": "allgather"}, label="QODA, layer-wise 4-bit, allgather"),
     BenchConfig("qoda_lw4_two_phase", {"optimizer": "qoda", "compression": "layerwise_adaptive", "bits": 4,
                                        "mode": "two_phase"}, label="QODA, layer-wise 4-bit, two-phase"),
+    # the same with the generator's exchange overlapped with the critic's backward (qoda.comm.overlap)
+    BenchConfig("fp32_overlap", {"optimizer": "adam", "compression": "none", "overlap": True},
+                label="Adam, fp32 all-reduce, overlapped"),
+    BenchConfig("powersgd_overlap", {"optimizer": "adam", "compression": "powersgd", "powersgd_rank": 1,
+                                     "overlap": True}, label="Adam, PowerSGD rank 1, overlapped"),
+    BenchConfig("qoda_lw4_allgather_overlap", {"optimizer": "qoda", "compression": "layerwise_adaptive", "bits": 4,
+                                               "mode": "allgather", "overlap": True},
+                label="QODA, layer-wise 4-bit, allgather, overlapped"),
+    BenchConfig("qoda_lw4_two_phase_overlap", {"optimizer": "qoda", "compression": "layerwise_adaptive", "bits": 4,
+                                               "mode": "two_phase", "overlap": True},
+                label="QODA, layer-wise 4-bit, two-phase, overlapped"),
 )  # fmt: skip
 CONFIG_NAMES = tuple(c.name for c in CONFIGS)
 TWO_CALL = frozenset({"qgenx", "extra_adam"})
@@ -97,7 +112,10 @@ def _measure(
     cfg = TrainConfig(**bc.options, batch_size=batch, steps=10**9, progress=False, out=out, workers=world)
     trainer = Trainer(cfg, rank, world, data, averager=LocalAverager() if bc.local else None)
     times, recs = [], []
+    before = copy.copy(trainer.averager.stats)
     for step in range(warmup + steps):
+        if step == warmup:  # costs per exchange over the timed steps only (PowerSGD starts uncompressed)
+            before = copy.copy(trainer.averager.stats)
         dist.barrier()
         t = time.perf_counter()
         rec = trainer.train_step()
@@ -106,8 +124,8 @@ def _measure(
         if step >= warmup:
             times.append(float(elapsed))
             recs.append(rec)
-    stats = trainer.averager.stats
-    calls = max(1, stats.calls)
+    after = trainer.averager.stats
+    calls = max(1, after.calls - before.calls)
 
     def med(k: str) -> float:
         return statistics.median(r[k] for r in recs)
@@ -117,6 +135,7 @@ def _measure(
         "label": bc.label,
         "optimizer": cfg.optimizer,
         "compression": "compute_only" if bc.local else cfg.compression,
+        "overlap": cfg.overlap,
         "bits": cfg.bits if cfg.quantized else (16 if cfg.compression == "fp16" else 32),
         "mode": cfg.mode if cfg.quantized else "allreduce",
         "exchanges_per_step": 0 if bc.local else (2 if cfg.optimizer in TWO_CALL else 1),
@@ -130,8 +149,8 @@ def _measure(
         "encode_seconds": med("encode_seconds"),
         "comm_seconds": med("comm_seconds"),
         "decode_seconds": med("decode_seconds"),
-        "bytes_sent_per_exchange": stats.bytes_sent / calls,
-        "payload_bits_per_exchange": stats.payload_bits / calls,
+        "bytes_sent_per_exchange": (after.bytes_sent - before.bytes_sent) / calls,
+        "payload_bits_per_exchange": (after.payload_bits - before.payload_bits) / calls,
     }
 
 
@@ -306,13 +325,15 @@ def plot_e2e(res: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     ks = sorted({r["workers"] for r in res["rows"]})
-    fig, axes = plt.subplots(1, len(ks), figsize=(5.5 * len(ks), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(ks), figsize=(6 * len(ks), 4.5), squeeze=False)
+    colors = plt.get_cmap("tab20").colors
     for ax, k in zip(axes[0], ks, strict=True):
-        for name in CONFIG_NAMES:
+        for i, name in enumerate(CONFIG_NAMES):
             pts = sorted((r["bandwidth_mbit"], r["speedup_vs_fp32"]) for r in res["rows"]
                          if r["workers"] == k and r["config"] == name and r.get("speedup_vs_fp32"))  # fmt: skip
             if pts:
-                ax.plot(*zip(*pts, strict=True), marker="o", label=name, ls="--" if name.startswith("compute") else "-")
+                style = "--" if name.startswith("compute") else (":" if name.endswith("overlap") else "-")
+                ax.plot(*zip(*pts, strict=True), marker="o", label=name, ls=style, color=colors[i % len(colors)])
         ax.set_xscale("log")
         ax.set_xlabel("link bandwidth (Mbit/s, tc tbf)")
         ax.set_ylabel("step speed-up over Adam fp32 all-reduce")

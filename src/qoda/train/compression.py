@@ -29,6 +29,7 @@ from torch import nn
 from qoda.comm.adaptive import AdaptiveAggregator
 from qoda.comm.aggregate import Aggregator, Mode
 from qoda.comm.baselines import PowerSGDAverager
+from qoda.comm.overlap import OverlappedAverager
 from qoda.quant.adapt import AdaptConfig, RefitSchedule
 from qoda.quant.config import Norm, QuantizerConfig
 from qoda.quant.policy import LayerEntry, LayerPlan, LayerPolicy
@@ -68,17 +69,37 @@ def layer_plan(cfg: TrainConfig, players: nn.Module) -> LayerPlan:
 
 def build_averager(
     cfg: TrainConfig, players: nn.Module, group: dist.ProcessGroup | None = None
+) -> Aggregator | AdaptiveAggregator | PowerSGDAverager | OverlappedAverager:
+    """The averager of ``cfg.compression`` over ``group`` (checks the settings across ranks).
+
+    With ``cfg.overlap`` each player gets its own averager on its own new process group
+    (created here, collectively, in the same order on every rank); see :mod:`qoda.comm.overlap`.
+    """
+    if cfg.overlap:
+        parts, averagers, names, offset = [], [], [], 0
+        for k, (name, module) in enumerate(players.named_children()):
+            n = len(list(module.parameters()))
+            parts.append(list(range(offset, offset + n)))
+            offset += n
+            sub = nn.ModuleDict({name: module})  # keeps the "generator." / "critic." names and types
+            averagers.append(_single(cfg, sub, dist.new_group(), seed=cfg.seed + k))
+            names.append(name)
+        return OverlappedAverager(parts, averagers, names)
+    return _single(cfg, players, group, cfg.seed)
+
+
+def _single(
+    cfg: TrainConfig, players: nn.Module, group: dist.ProcessGroup | None, seed: int
 ) -> Aggregator | AdaptiveAggregator | PowerSGDAverager:
-    """The averager of ``cfg.compression`` over ``group`` (checks the settings across ranks)."""
     if cfg.compression == "powersgd":
         shapes = [p.shape for p in players.parameters()]
-        return PowerSGDAverager(shapes, cfg.powersgd_rank, cfg.powersgd_start_iter, group, seed=cfg.seed)
+        return PowerSGDAverager(shapes, cfg.powersgd_rank, cfg.powersgd_start_iter, group, seed=seed)
     plan = layer_plan(cfg, players)
     if cfg.compression == "none":
-        return Aggregator(plan, Mode.FP32, group, seed=cfg.seed)
+        return Aggregator(plan, Mode.FP32, group, seed=seed)
     if cfg.compression == "fp16":
-        return Aggregator(plan, Mode.FP16, group, seed=cfg.seed)
+        return Aggregator(plan, Mode.FP16, group, seed=seed)
     if cfg.adaptive:
         adapt = AdaptConfig(schedule=RefitSchedule(tuple(cfg.refit_steps), cfg.refit_every))
-        return AdaptiveAggregator(plan, cfg.mode, group, seed=cfg.seed, adapt=adapt)
-    return Aggregator(plan, cfg.mode, group, seed=cfg.seed)
+        return AdaptiveAggregator(plan, cfg.mode, group, seed=seed, adapt=adapt)
+    return Aggregator(plan, cfg.mode, group, seed=seed)

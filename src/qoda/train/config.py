@@ -70,6 +70,7 @@ class TrainConfig:
     mode: str = "allgather"
     refit_steps: tuple[int, ...] = (0, 100, 500, 2000)
     refit_every: int = 5000
+    overlap: bool = False  # average the generator's gradient while the critic's is computed (own group, thread)
     powersgd_rank: int = 1  # compression = powersgd (PyTorch's hook): rank of the approximation
     powersgd_start_iter: int = 2  # ... after this many plain all-reduce exchanges (>= 2)
     # ---- evaluation and outputs
@@ -125,6 +126,16 @@ class TrainConfig:
         for n in ("width", "n_critic", "batch_size", "steps", "bucket_size", "refit_every", "log_every",
                   "eval_every", "sample_every", "checkpoint_every", "workers"):  # fmt: skip
             positive(n)
+        if not isinstance(self.overlap, bool):
+            raise ConfigError(f"overlap: expected true or false, got {self.overlap!r}")
+        if self.overlap and self.nonfinite != "raise":
+            raise ConfigError("overlap: needs nonfinite = 'raise' (a skipped step cannot recall an exchange in flight)")
+        if self.overlap and (self.compression == "global_adaptive" or (
+                self.compression == "layerwise_adaptive" and self.layer_types == "module_class")):  # fmt: skip
+            raise ConfigError(
+                "overlap: each player is averaged on its own, so fitted levels cannot span both players; "
+                "use layer_types = player_class or per_layer, or overlap = false"
+            )
         positive("powersgd_rank")
         positive("powersgd_start_iter")
         if self.powersgd_start_iter < 2:
@@ -205,7 +216,7 @@ class TrainConfig:
 
     @property
     def quantized(self) -> bool:
-        return self.compression not in ("none", "fp16")
+        return self.compression not in ("none", "fp16", "powersgd")
 
     @property
     def adaptive(self) -> bool:

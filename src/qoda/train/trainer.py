@@ -31,7 +31,8 @@ import torch.distributed as dist
 from torch import nn
 
 from qoda.comm.adaptive import AdaptiveAggregator
-from qoda.comm.aggregate import Aggregator, CommStats, derive_seed
+from qoda.comm.aggregate import CommStats, derive_seed
+from qoda.comm.overlap import OverlappedAverager
 from qoda.data.images import ImageDataset, load_dataset
 from qoda.data.sampler import ShardSampler
 from qoda.eval.features import build_extractor
@@ -74,7 +75,12 @@ def _optimizer_kwargs(cfg: TrainConfig) -> dict[str, Any]:
     return {}
 
 
-def _plan_of(averager: Aggregator | AdaptiveAggregator) -> LayerPlan:
+def _plan_of(averager: Any) -> LayerPlan:
+    """The current layer plan (levels included) of a quantizing averager."""
+    if isinstance(averager, OverlappedAverager):  # players' plans side by side (their types are disjoint)
+        plans = [_plan_of(a) for a in averager.averagers]
+        configs = {t: c for p in plans for t, c in p.configs.items()}
+        return LayerPlan(tuple(e for p in plans for e in p.entries), configs)
     return averager.plan if isinstance(averager, AdaptiveAggregator) else averager.codec.plan
 
 
@@ -199,6 +205,12 @@ class Trainer:
         calls = OPTIMIZERS[self.cfg.optimizer].calls_per_iteration
         idx = self.sampler.batch(self.step * calls + call)
         z = torch.randn(len(idx), LATENT, generator=self.rng).to(self.device)  # CPU stream on any device
+        start = None
+        if isinstance(self.averager, OverlappedAverager):  # average the generator's part during the critic's
+
+            def start(grads: list[torch.Tensor]) -> None:
+                self.averager.start(0, grads, self.optimizer.group["exchanges"])
+
         return wgan_gp_operator(
             self.generator,
             self.critic,
@@ -207,6 +219,7 @@ class Trainer:
             self.cfg.gp_weight,
             self.rng,
             update_generator,
+            on_generator_grads=start,
         )
 
     def train_step(self) -> dict[str, float]:
