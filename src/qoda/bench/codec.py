@@ -14,7 +14,6 @@ Decoding accumulates into a preallocated float32 buffer.
 from __future__ import annotations
 
 import json
-import os
 import platform
 import time
 from collections.abc import Callable
@@ -28,6 +27,7 @@ from qoda.codec.segment import decode_into, encode_tensor
 from qoda.quant.config import QuantizerConfig
 from qoda.quant.kernels import torch_ref
 from qoda.quant.quantizer import bucket_starts, level_tables
+from qoda.utils.system import allocator
 
 
 def _best(fn: Callable[[], object], repeats: int) -> float:
@@ -49,11 +49,6 @@ def eager_qsgd(x: torch.Tensor, s: int, bucket: int) -> torch.Tensor:
     low = scaled.floor()
     xi = low + (torch.rand_like(scaled) < scaled - low)
     return (norm * v.sign() * xi / s).view(-1)[: x.numel()]
-
-
-def allocator() -> str:
-    pre = os.environ.get("LD_PRELOAD", "")
-    return "tcmalloc" if "tcmalloc" in pre else ("jemalloc" if "jemalloc" in pre else "glibc malloc (default)")
 
 
 def run_codec_bench(numel: int = 1 << 24, repeats: int = 5, bucket_size: int = 1024, seed: int = 0) -> dict:

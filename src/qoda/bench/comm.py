@@ -132,6 +132,7 @@ def run_comm_bench(
 ) -> dict:
     """Run every (workers, rate) setting in fresh namespaces; returns the result document."""
     from qoda.bench.netns import Topology, check_available, run_workers
+    from qoda.utils.system import allocator
 
     check_available()
     deadline = time.monotonic() + max_seconds
@@ -172,6 +173,7 @@ def run_comm_bench(
         "links": "network namespaces + veth + bridge, tc tbf on both ends of each link",
         "threads_per_worker": 1,
         "cores": os.cpu_count(),
+        "allocator": allocator(),
         "rows": rows,
         "skipped": skipped,
     }

@@ -212,8 +212,8 @@ def run_e2e_bench(
     log=print,
 ) -> dict[str, Any]:
     """Every (workers, rate) setting in fresh namespaces; returns the result document."""
-    from qoda.bench.codec import allocator
     from qoda.bench.netns import Topology, check_available, run_workers
+    from qoda.utils.system import allocator
 
     unknown = [c for c in configs if c not in CONFIG_NAMES]
     if unknown:

@@ -42,7 +42,7 @@ def run_quality(steps: int, workers: int, out: Path, log=print) -> dict[str, Any
         assert r is not None
         rows.append({k: r[k] for k in ("optimizer", "compression", "bits", "mode", "steps", "fid", "fid_extractor",
                                        "fid_samples", "bits_per_step", "compression_ratio", "step_seconds",
-                                       "seconds", "quant_variance", "fid_history")})  # fmt: skip
+                                       "seconds", "quant_variance", "fid_history", "allocator")})  # fmt: skip
         log(f"  FID {r['fid']:.2f}, {r['compression_ratio']:.1f}x compression, {r['step_seconds']:.3f} s/step")
     by = {(r["optimizer"], r["compression"]): r for r in rows}
     claims = {}

@@ -245,6 +245,7 @@ def run_scaling(e2e_path: Path, codec_path: Path) -> dict[str, Any]:
             "kernel_encode_gbps": float(codec["encode_gbps"]),
             "kernel_decode_gbps": float(codec["decode_gbps"]),
             "cores": e2e.get("cores"),
+            "allocator": e2e.get("allocator"),
             "alpha_seconds": alpha,
             "goodput_fraction": MTU_GOODPUT,
             "compute_1call_seconds": statistics.median(c1),

@@ -48,6 +48,7 @@ from qoda.train.config import TrainConfig
 from qoda.train.game import GameLosses, wgan_gp_operator
 from qoda.train.outputs import plot_curves, save_grid
 from qoda.utils.atomic import atomic_write_json
+from qoda.utils.system import allocator
 
 
 def resolve_device(name: str) -> torch.device:
@@ -479,5 +480,5 @@ def build_report(trainer: Trainer, world: int) -> dict[str, Any]:
         "levels": {t: list(c.levels.values) for t, c in _plan_of(trainer.averager).configs.items()}
         if cfg.quantized
         else {},
-        "allocator": os.environ.get("LD_PRELOAD", "") or "glibc malloc (default)",
+        "allocator": allocator(),
     }
