@@ -54,6 +54,8 @@ def test_dead_and_stalled_workers_end_with_an_error(tmp_path):
     assert killed["ok"] and killed["seconds"] < 10.0, killed
     stalled = faults.scenario_dead(tmp_path, "stall", pg_timeout=5.0)
     assert stalled["ok"] and 4.0 < stalled["seconds"] < 35.0, stalled
+    overlapped = faults.scenario_dead(tmp_path, "kill", pg_timeout=10.0, overlap=True)  # background exchange too
+    assert overlapped["ok"] and overlapped["seconds"] < 10.0, overlapped
 
 
 def test_sigkill_while_checkpointing_then_resume_is_bit_exact(tmp_path):

@@ -11,6 +11,8 @@ Scenarios (each a real multi-process run on 127.0.0.1 with gloo, on the trainer'
 * ``mismatched_config`` - rank 1 quantizes with 8 bits instead of 4: refused at start-up
   (plan fingerprint) on every rank.
 * ``killed_worker`` - rank 1 is SIGKILLed at step 3: rank 0 raises instead of hanging.
+* ``killed_worker_overlap`` - the same with ``overlap``: rank 0 also waits on the background
+  exchange of the generator's gradient, on its own process group.
 * ``stalled_worker`` - rank 1 stops responding (SIGSTOP) at step 3: rank 0 raises after the
   process-group timeout (``--pg-timeout``).
 * ``kill_during_checkpoint`` - a ``qoda train`` process (one checkpoint per step) is SIGKILLed
@@ -111,7 +113,7 @@ def _mismatch(rank: int, world: int) -> str:
     return "accepted"
 
 
-def _dies(rank: int, world: int, out: str, how: str, pg_timeout: float) -> str:
+def _dies(rank: int, world: int, out: str, how: str, pg_timeout: float, overlap: bool = False) -> str:
     from qoda.train import trainer as tr
 
     original = tr.Trainer.train_step
@@ -123,7 +125,8 @@ def _dies(rank: int, world: int, out: str, how: str, pg_timeout: float) -> str:
         return original(self)
 
     tr.Trainer.train_step = step  # this child process only
-    tr.run_worker(_tiny(Path(out), steps=50, timeout_seconds=pg_timeout), rank, world)  # the group's own timeout
+    cfg = _tiny(Path(out), steps=50, timeout_seconds=pg_timeout, overlap=overlap)  # the group's own timeout
+    tr.run_worker(cfg, rank, world)
     return "finished"
 
 
@@ -156,22 +159,23 @@ def scenario_simple(name: str, fn) -> dict[str, Any]:
     return _row(name, ok, f"every rank: {res[0][1]}", secs)
 
 
-def scenario_dead(tmp: Path, how: str, pg_timeout: float) -> dict[str, Any]:
-    out = tmp / f"dead-{how}"
+def scenario_dead(tmp: Path, how: str, pg_timeout: float, overlap: bool = False) -> dict[str, Any]:
+    """``overlap``: the survivor is also waiting on the background exchange (qoda.comm.overlap)."""
+    out = tmp / f"dead-{how}{'-overlap' if overlap else ''}"
     out.mkdir(parents=True, exist_ok=True)
     times: dict[int, float] = {}
+    name = ("killed_worker" if how == "kill" else "stalled_worker") + ("_overlap" if overlap else "")
     t0 = time.time()
     try:
-        res = run(_dies, 2, str(out), how, pg_timeout, timeout=pg_timeout + 120, pg_timeout=pg_timeout, wait_for=[0],
-                  times=times)  # fmt: skip
+        res = run(_dies, 2, str(out), how, pg_timeout, overlap, timeout=pg_timeout + 120, pg_timeout=pg_timeout,
+                  wait_for=[0], times=times)  # fmt: skip
     except TimeoutError as e:
-        return _row(f"{how}ed_worker", False, f"rank 0 hung: {e}", time.time() - t0)
+        return _row(name, False, f"rank 0 hung: {e}", time.time() - t0)
     ready = float((out / "victim-ready").read_text()) if (out / "victim-ready").exists() else t0
     status, value = res[0]
     detect = times.get(0, time.time()) - ready
     ok = status == "error" and "WorkerLostError" in str(value) and (how == "kill" or detect <= pg_timeout + 30)
     first = str(value).splitlines()[0][:400]
-    name = "killed_worker" if how == "kill" else "stalled_worker"
     return _row(name, ok, f"rank 0 raised after {detect:.1f} s: {first}", detect, pg_timeout=pg_timeout)
 
 
@@ -342,6 +346,7 @@ def run_faults(fuzz_cases: int = 10_000, kills: int = 5, pg_timeout: float = 10.
             ("mismatched_config", lambda: scenario_simple("mismatched_config", _mismatch)),
             ("killed_worker", lambda: scenario_dead(tmp, "kill", pg_timeout)),
             ("stalled_worker", lambda: scenario_dead(tmp, "stall", pg_timeout)),
+            ("killed_worker_overlap", lambda: scenario_dead(tmp, "kill", pg_timeout, overlap=True)),
             ("kill_during_checkpoint", lambda: scenario_kill_during_checkpoint(tmp, kills, seed)),
             ("torchrun_elastic", lambda: scenario_torchrun(tmp)),
         ]

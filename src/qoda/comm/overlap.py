@@ -97,7 +97,7 @@ class OverlappedAverager:
             st.comm_seconds += time.perf_counter() - t0
             if job.error is not None:
                 self._started.clear()
-                raise type(job.error)(f"{self.names[k]} exchange: {job.error}") from job.error
+                raise _named(job.error, f"{self.names[k]} exchange") from job.error
             if job.step != step:
                 raise RuntimeError(f"part {self.names[k]!r} was started for exchange {job.step}, not {step}")
             assert job.result is not None
@@ -118,6 +118,15 @@ class OverlappedAverager:
             else:
                 a.stats = CommStats(**s["stats"])
         self.stats = CommStats(**sd["stats"])
+
+
+def _named(error: BaseException, where: str) -> BaseException:
+    """``error`` with ``where`` in front of its message, of the same type when that type takes
+    one message (AggregationError, gloo's errors, ...), else a RuntimeError."""
+    try:
+        return type(error)(f"{where}: {error}")
+    except Exception:
+        return RuntimeError(f"{where}: {type(error).__name__}: {error}")
 
 
 def _add_costs(st: CommStats, part: CommStats, exposed: bool) -> None:
