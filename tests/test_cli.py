@@ -80,3 +80,11 @@ def test_train_cli_runs_and_refuses_to_resume_another_config(tmp_path, capsys):
     assert json.loads((out / "report.json").read_text())["steps"] == 2
     assert main([*common, "--resume", "--bits", "8", "--steps", "4"]) == 2
     assert "different config: bits=4 (now 8)" in capsys.readouterr().err
+
+
+def test_bench_e2e_and_scaling_name_bad_inputs(tmp_path, capsys):
+    assert main(["bench", "e2e", "--configs", "fp64", "--json", str(tmp_path / "e.json")]) == 2
+    assert "--configs: unknown ['fp64']" in capsys.readouterr().err
+    assert main(["bench", "scaling", "--e2e", str(tmp_path / "none.json"), "--json", str(tmp_path / "s.json")]) == 2
+    assert "none.json not found (run `qoda bench e2e` first)" in capsys.readouterr().err
+    assert not (tmp_path / "e.json").exists() and not (tmp_path / "s.json").exists()

@@ -327,7 +327,8 @@ def _run_e2e(args: argparse.Namespace) -> int:
     configs = tuple(args.configs or CONFIG_NAMES)
     bad = [c for c in configs if c not in CONFIG_NAMES]
     if bad:
-        raise SystemExit(f"qoda bench e2e: --configs: unknown {bad}; choose from {', '.join(CONFIG_NAMES)}")
+        print(f"qoda bench e2e: --configs: unknown {bad}; choose from {', '.join(CONFIG_NAMES)}", file=sys.stderr)
+        return 2
     try:
         res = run_e2e_bench(
             tuple(args.workers), tuple(float(b) for b in args.bandwidth_mbit), configs, args.steps, args.warmup,

@@ -43,7 +43,7 @@ class Averager(Protocol):
 class _Started:
     step: int
     tensors: list[torch.Tensor]
-    thread: threading.Thread
+    thread: threading.Thread | None = None
     result: CommStats | None = None
     error: BaseException | None = None
 
@@ -70,7 +70,7 @@ class OverlappedAverager:
         if len(tensors) != len(self.parts[part]):
             raise ValueError(f"tensors: part {self.names[part]!r} has {len(self.parts[part])} tensors")
         copies = [t.detach().clone() for t in tensors]
-        job = _Started(step, copies, threading.Thread(target=lambda: None))
+        job = _Started(step, copies)
 
         def work() -> None:
             try:
@@ -93,6 +93,7 @@ class OverlappedAverager:
         for k in sorted(self._started):  # 2. wait for the started ones, write their results
             job = self._started.pop(k)
             t0 = time.perf_counter()
+            assert job.thread is not None
             job.thread.join()
             st.comm_seconds += time.perf_counter() - t0
             if job.error is not None:
