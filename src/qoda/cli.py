@@ -308,19 +308,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ScalingInputError as err:
             print(f"qoda bench scaling: {err}", file=sys.stderr)
             return 2
-        from qoda.bench.codec import write_json
-
-        write_json(res, args.json)
-        args.json.with_suffix(".md").write_text(format_scaling(res) + "\n")
-        plot_scaling(res, args.json.with_suffix(".png"))
-        print(format_scaling(res))
-        print(f"\nwrote {args.json}, {args.json.with_suffix('.md')} and {args.json.with_suffix('.png')}")
+        _write_bench(res, args.json, format_scaling, plot_scaling)
         return 0
     return 2
 
 
 def _run_e2e(args: argparse.Namespace) -> int:
-    from qoda.bench.codec import write_json
     from qoda.bench.e2e import CONFIG_NAMES, format_e2e, plot_e2e, run_e2e_bench
     from qoda.bench.netns import NetnsUnavailable
 
@@ -337,12 +330,19 @@ def _run_e2e(args: argparse.Namespace) -> int:
     except NetnsUnavailable as err:
         print(f"qoda bench e2e cannot run here: {err}", file=sys.stderr)
         return 3
-    write_json(res, args.json)
-    args.json.with_suffix(".md").write_text(format_e2e(res) + "\n")
-    plot_e2e(res, args.json.with_suffix(".png"))
-    print(format_e2e(res))
-    print(f"\nwrote {args.json}, {args.json.with_suffix('.md')} and {args.json.with_suffix('.png')}")
+    _write_bench(res, args.json, format_e2e, plot_e2e)
     return 0 if not res["skipped"] else 1
+
+
+def _write_bench(res: dict, path: Path, fmt, plot) -> None:
+    """``path`` (JSON), its ``.md`` table and ``.png`` plot; the table is also printed."""
+    from qoda.bench.codec import write_json
+
+    write_json(res, path)
+    path.with_suffix(".md").write_text(fmt(res) + "\n")
+    plot(res, path.with_suffix(".png"))
+    print(fmt(res))
+    print(f"\nwrote {path}, {path.with_suffix('.md')} and {path.with_suffix('.png')}")
 
 
 if __name__ == "__main__":

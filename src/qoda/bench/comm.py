@@ -17,7 +17,6 @@ import statistics
 import sys
 import tempfile
 import time
-from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -93,12 +92,9 @@ def _measure(mode: str, bits: int, numel: int, steps: int, warmup: int) -> tuple
 
 
 def worker_main(a: argparse.Namespace) -> None:
-    os.environ["GLOO_SOCKET_IFNAME"] = a.ifname
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://{a.master}:{a.port}", rank=a.rank, world_size=a.world,
-        timeout=timedelta(seconds=a.pg_timeout),
-    )  # fmt: skip
+    from qoda.bench.netns import join_group, leave_group
+
+    join_group(a)
     rows = []
     for numel in a.sizes:
         for mode, bits in MODES:
@@ -112,14 +108,7 @@ def worker_main(a: argparse.Namespace) -> None:
             })  # fmt: skip
             if a.rank == 0:
                 Path(a.out).write_text(json.dumps(rows))
-    dist.barrier()
-    dist.destroy_process_group()
-    # Rows are on disk.  Leave without running interpreter teardown: destroying DDP reducers
-    # and gloo threads at exit sporadically ended in "terminate called without an active
-    # exception" (about 1 run in 20 here), which would mark a complete run as failed.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    leave_group()
 
 
 def run_comm_bench(
@@ -197,17 +186,10 @@ def format_comm(res: dict) -> str:
 
 
 def _worker_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser()
+    from qoda.bench.netns import worker_parser
+
+    p = worker_parser()
     p.add_argument("--worker", action="store_true")
-    p.add_argument("--rank", type=int, required=True)
-    p.add_argument("--world", type=int, required=True)
-    p.add_argument("--master", required=True)
-    p.add_argument("--port", type=int, required=True)
-    p.add_argument("--ifname", required=True)
-    p.add_argument("--rate", type=float, required=True)
-    p.add_argument("--steps", type=int, required=True)
-    p.add_argument("--out", required=True)
-    p.add_argument("--pg-timeout", type=int, default=600)
     p.add_argument("--sizes", type=int, nargs="+", required=True)
     return p.parse_args(argv)
 

@@ -40,7 +40,6 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -112,7 +111,6 @@ def _measure(
     cfg = TrainConfig(**bc.options, batch_size=batch, steps=10**9, progress=False, out=out, workers=world)
     trainer = Trainer(cfg, rank, world, data, averager=LocalAverager() if bc.local else None)
     times, recs = [], []
-    before = copy.copy(trainer.averager.stats)
     for step in range(warmup + steps):
         if step == warmup:  # costs per exchange over the timed steps only (PowerSGD starts uncompressed)
             before = copy.copy(trainer.averager.stats)
@@ -170,17 +168,10 @@ def _latency(reps: int = 30) -> float:
 
 
 def worker_main(a: argparse.Namespace) -> None:
-    import torch
-    import torch.distributed as dist
-
+    from qoda.bench.netns import join_group, leave_group
     from qoda.data.images import load_dataset
 
-    os.environ["GLOO_SOCKET_IFNAME"] = a.ifname
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://{a.master}:{a.port}", rank=a.rank, world_size=a.world,
-        timeout=timedelta(seconds=a.pg_timeout),
-    )  # fmt: skip
+    join_group(a)
     data = load_dataset("mnist")
     rows: list[dict[str, Any]] = []
     lat = _latency()
@@ -192,11 +183,7 @@ def worker_main(a: argparse.Namespace) -> None:
             rows.append(row)
             if a.rank == 0:
                 Path(a.out).write_text(json.dumps(rows))
-    dist.barrier()
-    dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)  # rows are on disk; skip teardown (see qoda.bench.comm.worker_main)
+    leave_group()
 
 
 # ---------------------------------------------------------------------------- orchestration
@@ -347,12 +334,11 @@ def plot_e2e(res: dict[str, Any], path: Path) -> None:
 
 
 def _worker_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser()
-    for name in ("rank", "world", "port", "steps", "warmup", "batch", "pg-timeout"):
-        p.add_argument(f"--{name}", type=int, required=True)
-    for name in ("master", "ifname", "out"):
-        p.add_argument(f"--{name}", required=True)
-    p.add_argument("--rate", type=float, required=True)
+    from qoda.bench.netns import worker_parser
+
+    p = worker_parser()
+    p.add_argument("--warmup", type=int, required=True)
+    p.add_argument("--batch", type=int, required=True)
     p.add_argument("--configs", nargs="+", required=True)
     return p.parse_args(argv)
 

@@ -10,10 +10,13 @@ Requires root and iproute2 (``ip``, ``tc``).
 
 from __future__ import annotations
 
+import argparse
 import os
 import shutil
 import subprocess
+import sys
 import time
+from datetime import timedelta
 from types import TracebackType
 
 SUBNET = "10.213.0"
@@ -128,3 +131,45 @@ def run_workers(topo: Topology, commands: list[list[str]], deadline: float) -> s
             if p.stderr:
                 p.stderr.close()
     return failed
+
+
+# ---------------------------------------------------------------------------- inside a worker
+def worker_parser() -> argparse.ArgumentParser:
+    """The arguments every namespace worker takes (benchmarks add their own)."""
+    p = argparse.ArgumentParser()
+    for name in ("rank", "world", "port", "steps"):
+        p.add_argument(f"--{name}", type=int, required=True)
+    for name in ("master", "ifname", "out"):
+        p.add_argument(f"--{name}", required=True)
+    p.add_argument("--rate", type=float, required=True)
+    p.add_argument("--pg-timeout", type=int, default=600)
+    return p
+
+
+def join_group(a: argparse.Namespace) -> None:
+    """One thread, gloo over this namespace's interface, the group at ``a.master:a.port``."""
+    import torch
+    import torch.distributed as dist
+
+    os.environ["GLOO_SOCKET_IFNAME"] = a.ifname
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://{a.master}:{a.port}", rank=a.rank, world_size=a.world,
+        timeout=timedelta(seconds=a.pg_timeout),
+    )  # fmt: skip
+
+
+def leave_group() -> None:
+    """Barrier, destroy the group, and exit without interpreter teardown.
+
+    Call once the results are on disk: destroying DDP reducers and gloo threads at exit
+    sporadically ended in "terminate called without an active exception" (about 1 run in 20
+    here), which would mark a complete run as failed.
+    """
+    import torch.distributed as dist
+
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import json
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -175,7 +175,7 @@ def validate(e2e: dict[str, Any], w: Workload) -> list[dict[str, Any]]:
             continue
         net = Network.of(rate, r["allreduce_latency_seconds"] / (2 * (k - 1)))
         cores = int(e2e.get("cores") or k)
-        share = Workload(**{**w.__dict__, "cpu_share": min(1.0, cores / k)})  # K processes on fewer cores
+        share = replace(w, cpu_share=min(1.0, cores / k))  # K processes on fewer cores
         pred = step_seconds(r["config"], k, net, share, bound["step_seconds"])
         out.append({
             "config": r["config"], "workers": k, "bandwidth_mbit": rate, "measured_seconds": r["step_seconds"],

@@ -139,6 +139,7 @@ class Aggregator:
         self.seed = int(seed)
         self.stats = CommStats()
         self._buffer: np.ndarray | None = None  # reused send buffer (allgather), see _send_buffer
+        self._message_size = self.codec.message_size()  # fixed by the plan; None for entropy coding
         # NCCL moves CUDA tensors only; codes are packed and decoded on the host either way
         nccl = dist.get_backend(group) == "nccl"
         self.wire_device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
@@ -233,11 +234,10 @@ class Aggregator:
         entropy coding, whose size depends on the data).  Reuse spares the default allocator's
         fresh-page faults on every step; the message is copied into the wire tensor before the
         next call."""
-        size = self.codec.message_size()
-        if size is None:
+        if self._message_size is None:
             return None
-        if self._buffer is None or self._buffer.size < size:
-            self._buffer = np.empty(size, dtype=np.uint8)
+        if self._buffer is None:
+            self._buffer = np.empty(self._message_size, dtype=np.uint8)
         return self._buffer
 
     def _encode_or_empty(self, fn, *args, **kwargs):
