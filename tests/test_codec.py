@@ -285,3 +285,100 @@ def test_layerwise_message_into_reused_buffer():
     assert again.segment_bits == fresh.segment_bits and again.framing_bits == fresh.framing_bits
     entropy = LayerwiseCodec(LayerPolicy.global_(QuantizerConfig.qsgd(4, 128, coding="entropy")).plan(model))
     assert entropy.message_size() is None  # data-dependent size: encoded separately, then framed
+
+
+# --------------------------------------------------- valid-but-unusual inputs (issue: reliability 2)
+CONSTANT_CASES = {
+    "all_zero": torch.zeros(2048),
+    "single_element": torch.tensor([0.75]),
+    "constant_linf": torch.full((1024,), -3.0),  # every |x| = norm: every code is the top level
+}
+
+
+@pytest.mark.parametrize("name", list(CONSTANT_CASES))
+@pytest.mark.parametrize(
+    "cfg",
+    [QuantizerConfig.nuqsgd(4, 1024, coding="entropy"), QuantizerConfig.qsgd_inf(4, 1024, coding="entropy")],
+    ids=["nuqsgd-l2", "qsgd-linf"],
+)
+def test_entropy_segment_of_one_repeated_code_round_trips(name, cfg):
+    """One code with the whole frequency mass M: the rANS flush threshold ((L >> PREC) << 32) * M
+    is 2^63 and overflowed int64, so such payloads failed to decode ("state out of range")."""
+    x = CONSTANT_CASES[name]
+    for seed in range(3):
+        q = quantize(x, cfg, seed)
+        enc = encode_tensor(x, cfg, seed)
+        back = decode(enc.data, cfg)
+        assert torch.equal(back.codes, q.codes) and torch.equal(back.norms, q.norms)
+        out = torch.zeros(x.numel())
+        decode_into(enc.data, cfg, out)
+        assert torch.equal(out, q.dequantize())
+        assert enc.bits == 8 * len(enc)
+
+
+def test_rans_single_symbol_stream_is_the_initial_state():
+    """With f = M the coding step is the identity: no words, final state L, for any length."""
+    freq = np.zeros(6, dtype=np.int64)
+    freq[2] = rans.M
+    cum, slot_code = rans.tables(freq)
+    codes = np.full(100_000, 2, dtype=np.int32)
+    words = np.empty(codes.size + 1, dtype=np.uint32)
+    first, state = rans.encode(codes, freq, cum, words)
+    assert first == words.size and state == rans.L
+    back = np.empty_like(codes)
+    assert rans.decode(words[first:], state, freq, cum, slot_code, back) == rans.OK
+    assert np.array_equal(back, codes)
+
+
+def test_layerwise_message_with_an_all_zero_entropy_layer_type():
+    """An unused layer (all-zero gradient) in its own entropy-coded type no longer makes the
+    whole message undecodable."""
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.Linear(32, 32))
+    policy = LayerPolicy.per_layer(QuantizerConfig.nuqsgd(3, 256, coding="entropy"))
+    codec = LayerwiseCodec(policy.plan(model))
+    xs = [torch.randn(e.shape) for e in codec.plan.entries]
+    xs[2] = torch.zeros_like(xs[2])  # the second Linear's weight
+    msg = codec.encode(xs, seed=4)
+    back = codec.decode(msg.data)
+    assert torch.equal(back[2], torch.zeros_like(xs[2]))
+
+
+@pytest.mark.parametrize("coding", ["fixed", "entropy"])
+@pytest.mark.parametrize("numel", [2**62, 2**40, 2**32 - 1, 2**27])
+def test_forged_sizes_rejected_before_allocating(coding, numel):
+    """A header (CRC forged) claiming a huge segment is rejected by arithmetic on the verified
+    body length: a CodecError, microseconds, no allocation near the claimed size, no cache entry."""
+    import tracemalloc
+
+    from qoda.quant import quantizer
+
+    cfg = QuantizerConfig.qsgd(4, 8, coding=coding)
+    data = encode_tensor(torch.randn(10), cfg, 0).data.copy()
+    data[24:32] = np.frombuffer(struct.pack("<Q", numel), np.uint8)  # numel field
+    data[HEADER_SIZE : HEADER_SIZE + 8] = np.frombuffer(struct.pack("<Q", numel), np.uint8)  # layer size
+    _forge_crc(data)
+    before = quantizer._bucket_starts_cached.cache_info().currsize
+    tracemalloc.start()
+    try:
+        with pytest.raises(CodecError, match="corrupted"):
+            decode(data, cfg)
+        with pytest.raises(CodecError, match="corrupted"):
+            decode_into(data, cfg, torch.zeros(10))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 64 * 1024, f"peak {peak} bytes for a {len(data)}-byte payload"
+    assert quantizer._bucket_starts_cached.cache_info().currsize == before
+
+
+def test_bucket_start_cache_holds_only_small_layouts():
+    from qoda.quant import quantizer
+
+    big = (quantizer.CACHED_MAX_BUCKETS * 8 + 1,)
+    before = quantizer._bucket_starts_cached.cache_info().currsize
+    starts = quantizer.bucket_starts(big, 8)
+    assert len(starts) - 1 == quantizer.num_buckets(big, 8) == quantizer.CACHED_MAX_BUCKETS + 1
+    assert quantizer._bucket_starts_cached.cache_info().currsize == before
+    # at most 64 cached layouts of at most 2^16 + 1 int64 starts each: about 32 MiB in all
+    cap = quantizer._bucket_starts_cached.cache_info().maxsize
+    assert cap * (quantizer.CACHED_MAX_BUCKETS + 1) * 8 <= 2**25 + 2**10

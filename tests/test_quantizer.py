@@ -234,3 +234,46 @@ def test_dense_and_clustered_level_sets_use_exact_lookup():
         # the chosen level is a neighbour of u: l_{j-1} <= u <= l_{j+1}
         assert (lvt[(j - 1).clamp(min=0)] <= u + 1e-7).all()
         assert (lvt[(j + 1).clamp(max=len(lvt) - 1)] >= u - 1e-7).all()
+
+
+# --------------------------------------------------------------- tiny (all-subnormal) buckets
+@pytest.mark.parametrize(
+    "cfg",
+    [QuantizerConfig.qsgd_inf(4, 4), QuantizerConfig(LevelSet.custom([0, 0.05, 0.2, 0.21, 0.7, 1]), 8, "linf")],
+    ids=["qsgd_inf", "custom"],
+)
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_subnormal_bucket_quantizes_like_its_exact_rescaling(cfg, backend):
+    """A bucket whose norm is below 2^-126 (1/norm overflows float32) gets the codes of the same
+    bucket scaled by 2^140 into the normal range: u is a scale-free ratio, so the tiny bucket is
+    exactly as unbiased as a normal one.  Integers times 2^-149 are exact float32 subnormals."""
+    k = torch.tensor([70.0, 0.0, -3.0, 21.0, 0.0, -70.0, 1.0, 55.0, 0.0, 2.0, -9.0, 69.0])
+    tiny = k * 2.0**-149
+    assert tiny.abs().max() < 2.0**-126 and (tiny[k != 0] != 0).all()
+    for seed in range(20):
+        q_tiny = quantize(tiny, cfg, seed, backend=backend)
+        q_big = quantize(k * 2.0**-9, cfg, seed, backend=backend)
+        assert torch.equal(q_tiny.codes, q_big.codes)
+        assert torch.equal(q_tiny.norms.double() * 2.0**140, q_big.norms.double())
+        assert (q_tiny.codes[k == 0] == 0).all()  # zeros stay zero (they came back as +-norm before)
+
+
+def test_subnormal_bucket_unbiased_and_within_linf_bound():
+    """The reported reproduction: E[Q(x)] = x (Hoeffding, values in norm*[l_j, l_{j+1}]) and
+    |Q(x) - x| <= norm * (l_{j+1} - l_j), on both paths, with identical codes."""
+    x = torch.tensor([1e-40, 0.0, 0.0, 3e-41])
+    cfg = QuantizerConfig.qsgd_inf(4, 4)
+    n = 2000
+    samples = []
+    for s in range(n):
+        q = quantize(x, cfg, s)
+        assert torch.equal(q.codes, quantize(x, cfg, s, backend="torch").codes)
+        samples.append(q.dequantize().double())
+    qs = torch.stack(samples)
+    norm = float(q.norms[0])
+    width = float(cfg.levels.array[1] - cfg.levels.array[0])  # uniform levels
+    assert (qs - x.double()).abs().max() <= norm * width * (1 + 1e-6) + 2.0**-149
+    # Hoeffding with delta = 1e-9 per coordinate; plus the subnormal output grid (2^-149).
+    bound = norm * width * math.sqrt(math.log(2 / 1e-9) / (2 * n)) + 2.0**-149
+    assert ((qs.mean(0) - x.double()).abs() <= bound).all()
+    assert (qs[:, 1:3] == 0).all()

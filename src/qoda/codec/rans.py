@@ -69,8 +69,9 @@ def encode(codes, freq, cum, out):  # pragma: no cover - compiled
     for i in range(codes.shape[0] - 1, -1, -1):
         s = codes[i]
         f = freq[s]
-        x_max = ((L >> PREC) << 32) * f
-        if x >= x_max:
+        # Renormalise when x >= ((L >> PREC) << 32) f, compared in units of 2^32: the product
+        # itself is 2^63 when one code holds the whole mass (f = M) and overflows int64.
+        if (x >> 32) >= (L >> PREC) * f:
             w -= 1
             out[w] = x & 0xFFFFFFFF
             x >>= 32

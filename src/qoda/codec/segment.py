@@ -32,11 +32,13 @@ from qoda.codec.format import (
 from qoda.quant.config import Coding, Norm, QuantizerConfig
 from qoda.quant.kernels import cpu
 from qoda.quant.quantizer import (
+    MAX_SEGMENT_NUMEL,
     QuantizedTensor,
     TensorOrTensors,
     bucket_starts,
     flatten_float32,
     level_tables,
+    num_buckets,
     quantize,
     raise_for_status,
     scratch_for,
@@ -227,7 +229,12 @@ def _parse(payload: object, config: QuantizerConfig | None, layer_numels: Sequen
                     f"payload was encoded with {name}={int(got):#x}, this receiver expects {int(want):#x} "
                     "(mismatched quantizer settings across ranks?)"
                 )
+    # Sizes are checked against the verified body length (and the receiver's expectations)
+    # by arithmetic before anything proportional to a declared size is allocated: a header with
+    # a forged CRC cannot make the receiver allocate more than a bounded multiple of its bytes.
     body = buf[HEADER_SIZE:]
+    if h.numel > MAX_SEGMENT_NUMEL:
+        raise CodecError(f"payload corrupted: numel {h.numel} exceeds a segment's {MAX_SEGMENT_NUMEL} coordinates")
     if h.n_layers * 8 > body.size:
         raise CodecError(f"payload corrupted: {h.n_layers} layers do not fit in {body.size} body bytes")
     numels = tuple(int(v) for v in body[: 8 * h.n_layers].view(np.uint64))
@@ -242,9 +249,11 @@ def _parse(payload: object, config: QuantizerConfig | None, layer_numels: Sequen
         return _Parsed(h, numels, np.empty(0, np.float32), rest)
     if h.bucket_size < 1:
         raise CodecError("payload corrupted: bucket size 0")
-    n_buckets = len(bucket_starts(numels, h.bucket_size)) - 1
+    n_buckets = num_buckets(numels, h.bucket_size)
     if rest.size < 4 * n_buckets:
         raise CodecError("payload corrupted: too short for its bucket norms")
+    if h.coding is WireCoding.FIXED and rest.size != 4 * n_buckets + _fixed_bytes(h.numel, h.code_bits):
+        raise CodecError("payload corrupted: fixed-width body size does not match numel")
     norms = rest[: 4 * n_buckets].view(np.float32)
     if not (np.isfinite(norms).all() and (norms >= 0).all()):
         raise CodecError("payload corrupted: a bucket norm is negative or not finite")

@@ -68,8 +68,25 @@ def level_tables(levels: LevelSet) -> LevelTables:
     )  # fmt: skip
 
 
-@lru_cache(maxsize=1024)
+#: Bucket-start arrays of at most this many buckets are cached (64 entries, so at most 32 MiB):
+#: a plan's layout repeats every step, but a layout read from a received header must not be able
+#: to pin memory.  Larger layouts are recomputed (one ``arange`` per layer).
+CACHED_MAX_BUCKETS = 1 << 16
+
+
+def num_buckets(layer_numels: Sequence[int], bucket_size: int) -> int:
+    """``sum_l ceil(n_l / B)``: the number of buckets, computed without allocating anything."""
+    if bucket_size < 1:
+        raise ValueError(f"bucket_size: must be >= 1, got {bucket_size}")
+    return sum(-(-int(n) // bucket_size) for n in layer_numels)
+
+
+@lru_cache(maxsize=64)
 def _bucket_starts_cached(layer_numels: tuple[int, ...], bucket_size: int) -> np.ndarray:
+    return _bucket_starts(layer_numels, bucket_size)
+
+
+def _bucket_starts(layer_numels: tuple[int, ...], bucket_size: int) -> np.ndarray:
     parts = []
     offset = 0
     for n in layer_numels:
@@ -83,7 +100,10 @@ def _bucket_starts_cached(layer_numels: tuple[int, ...], bucket_size: int) -> np
 
 def bucket_starts(layer_numels: Sequence[int], bucket_size: int) -> np.ndarray:
     """Start offsets of every bucket plus the total length (``n_buckets + 1`` int64 values)."""
-    return _bucket_starts_cached(tuple(int(n) for n in layer_numels), int(bucket_size))
+    key = tuple(int(n) for n in layer_numels)
+    if num_buckets(key, int(bucket_size)) <= CACHED_MAX_BUCKETS:
+        return _bucket_starts_cached(key, int(bucket_size))
+    return _bucket_starts(key, int(bucket_size))
 
 
 def flatten_float32(

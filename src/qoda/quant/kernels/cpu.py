@@ -141,6 +141,12 @@ def _bucket_norm(xb, xib, norm_kind):  # pragma: no cover - compiled
     return OK, n
 
 
+#: Buckets whose norm is below the smallest normal float32 (2^-126) are scaled by 2^64 before
+#: ``u = |x| * (1 / norm)`` is formed (``1 / norm`` overflows below ~2.9e-39; the torch path does
+#: the same).  Scaling by a power of two is exact here, so such buckets stay unbiased.
+TINY_NORM = np.float32(2.0**-126)
+TINY_SCALE = 2.0**64
+
 #: Level sets with at most this many levels find each coordinate's interval by comparing
 #: against every level (branch-free, vectorised); larger ones use the look-up table.
 SELECT_MAX_LEVELS = 4
@@ -168,11 +174,20 @@ def _bucket_codes(
     lo = sc[2, :n]
     w = sc[3, :n]
     js = sc[4, :n].view(np.int32)
-    inv = np.float32(1.0) / norm
     one = np.float32(1.0)
-    for t in range(n):
-        u = abs(xb[t]) * inv
-        uf[t] = u if u < one else one
+    if norm < TINY_NORM:
+        # 1/norm overflows float32 below ~2.9e-39: scale the bucket by an exact power of two
+        # first (subnormals scale without rounding), so u is the same ratio as for a normal bucket.
+        big_s = np.float32(TINY_SCALE)
+        inv = one / (norm * big_s)
+        for t in range(n):
+            u = (abs(xb[t]) * big_s) * inv
+            uf[t] = u if u < one else one
+    else:
+        inv = one / norm
+        for t in range(n):
+            u = abs(xb[t]) * inv
+            uf[t] = u if u < one else one
     if intervals > 0:
         big = np.float32(intervals)
         smax = np.int32(intervals - 1)

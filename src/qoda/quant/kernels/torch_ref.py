@@ -11,6 +11,10 @@ import torch
 
 from qoda.quant.rng import uniforms_torch
 
+#: See :data:`qoda.quant.kernels.cpu.TINY_NORM`.
+TINY_NORM = 2.0**-126
+TINY_SCALE = 2.0**64
+
 
 def bucket_ids(starts: torch.Tensor) -> torch.Tensor:
     """Bucket index of every coordinate, from the bucket start offsets."""
@@ -43,8 +47,10 @@ def quantize_codes(
     """
     bucket = bucket_ids(starts)
     norms = bucket_norms(x, bucket, len(starts) - 1, linf)
-    inv = torch.where(norms > 0, 1.0 / norms, torch.zeros_like(norms))
-    u = (x.abs() * inv[bucket]).clamp_max(1.0)
+    # Tiny (subnormal) norms: scale by 2^64 first, exactly as the CPU kernel (its TINY_NORM).
+    scale = torch.where(norms < TINY_NORM, TINY_SCALE, 1.0).to(torch.float32)
+    inv = torch.where(norms > 0, 1.0 / (norms * scale), torch.zeros_like(norms))
+    u = ((x.abs() * scale[bucket]) * inv[bucket]).clamp_max(1.0)
     if intervals > 0:
         t = u * float(intervals)
         j = t.to(torch.int64).clamp_(max=intervals - 1)
