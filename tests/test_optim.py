@@ -308,3 +308,113 @@ def test_qoda_variants_state_dict_round_trip(hyper):
     _iterate(a, prob, pa, gen, 5)
     _iterate(b, prob, pb, gen_b, 5)
     assert all(torch.equal(x, y) for x, y in zip(pa, pb, strict=True))
+
+
+# --------------------------------------------------------- torch.optim habits (schedulers, groups, grads)
+ANCHORED = [
+    ("qoda", {"lr": 0.05}),
+    ("qoda", {"lr": 0.05, "scope": "coordinate", "rate": "single", "delta": 1e-8}),
+    ("qoda", {"lr": 0.01, "precondition": "adam"}),
+    ("qgenx", {"lr": 0.05}),
+]
+
+
+@pytest.mark.parametrize(("name", "hyper"), ANCHORED, ids=["qoda", "qoda-coordinate", "qoda-adam", "qgenx"])
+def test_lr_scheduler_changes_the_step_without_a_jump(name, hyper):
+    """Dual averaging's iterate is anchor + lr f_t Y: a scheduler's lr *= 0.1 used to rescale the
+    whole path (one step moved ~30x a normal step).  Now the step after the change is no larger than
+    the steps before it, and the steps after it are ~10x smaller."""
+    prob = bilinear(d=10, seed=1)
+    ps = _params(prob)
+    opt = create_optimizer(name, ps, **hyper)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=200, gamma=0.1)
+    gen = torch.Generator().manual_seed(0)
+    moves = []
+    for _ in range(240):
+        before = torch.cat([p.detach().clone() for p in ps])
+        _iterate(opt, prob, ps, gen, 1)
+        sched.step()
+        moves.append(float((torch.cat([p.detach() for p in ps]) - before).norm()))
+    typical = float(np.median(moves[180:200]))
+    assert moves[200] <= 2.0 * typical, (moves[200], typical)
+    assert float(np.median(moves[220:240])) <= 0.2 * typical
+    assert opt.param_groups[0]["lr"] == pytest.approx(hyper["lr"] * 0.1)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_add_param_group_then_step(name):
+    """torch.optim's add_param_group: the new group is validated, gets its state and moves."""
+    a, b = nn.Parameter(torch.ones(3, dtype=torch.float64)), nn.Parameter(torch.ones(2, dtype=torch.float64))
+    opt = create_optimizer(name, [a], lr=0.01)
+    a.grad = torch.ones_like(a)
+    _step_all(opt, [a, b])
+    with pytest.raises(ValueError, match=r"param_groups\[1\]\.betas"):
+        opt.add_param_group({"params": [nn.Parameter(torch.ones(1))], "betas": (0.9, 1.5)})
+    with pytest.raises(ValueError, match=r"param_groups\[1\]\.lr"):
+        opt.add_param_group({"params": [nn.Parameter(torch.ones(1))], "lr": 0.0})
+    opt.add_param_group({"params": [b], "lr": 0.02})
+    for _ in range(3):
+        a.grad, b.grad = torch.ones_like(a), torch.ones_like(b)
+        _step_all(opt, [a, b])
+    assert (b.detach() < 1).all() and torch.isfinite(b).all()
+
+
+def _step_all(opt, ps):
+    if isinstance(opt, TwoCallOptimizer):
+        grads = [None if p.grad is None else p.grad.clone() for p in ps]
+        opt.extrapolation()
+        for p, g in zip(ps, grads, strict=True):
+            p.grad = g
+    opt.step()
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_parameters_without_grad_count_as_zero_and_do_not_move(name):
+    """A frozen parameter (never a .grad) passed to the optimizer stays where it is, as in torch,
+    while the others move; a step with no gradient at all is an error."""
+    a, frozen = nn.Parameter(torch.ones(3, dtype=torch.float64)), nn.Parameter(torch.full((2,), 5.0))
+    opt = create_optimizer(name, [a, frozen], lr=0.01)
+    for _ in range(4):
+        a.grad = torch.ones_like(a)
+        _step_all(opt, [a, frozen])
+    assert torch.equal(frozen.detach(), torch.full((2,), 5.0))
+    assert (a.detach() < 1).all()
+    a.grad = None
+    with pytest.raises(RuntimeError, match="no parameter has a .grad"):
+        _step_all(opt, [a, frozen])
+
+
+@pytest.mark.parametrize("name", ["adam", "optimistic_adam", "extra_adam"])
+def test_decoupled_weight_decay(name):
+    """With a zero gradient the Adam direction is 0, so each iteration scales the point by exactly
+    (1 - lr wd) (AdamW's decoupled decay); invalid values are named."""
+    p = nn.Parameter(torch.full((4,), 2.0, dtype=torch.float64))
+    opt = create_optimizer(name, [p], lr=0.1, weight_decay=0.5)
+    for _ in range(3):
+        p.grad = torch.zeros_like(p)
+        _step_all(opt, [p])
+    torch.testing.assert_close(p.detach(), torch.full((4,), 2.0 * 0.95**3, dtype=torch.float64))
+    with pytest.raises(ValueError, match="weight_decay"):
+        create_optimizer(name, [p], weight_decay=-1.0)
+
+
+def test_simultaneous_adam_with_weight_decay_is_adamw():
+    torch.manual_seed(0)
+    a = nn.Parameter(torch.randn(6, dtype=torch.float64))
+    b = nn.Parameter(a.detach().clone())
+    ours = create_optimizer("adam", [a], lr=0.01, betas=(0.9, 0.99), weight_decay=0.1)
+    ref = torch.optim.AdamW([b], lr=0.01, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1)
+    for _ in range(20):
+        g = torch.randn(6, dtype=torch.float64)
+        a.grad, b.grad = g.clone(), g.clone()
+        ours.step()
+        ref.step()
+    torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-12, atol=1e-14)
+
+
+def test_names_resolve_like_timm():
+    p = [nn.Parameter(torch.zeros(2))]
+    for name in ("ExtraAdam", "extra-adam", "EXTRA_ADAM"):
+        assert type(create_optimizer(name, p)).__name__ == "ExtraAdam"
+    with pytest.raises(ValueError, match="unknown name"):
+        create_optimizer("lion", p)

@@ -11,11 +11,23 @@ import torch
 from qoda.optim.base import Averager, TwoCallOptimizer, VIOptimizer, check_positive
 
 
-def _check_adam(lr: float, betas: tuple[float, float], eps: float) -> None:
+def _check_adam(lr: float, betas: tuple[float, float], eps: float, weight_decay: float = 0.0) -> None:
     check_positive("lr", lr)
     check_positive("eps", eps)
-    if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+    check_positive("weight_decay", weight_decay, allow_zero=True)
+    if len(betas) != 2 or not all(isinstance(b, int | float) and 0.0 <= b < 1.0 for b in betas):
         raise ValueError(f"betas: both must be in [0, 1), got {betas!r}")
+
+
+def _decayed(opt: VIOptimizer, p: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``x (1 - lr wd)``: decoupled weight decay (AdamW, Loshchilov & Hutter 2019) from the point
+    ``x``, with ``p``'s group's rates; ``x`` itself when ``wd = 0`` or ``p`` has no gradient
+    (torch's AdamW skips such parameters)."""
+    grp = opt.group_of(p)
+    wd = grp.get("weight_decay", 0.0)
+    if wd == 0 or p.grad is None:
+        return x
+    return x * (1.0 - grp["lr"] * wd)
 
 
 def adam_moments(opt: VIOptimizer, p: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -42,33 +54,38 @@ def _adam_direction(opt: VIOptimizer, p: torch.Tensor, g: torch.Tensor) -> torch
 
 class ExtraAdam(TwoCallOptimizer):
     """Extra-gradient with Adam steps: both the extrapolation and the update take an Adam step
-    from ``X_t`` (moments updated by both gradients)."""
+    from ``X_t`` (moments updated by both gradients).  ``weight_decay`` is decoupled (AdamW):
+    both steps start from ``X_t (1 - lr wd)``."""
 
     def __init__(
         self, params: Iterable[torch.Tensor], lr: float = 1e-3, betas: tuple[float, float] = (0.5, 0.9),
-        eps: float = 1e-8, averager: Averager | None = None,
+        eps: float = 1e-8, weight_decay: float = 0.0, averager: Averager | None = None,
     ) -> None:  # fmt: skip
-        _check_adam(lr, betas, eps)
-        super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps}, averager)
+        _check_adam(lr, betas, eps, weight_decay)
+        super().__init__(
+            params, {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay}, averager
+        )
 
     def _extrapolate(self, v: list[torch.Tensor]) -> None:
         for p, vi in zip(self.params, v, strict=True):
-            p.sub_(_adam_direction(self, p, vi))
+            p.copy_(_decayed(self, p, p) - _adam_direction(self, p, vi))
 
     def _update(self, v: list[torch.Tensor]) -> None:
         for p, vi in zip(self.params, v, strict=True):
-            p.copy_(self.state[p]["x_t"] - _adam_direction(self, p, vi))
+            p.copy_(_decayed(self, p, self.state[p]["x_t"]) - _adam_direction(self, p, vi))
 
 
 class _OneCallAdam(VIOptimizer):
-    """Shared constructor of the one-call Adam variants."""
+    """Shared constructor of the one-call Adam variants (``weight_decay`` decoupled, as AdamW)."""
 
     def __init__(
         self, params: Iterable[torch.Tensor], lr: float = 1e-3, betas: tuple[float, float] = (0.5, 0.9),
-        eps: float = 1e-8, averager: Averager | None = None,
+        eps: float = 1e-8, weight_decay: float = 0.0, averager: Averager | None = None,
     ) -> None:  # fmt: skip
-        _check_adam(lr, betas, eps)
-        super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps}, averager)
+        _check_adam(lr, betas, eps, weight_decay)
+        super().__init__(
+            params, {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay}, averager
+        )
 
 
 class OptimisticAdam(_OneCallAdam):
@@ -80,7 +97,7 @@ class OptimisticAdam(_OneCallAdam):
         for p, vi in zip(self.params, self._dual(), strict=True):
             d = _adam_direction(self, p, vi)
             prev = self.state[p].get("prev_dir", d)
-            p.sub_(2 * d - prev)
+            p.copy_(_decayed(self, p, p) - (2 * d - prev))
             self.state[p]["prev_dir"] = d
         self.group["t"] += 1
         return loss
@@ -97,6 +114,6 @@ class SimultaneousAdam(_OneCallAdam):
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         loss = self._call(closure)
         for p, vi in zip(self.params, self._dual(), strict=True):
-            p.sub_(_adam_direction(self, p, vi))
+            p.copy_(_decayed(self, p, p) - _adam_direction(self, p, vi))
         self.group["t"] += 1
         return loss

@@ -33,21 +33,70 @@ def check_positive(name: str, value: float, allow_zero: bool = False) -> None:
         raise ValueError(f"{name}: must be {'non-negative' if allow_zero else 'positive'}, got {value!r}")
 
 
+def check_group(i: int, g: dict[str, Any]) -> None:
+    """Validate the per-group hyper-parameters a group may override (names the field)."""
+    if "lr" in g:
+        check_positive(f"param_groups[{i}].lr", g["lr"])
+    if "eps" in g:
+        check_positive(f"param_groups[{i}].eps", g["eps"])
+    if "weight_decay" in g:
+        check_positive(f"param_groups[{i}].weight_decay", g["weight_decay"], allow_zero=True)
+    if "betas" in g:
+        b = g["betas"]
+        ok = isinstance(b, tuple | list) and len(b) == 2
+        if not ok or not all(isinstance(v, int | float) and 0 <= v < 1 for v in b):
+            raise ValueError(f"param_groups[{i}].betas: both must be in [0, 1), got {b!r}")
+
+
 class VIOptimizer(Optimizer):
     """Base class: counters, the averaged dual vector, per-group learning rates.
 
     Parameter groups (for example one per player) may set their own ``lr`` (and, for the Adam
-    variants, ``betas``/``eps``); everything global to the iteration (counters, the adaptive
-    step-size sums, the iteration ``t``) lives in the first group, :attr:`group`.  The dual
-    vector is always the whole operator: one exchange averages every group's gradients.
+    variants, ``betas``/``eps``/``weight_decay``); everything global to the iteration (counters,
+    the adaptive step-size sums, the iteration ``t``) lives in the first group, :attr:`group`.
+    The dual vector is always the whole operator: one exchange averages every group's gradients.
+
+    torch.optim habits that hold here: ``add_param_group`` (validated, state initialised),
+    learning-rate schedulers (methods whose iterate is ``anchor + lr * (...)`` re-anchor when a
+    group's ``lr`` changes, see :meth:`_lr_changes`), and parameters without ``.grad``: they
+    count as a **zero** gradient (so every worker exchanges vectors of the same shape and
+    replicas stay identical); a parameter that never receives a gradient never moves, as in
+    torch, but one whose gradient disappears keeps its momentum (Adam variants) where torch
+    would skip it.
     """
 
     def __init__(self, params: Iterable[Any], defaults: dict[str, Any], averager: Averager | None) -> None:
+        self._initialised = False
         super().__init__(params, {**defaults, **dict.fromkeys(COUNTERS, 0), "t": 0})
-        for i, g in enumerate(self.param_groups):
-            if "lr" in g:
-                check_positive(f"param_groups[{i}].lr", g["lr"])
         self.averager = averager
+        for g in self.param_groups:
+            g["lr_used"] = g.get("lr")
+        self._initialised = True
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """torch's ``add_param_group`` plus validation and this optimizer's per-parameter state."""
+        check_group(len(self.param_groups), param_group)
+        super().add_param_group(param_group)
+        if self._initialised:
+            g = self.param_groups[-1]
+            g["lr_used"] = g.get("lr")
+            for p in g["params"]:
+                self._init_state(p)
+
+    def _init_state(self, p: torch.Tensor) -> None:
+        """Per-parameter state a subclass needs before its first step (anchors, dual sums)."""
+
+    def _lr_changes(self) -> list[tuple[dict[str, Any], float, float]]:
+        """``(group, old lr, new lr)`` for every group whose ``lr`` changed since its last step
+        (a scheduler or a user wrote it); records the new one as used."""
+        changed = []
+        for g in self.param_groups:
+            old = g.get("lr_used", g["lr"])
+            if g["lr"] != old:
+                check_positive("lr", g["lr"])
+                changed.append((g, old, g["lr"]))
+            g["lr_used"] = g["lr"]
+        return changed
 
     @property
     def group(self) -> dict[str, Any]:
@@ -75,11 +124,10 @@ class VIOptimizer(Optimizer):
 
     def _dual(self) -> list[torch.Tensor]:
         """The averaged dual vector at the current point: one oracle call, one exchange."""
-        grads = []
-        for p in self.params:
-            if p.grad is None:
-                raise RuntimeError("step: a parameter has no .grad; call backward() first")
-            grads.append(p.grad.detach().clone())
+        params = self.params
+        if params and all(p.grad is None for p in params):
+            raise RuntimeError("step: no parameter has a .grad; call backward() first")
+        grads = [torch.zeros_like(p) if p.grad is None else p.grad.detach().clone() for p in params]
         self.group["oracle_calls"] += 1
         if self.averager is not None:
             stats = self.averager.average_(grads, self.group["exchanges"])

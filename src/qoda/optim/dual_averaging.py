@@ -92,13 +92,36 @@ class QODA(VIOptimizer):
                     "sum_diff": 0.0, "sum_sq": 0.0}  # fmt: skip
         super().__init__(params, defaults, averager)
         for p in self.params:
-            st = self.state[p]
-            st["anchor"] = p.detach().clone()
-            st["y"] = torch.zeros_like(p)
-            st["prev"] = torch.zeros_like(p)
-            if scope == "coordinate":
-                st["sum_diff"] = torch.zeros_like(p)
-                st["sum_sq"] = torch.zeros_like(p)
+            self._init_state(p)
+
+    def _init_state(self, p: torch.Tensor) -> None:
+        st = self.state[p]
+        st["anchor"] = p.detach().clone()
+        st["y"] = torch.zeros_like(p)
+        st["prev"] = torch.zeros_like(p)
+        if self.group["scope"] == "coordinate":
+            st["sum_diff"] = torch.zeros_like(p)
+            st["sum_sq"] = torch.zeros_like(p)
+
+    def _reanchor(self) -> None:
+        """Keep the iterate continuous when a group's ``lr`` changes (a scheduler step).
+
+        The iterate is ``X = X_1 + lr f_t Y`` (``f_t`` the rate factor: ``c_eta (1 + S)^(-1/2)``,
+        per coordinate ``c_eta (delta + S)^(-1/2)``, or ``1`` with Adam preconditioning), so a new
+        ``lr`` would move it by ``(lr' - lr) f_t Y``, the whole path rescaled.  Moving the anchor by
+        ``(lr - lr') f_t Y`` keeps ``X`` where it is; later steps use ``lr'``.
+        """
+        g0 = self.group
+        for g, old, new in self._lr_changes():
+            for p in g["params"]:
+                st = self.state[p]
+                if g0["precondition"] == "adam":
+                    f: float | torch.Tensor = 1.0
+                elif g0["scope"] == "coordinate":
+                    f = g0["c_eta"] * (g0["delta"] + st["sum_diff"]).rsqrt()
+                else:
+                    f = g0["c_eta"] * (1.0 + g0["sum_diff"]) ** -0.5
+                st["anchor"].add_((old - new) * f * st["y"])
 
     def rates(self, lr: float | None = None) -> tuple[float, float]:
         """``(eta, gamma)`` for a group with learning rate ``lr`` (default: the first group's)."""
@@ -113,6 +136,7 @@ class QODA(VIOptimizer):
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         loss = self._call(closure)
         v = self._dual()
+        self._reanchor()
         g = self.group
         if g["precondition"] == "adam":
             self._adam_step(v)
@@ -171,8 +195,11 @@ class QGenX(TwoCallOptimizer):
         check_positive("lr", lr)
         super().__init__(params, {"lr": lr, "sum_diff": 0.0}, averager)
         for p in self.params:
-            self.state[p]["anchor"] = p.detach().clone()
-            self.state[p]["y"] = torch.zeros_like(p)
+            self._init_state(p)
+
+    def _init_state(self, p: torch.Tensor) -> None:
+        self.state[p]["anchor"] = p.detach().clone()
+        self.state[p]["y"] = torch.zeros_like(p)
 
     def gamma(self, lr: float | None = None) -> float:
         lr = self.group["lr"] if lr is None else lr
@@ -184,6 +211,11 @@ class QGenX(TwoCallOptimizer):
             p.sub_(self.gamma(lr) * vi)
 
     def _update(self, v: list[torch.Tensor]) -> None:
+        # X_{t+1} = X_1 + lr (1 + S)^(-1/2) Y: a changed lr re-anchors (see QODA._reanchor).
+        f = (1.0 + self.group["sum_diff"]) ** -0.5
+        for g, old, new in self._lr_changes():
+            for p in g["params"]:
+                self.state[p]["anchor"].add_((old - new) * f * self.state[p]["y"])
         self.group["sum_diff"] += self._sq([vi - self.state[p]["lead"] for p, vi in zip(self.params, v, strict=True)])
         for p, vi, lr in zip(self.params, v, self._lrs(), strict=True):
             st = self.state[p]

@@ -37,10 +37,21 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
 }
 
 
+def _key(name: str) -> str:
+    return name.lower().replace("_", "").replace("-", "")
+
+
+def resolve_name(name: str) -> str:
+    """The registry name of ``name``, matched as timm does: case-insensitively, ignoring ``_``
+    and ``-`` (``"ExtraAdam"``, ``"extra-adam"`` and ``"extra_adam"`` are one optimizer)."""
+    found = {_key(n): n for n in OPTIMIZERS}.get(_key(name)) if isinstance(name, str) else None
+    if found is None:
+        raise ValueError(f"optimizer: unknown name {name!r}, expected one of {sorted(OPTIMIZERS)}")
+    return found
+
+
 def create_optimizer(
     name: str, params: Iterable[torch.Tensor], averager: Averager | None = None, **kwargs: Any
 ) -> VIOptimizer:
-    """Build the optimizer ``name`` (see :data:`OPTIMIZERS`)."""
-    if name not in OPTIMIZERS:
-        raise ValueError(f"optimizer: unknown name {name!r}, expected one of {sorted(OPTIMIZERS)}")
-    return OPTIMIZERS[name].cls(params, averager=averager, **kwargs)
+    """Build the optimizer ``name`` (see :data:`OPTIMIZERS` and :func:`resolve_name`)."""
+    return OPTIMIZERS[resolve_name(name)].cls(params, averager=averager, **kwargs)
