@@ -208,7 +208,7 @@ def test_fitted_slope():
 
 def test_qoda_rates_family():
     p = nn.Parameter(torch.zeros(3))
-    opt = QODA([p], rate="single")
+    opt = QODA([p], rate="single", precondition="none")
     eta, gamma = opt.rates()
     assert eta == gamma == 1.0
 
@@ -259,7 +259,7 @@ def test_per_group_learning_rates(name):
 def test_qoda_coordinate_scope_keeps_the_rate(problem):
     """The diagonal (per-coordinate) rates the GAN trainer uses still give the O(1/T) ergodic rate under
     relative noise (gap slope ~ -1 on the log-log plot), like the analysed global rule."""
-    hyper = {"lr": 0.3, "scope": "coordinate", "rate": "single", "delta": 1e-8}
+    hyper = {"lr": 0.3, "scope": "coordinate", "rate": "single", "delta": 1e-8, "precondition": "none"}
     r = simulate(
         RunConfig(problem, "qoda", Noise("relative", 0.1), None, workers=4, iterations=2000, d=20, hyper=hyper)
     )
@@ -293,7 +293,11 @@ def test_adam_preconditioned_qoda_is_the_optimistic_recursion_on_adam_directions
 
 
 @pytest.mark.parametrize(
-    "hyper", [{"precondition": "adam", "lr": 0.01}, {"scope": "coordinate", "rate": "single", "delta": 1e-8, "lr": 0.1}]
+    "hyper",
+    [
+        {"precondition": "adam", "lr": 0.01},
+        {"scope": "coordinate", "rate": "single", "delta": 1e-8, "lr": 0.1, "precondition": "none"},
+    ],
 )
 def test_qoda_variants_state_dict_round_trip(hyper):
     prob = bilinear(d=10, seed=1)
@@ -312,8 +316,8 @@ def test_qoda_variants_state_dict_round_trip(hyper):
 
 # --------------------------------------------------------- torch.optim habits (schedulers, groups, grads)
 ANCHORED = [
-    ("qoda", {"lr": 0.05}),
-    ("qoda", {"lr": 0.05, "scope": "coordinate", "rate": "single", "delta": 1e-8}),
+    ("qoda", {"lr": 0.05, "precondition": "none"}),
+    ("qoda", {"lr": 0.05, "scope": "coordinate", "rate": "single", "delta": 1e-8, "precondition": "none"}),
     ("qoda", {"lr": 0.01, "precondition": "adam"}),
     ("qgenx", {"lr": 0.05}),
 ]
@@ -418,3 +422,16 @@ def test_names_resolve_like_timm():
         assert type(create_optimizer(name, p)).__name__ == "ExtraAdam"
     with pytest.raises(ValueError, match="unknown name"):
         create_optimizer("lion", p)
+
+
+def test_qoda_defaults_lead_to_the_deep_learning_variant():
+    """QODA(params) is the Adam-preconditioned variant (lr 1e-3), the analysed method is one
+    argument away (lr 1), and the analysed rules' options are refused where they would be ignored."""
+    p = [nn.Parameter(torch.zeros(3))]
+    default, analysed = QODA(p), QODA(p, precondition="none")
+    assert default.group["precondition"] == "adam" and default.group["lr"] == 1e-3
+    assert analysed.group["precondition"] == "none" and analysed.group["lr"] == 1.0
+    for kw in ({"scope": "coordinate"}, {"rate": "single"}, {"q": 0.1}, {"c_eta": 2.0}, {"delta": 1e-8}):
+        with pytest.raises(ValueError, match=f"{next(iter(kw))}: .*precondition='none'"):
+            QODA(p, **kw)
+        QODA(p, precondition="none", **kw)

@@ -19,66 +19,82 @@ from qoda.optim.base import Averager, TwoCallOptimizer, VIOptimizer, check_posit
 RATES = ("separated", "single")
 SCOPES = ("global", "coordinate")
 PRECONDITIONERS = ("none", "adam")
+#: Default ``lr`` per variant: Adam's usual 1e-3; the analysed rules' constants are scaled by 1.
+DEFAULT_LR = {"adam": 1e-3, "none": 1.0}
+#: The analysed rules' options and their defaults (rejected with other values under Adam).
+ANALYSED_DEFAULTS: dict[str, object] = {
+    "c_eta": 1.0, "c_gamma": 1.0, "q": 0.25, "rate": "separated", "scope": "global", "delta": 1.0,
+}  # fmt: skip
 
 
 class QODA(VIOptimizer):
     """Quantized optimistic dual averaging: ONE oracle call and ONE exchange per iteration.
 
-    With ``Vbar_t`` the averaged dual vector at the half-iterate ``X_{t+1/2}``::
+    Two variants, one argument apart:
 
-        Y       <- Y - Vbar_t
-        eta     = c_eta   (1 + sum_s ||Vbar_s - Vbar_{s-1}||^2)^(-1/2)
-        gamma   = c_gamma (1 + sum_s ||Vbar_s||^2)^(q - 1/2)        (rate="separated")
-                = eta                                               (rate="single")
-        X_{t+1}     = X_1 + eta Y
-        X_{t+3/2}   = X_{t+1} - gamma Vbar_t       <- the parameters after step()
+    * ``QODA(params)`` (default, ``precondition="adam"``, ``lr=1e-3``): the variant for deep
+      networks (GANs, adversarial losses), the one ``qoda train`` uses.  The averaged dual vector
+      ``Vbar_t`` (still ONE exchange) feeds Adam moments, and the optimistic dual-averaging step
+      runs on ``d_t = m_hat / (sqrt(v_hat) + eps)`` with constant rates::
 
-    The parameters always hold the half-iterate at which the next oracle is queried.
+          Y <- Y - d_t;   X_{t+1} = X_1 + lr Y;   X_{t+3/2} = X_{t+1} - lr d_t
 
-    ``precondition="adam"`` is the Adam-preconditioned variant for deep networks (reference
-    section 3: "in deep learning practice ... an Adam-preconditioned variant is used"): the
-    averaged dual vector ``Vbar_t`` (still ONE exchange) feeds Adam moments, and the iteration
-    runs on ``d_t = m_hat / (sqrt(v_hat) + eps)`` with constant rates ``eta = gamma = lr``::
+      This is the optimistic (Popov) recursion on Adam directions: from the second iteration on,
+      the half-iterates move exactly like :class:`OptimisticAdam`'s (``X <- X - 2 d_t + d_{t-1}``);
+      only the first step differs (QODA starts with ``Vbar_0 = 0``).
 
-        Y <- Y - d_t;   X_{t+1} = X_1 + lr Y;   X_{t+3/2} = X_{t+1} - lr d_t
+    * ``QODA(params, precondition="none")`` (``lr=1``): the analysed method of reference sections
+      3-4, for monotone VIs.  With ``Vbar_t`` the averaged dual vector at the half-iterate::
 
-    With constant rates this is the optimistic (Popov) recursion on Adam directions: from the
-    second iteration on, the half-iterates move exactly like :class:`OptimisticAdam`'s
-    (``X <- X - 2 d_t + d_{t-1}``); only the first step differs (QODA starts with
-    ``Vbar_0 = 0``, so its first half-iterate moves ``2 lr d_1``, OptimisticAdam's ``lr d_1``).
-    Measured on the GAN (README): the un-preconditioned rules decay the critic's steps like
-    ``1/sqrt(t)`` and pull every coordinate back towards its anchor, and the generator collapses.
+          Y       <- Y - Vbar_t
+          eta     = c_eta   (1 + sum_s ||Vbar_s - Vbar_{s-1}||^2)^(-1/2)
+          gamma   = c_gamma (1 + sum_s ||Vbar_s||^2)^(q - 1/2)        (rate="separated")
+                  = eta                                               (rate="single")
+          X_{t+1}     = X_1 + eta Y
+          X_{t+3/2}   = X_{t+1} - gamma Vbar_t       <- the parameters after step()
 
-    ``scope="coordinate"`` applies the same rules per coordinate (sums of squared coordinates
-    instead of squared norms, ``delta`` in place of the ``1``): a diagonal, AdaGrad-style
-    preconditioner of the dual-averaging step, the "preconditioned variant" used for deep
-    networks whose layers have gradients of very different scales (the GAN trainer's default,
-    with ``rate="single"``, which makes the step scale-free).  ``scope="global"`` (default) is
-    the analysed method.
-    Defaults (``rate="separated"``, ``q=1/4``, ``c_eta=c_gamma=1``) are the rule the VI suite
-    shows to converge at the claimed rates; ``q=0`` makes the optimistic step vanish too fast.
-    ``lr`` scales both constants (a convenience for deep-learning use).
+      Defaults (``rate="separated"``, ``q=1/4``, ``c_eta=c_gamma=1``) are the rule the VI suite
+      shows to converge at the claimed rates; ``q=0`` makes the optimistic step vanish too fast.
+      ``scope="coordinate"`` applies the same rules per coordinate (sums of squared coordinates,
+      ``delta`` in place of the ``1``): a diagonal, AdaGrad-style preconditioner that keeps the
+      O(1/T) rate on the VI suite.  On the WGAN neither trains (README: the critic's steps decay
+      like ``1/sqrt(t)`` and the generator collapses), hence the Adam default.
+
+    The parameters always hold the half-iterate at which the next oracle is queried.  ``lr``
+    scales both rates; the options of the analysed rules (``c_eta``, ``c_gamma``, ``q``, ``rate``,
+    ``scope``, ``delta``) are rejected with ``precondition="adam"``, which does not use them.
+    A learning-rate change (a scheduler) re-anchors, so the iterate does not jump.
     """
 
     def __init__(
         self,
         params: Iterable[torch.Tensor],
-        lr: float = 1.0,
+        lr: float | None = None,
         c_eta: float = 1.0,
         c_gamma: float = 1.0,
         q: float = 0.25,
         rate: str = "separated",
         scope: str = "global",
         delta: float = 1.0,
-        precondition: str = "none",
+        precondition: str = "adam",
         betas: tuple[float, float] = (0.5, 0.9),
         eps: float = 1e-8,
         averager: Averager | None = None,
     ) -> None:
-        for name, v in (("lr", lr), ("c_eta", c_eta), ("c_gamma", c_gamma), ("delta", delta), ("eps", eps)):
-            check_positive(name, v)
         if precondition not in PRECONDITIONERS:
             raise ValueError(f"precondition: expected one of {PRECONDITIONERS}, got {precondition!r}")
+        if lr is None:
+            lr = DEFAULT_LR[precondition]
+        for name, v in (("lr", lr), ("c_eta", c_eta), ("c_gamma", c_gamma), ("delta", delta), ("eps", eps)):
+            check_positive(name, v)
+        if precondition == "adam":
+            given = {"c_eta": c_eta, "c_gamma": c_gamma, "q": q, "rate": rate, "scope": scope, "delta": delta}
+            unused = [k for k, v in given.items() if v != ANALYSED_DEFAULTS[k]]
+            if unused:
+                raise ValueError(
+                    f"{unused[0]}: an option of the analysed adaptive rules, unused with precondition='adam' "
+                    "(pass precondition='none' to use them)"
+                )
         if len(betas) != 2 or not all(isinstance(b, int | float) and 0.0 <= b < 1.0 for b in betas):
             raise ValueError(f"betas: both must be in [0, 1), got {betas!r}")
         if scope not in SCOPES:

@@ -25,7 +25,7 @@ from qoda.vi.problems import DTYPE, PROBLEMS, Noise, VIProblem
 
 #: Hyper-parameters of the suite (operators are scaled to Lipschitz constant ~1).
 DEFAULT_HYPER: dict[str, dict[str, float]] = {
-    "qoda": {"lr": 1.0},
+    "qoda": {"lr": 1.0, "precondition": "none"},  # the analysed method (QODA's default is the Adam variant)
     "qgenx": {"lr": 1.0},
     "gda": {"lr": 0.2},
     "eg": {"lr": 0.2},
