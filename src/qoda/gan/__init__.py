@@ -1,1 +1,1 @@
-"""WGAN-GP models (the trainer is still to come)."""
+"""WGAN-GP models: the ResNet pair of the published experiments, a CPU-sized DCGAN pair, the gradient penalty."""

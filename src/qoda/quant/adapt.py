@@ -29,6 +29,7 @@ import torch
 
 from qoda.quant.config import QuantizerConfig
 from qoda.quant.levels import LevelSet
+from qoda.quant.policy import LayerPlan
 from qoda.quant.quantizer import TensorOrTensors
 from qoda.quant.variance import normalized_magnitudes
 
@@ -285,8 +286,8 @@ class LevelAdapter:
     """
 
     def __init__(
-        self, plan: object, config: AdaptConfig | None = None, reduce: object | None = None
-    ) -> None:  # plan: qoda.quant.policy.LayerPlan (imported lazily to keep this module light)
+        self, plan: LayerPlan, config: AdaptConfig | None = None, reduce: object | None = None
+    ) -> None:
         self.plan = plan
         self.config = config or AdaptConfig()
         self.reduce = reduce

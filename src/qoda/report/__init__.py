@@ -1,1 +1,1 @@
-"""The default job: a quantization report on real gradients."""
+"""`qoda report`: a quantization report on real gradients (a digits CNN), with exact variances and wire bits."""
