@@ -206,11 +206,30 @@ def test_fitted_slope():
     assert math.isclose(fitted_slope(ts, 3.0 / ts), -1.0, abs_tol=1e-9)
 
 
-def test_qoda_rates_family():
-    p = nn.Parameter(torch.zeros(3))
-    opt = QODA([p], rate="single", precondition="none")
-    eta, gamma = opt.rates()
-    assert eta == gamma == 1.0
+@pytest.mark.parametrize("rate", ["separated", "single"])
+def test_qoda_rates_follow_the_formulas_over_steps(rate):
+    """eta_t = c_eta (1 + sum ||V_s - V_{s-1}||^2)^(-1/2) and gamma_t = c_gamma (1 + sum ||V_s||^2)^(q - 1/2)
+    (or eta with rate="single"), checked against sums kept here over 6 steps of known dual vectors, and the
+    iterate X_{t+1} - gamma V_t with X_{t+1} = X_1 + eta Y."""
+    torch.manual_seed(3)
+    x1 = torch.randn(4, dtype=torch.float64)
+    p = nn.Parameter(x1.clone())
+    c_eta, c_gamma, q, lr = 0.7, 1.3, 0.2, 0.5
+    opt = QODA([p], lr=lr, c_eta=c_eta, c_gamma=c_gamma, q=q, rate=rate, precondition="none")
+    s_diff = s_sq = 0.0
+    y, prev = torch.zeros(4, dtype=torch.float64), torch.zeros(4, dtype=torch.float64)
+    for _ in range(6):
+        v = torch.randn(4, dtype=torch.float64) * 3
+        p.grad = v.clone()
+        opt.step()
+        s_diff += float((v - prev).square().sum())
+        s_sq += float(v.square().sum())
+        eta = lr * c_eta * (1 + s_diff) ** -0.5
+        gamma = eta if rate == "single" else lr * c_gamma * (1 + s_sq) ** (q - 0.5)
+        assert opt.rates() == pytest.approx((eta, gamma), rel=1e-12)
+        y -= v
+        torch.testing.assert_close(p.detach(), x1 + eta * y - gamma * v, rtol=1e-12, atol=1e-12)
+        prev = v
 
 
 @pytest.mark.parametrize("name", ALL)
