@@ -1,5 +1,6 @@
 import math
 
+import numpy as np
 import pytest
 
 from qoda.quant.levels import LevelSet
@@ -62,3 +63,14 @@ def test_level_set_id_identifies_the_values():
     a, b = LevelSet.uniform(6), LevelSet.exponential(6)
     assert a.level_set_id != b.level_set_id
     assert a.level_set_id == LevelSet.custom(list(a.values)).level_set_id
+
+
+def test_gaps_whose_inverse_overflows_float32_are_refused():
+    """The kernels multiply by float32(1 / (l_{j+1} - l_j)); a gap below 2^-126 (found by the
+    generated fuzzer: 1/gap = inf made the rounding biased) is refused, naming the field."""
+    with pytest.raises(ValueError, match="levels: the gap"):
+        LevelSet.custom([0.0, 1e-39, 0.5, 1.0])
+    with pytest.raises(ValueError, match="levels: the gap"):
+        LevelSet.exponential(14, 0.001)  # p^14 = 1e-42
+    ok = LevelSet.custom([0.0, 2.0**-125, 1.0])
+    assert np.isfinite(np.float32(1.0) / np.diff(ok.array)).all()

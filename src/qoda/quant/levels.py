@@ -21,6 +21,9 @@ import numpy as np
 
 #: Largest number of levels (``s + 2``): a signed level index must fit in 16 bits.
 MAX_LEVELS = 1 << 15
+#: Smallest gap between adjacent levels: the smallest normal float32, 2^-126 (its inverse, 2^126,
+#: is finite; below about 2^-128 the kernels' inverse widths overflow).
+MIN_LEVEL_GAP = 2.0**-126
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,13 @@ class LevelSet:
         for a, b in itertools.pairwise(vals):
             if not b > a:
                 raise ValueError(f"levels: must be strictly increasing in [0, 1] (as float32), found {a} then {b}")
+            # The kernels round with p = (u - l_j) * float32(1 / (l_{j+1} - l_j)): a gap below
+            # MIN_LEVEL_GAP makes that inverse overflow float32 and the rounding biased.
+            if float(np.float32(b) - np.float32(a)) < MIN_LEVEL_GAP:
+                raise ValueError(
+                    f"levels: the gap between {a} and {b} is below {MIN_LEVEL_GAP:.3g} (2^-126), "
+                    "its inverse overflows float32"
+                )
 
     # ------------------------------------------------------------------ constructors
     @classmethod
