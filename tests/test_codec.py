@@ -382,3 +382,26 @@ def test_bucket_start_cache_holds_only_small_layouts():
     # at most 64 cached layouts of at most 2^16 + 1 int64 starts each: about 32 MiB in all
     cap = quantizer._bucket_starts_cached.cache_info().maxsize
     assert cap * (quantizer.CACHED_MAX_BUCKETS + 1) * 8 <= 2**25 + 2**10
+
+
+def test_entropy_segment_claiming_a_huge_constant_tensor_is_bounded():
+    """A valid entropy segment of equal codes costs no bits per coordinate (2^27 zeros take a few
+    hundred bytes): decode without expected shapes refuses more than max_numel before allocating,
+    decode_into checks the receiver's buffer first."""
+    import tracemalloc
+
+    cfg = QuantizerConfig.qsgd(4, 2**20, coding="entropy")
+    n = 2**24
+    data = encode_tensor(torch.zeros(n), cfg, 0).data
+    assert len(data) < 400
+    tracemalloc.start()
+    try:
+        with pytest.raises(CodecError, match="max_numel"):
+            decode(data, cfg, max_numel=2**20)
+        with pytest.raises(ValueError, match="out"):
+            decode_into(data, cfg, torch.zeros(10))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 64 * 1024
+    assert decode(data, cfg).numel == n  # within the default bound (2^26) it decodes

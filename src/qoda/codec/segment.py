@@ -295,12 +295,31 @@ def _entropy_codes(p: _Parsed, config: QuantizerConfig) -> np.ndarray:
     return codes
 
 
+#: Without expected layer shapes, :func:`decode` accepts at most this many coordinates (64M:
+#: 512 MiB of codes and scratch).  An entropy-coded segment whose codes are all equal costs no
+#: bits per coordinate, so its body cannot bound its size: a valid 600-byte payload may claim
+#: 2^27 coordinates.  Receivers that know the sizes (every aggregator) pass them instead.
+DECODE_MAX_NUMEL = 1 << 26
+
+
 def decode(
-    payload: object, config: QuantizerConfig, layer_shapes: Sequence[torch.Size] | None = None
+    payload: object,
+    config: QuantizerConfig,
+    layer_shapes: Sequence[torch.Size] | None = None,
+    max_numel: int = DECODE_MAX_NUMEL,
 ) -> QuantizedTensor:
-    """Decode a segment into its exact quantized form (codes and norms, bit for bit)."""
+    """Decode a segment into its exact quantized form (codes and norms, bit for bit).
+
+    With ``layer_shapes`` the payload must hold exactly those layers; without, it may hold at
+    most ``max_numel`` coordinates (see :data:`DECODE_MAX_NUMEL`), checked before allocating.
+    """
     expected = None if layer_shapes is None else [int(np.prod(s)) for s in layer_shapes]
     p = _parse(payload, config, expected)
+    if expected is None and p.header.numel > max_numel:
+        raise CodecError(
+            f"payload claims {p.header.numel} coordinates, more than max_numel={max_numel} "
+            "(pass layer_shapes, or a larger max_numel if that is expected)"
+        )
     tabs = level_tables(config.levels)
     levels = tabs.levels
     starts = bucket_starts(p.numels, config.bucket_size)
