@@ -320,3 +320,161 @@ def _adapt_worker(rank, world):
 def test_adapted_levels_agree_across_processes():
     prints = values(run(_adapt_worker, 2, timeout=90))
     assert prints[0] == prints[1] and "fitted" not in prints[0]  # the fingerprint holds level-set ids
+
+
+# ----------------------------------------------------------------------------- DDP hook: overlap, binding, errors
+class Deep(nn.Module):
+    """Three linear layers: several DDP buckets with ``bucket_cap_mb=0.1``."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(40, 256)
+        self.fc2 = nn.Linear(256, 256)
+        self.out = nn.Linear(256, 1)
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.fc2(torch.tanh(self.fc1(x)))))
+
+
+def _hook_run(rank, mode, coding, overlap, bound=True, steps=5, nan_at=None, **state_kw):
+    """Params after every step (start_iter=2: two fp32 warm-up steps, then quantized), or the error."""
+    torch.manual_seed(0)
+    model = Deep()
+    ddp = nn.parallel.DistributedDataParallel(model, bucket_cap_mb=0.1)
+    policy = LayerPolicy.global_(QuantizerConfig.qsgd(4, 256, coding=coding), min_numel=64)
+    state = QodaHookState(policy=policy, mode=mode, start_iter=2, seed=3, overlap=overlap, **state_kw)
+    if bound:
+        state.register(ddp)
+    else:  # built without the model, registered the plain PyTorch way: binds itself to the buckets
+        ddp.register_comm_hook(state, qoda_hook)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.05)
+    x, y = _regression_data(rank, 64)
+    traj = []
+    for step in range(steps):
+        opt.zero_grad()
+        loss = nn.functional.mse_loss(ddp(x), y)
+        if step == nan_at and rank == 1:
+            loss = loss * float("nan")
+        try:
+            loss.backward()
+        except Exception as e:
+            return f"{type(e).__name__}: {e}"
+        opt.step()
+        traj.append(torch.cat([p.detach().reshape(-1) for p in model.parameters()]).numpy())
+    return np.stack(traj), state.stats.as_dict(), len(state._aggregators), state.bound
+
+
+def _error_of(fn):
+    try:
+        fn()
+    except Exception as e:
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def _hook_suite_worker(rank, world):
+    import io
+
+    from qoda.quant.adapt import AdaptConfig
+
+    res = {}
+    for mode, coding in [(m, c) for m in ("allgather", "two_phase") for c in ("fixed", "entropy")]:
+        bound = mode == "two_phase"  # allgather: states built without the model, bound to the buckets
+        sync = _hook_run(rank, mode, coding, overlap=False, bound=bound)
+        over = _hook_run(rank, mode, coding, overlap=True, bound=bound)
+        res[mode, coding] = (sync, over)
+    for mode in ("allgather", "two_phase"):
+        res["nan", mode] = _hook_run(rank, mode, "fixed", overlap=True, nan_at=3)
+        if rank == 1:  # rank 1 sends damaged bytes once compressing (phase 1 in two-phase mode)
+            enc = LayerwiseCodec.encode_flats
+
+            def corrupt(self, *a, enc=enc, **k):
+                m = enc(self, *a, **k)
+                if k.get("tag", 0) <= world:  # allgather message or phase-1 chunk
+                    m.data[-3] ^= 0x55
+                return m
+
+            LayerwiseCodec.encode_flats = corrupt
+        try:
+            res["corrupt", mode] = _hook_run(rank, mode, "fixed", overlap=True)
+        finally:
+            if rank == 1:
+                LayerwiseCodec.encode_flats = enc
+    # settings that differ across ranks: every rank raises at the first hook call
+    res["mismatch"] = _hook_run(rank, "allgather", "fixed", overlap=(rank == 0))
+    # a name-dependent policy without a model binding; a state bound to another model
+    unbound = QodaHookState(policy=LayerPolicy.by_module_class(QuantizerConfig.qsgd(4)))
+
+    def train_once(state, ddp):
+        ddp.register_comm_hook(state, qoda_hook)
+        ddp(torch.randn(4, 40)).sum().backward()
+
+    res["unbound"] = _error_of(lambda: train_once(unbound, nn.parallel.DistributedDataParallel(Deep())))
+    other = QodaHookState(Deep(), LayerPolicy.global_(QuantizerConfig.qsgd(4)))
+    res["other_model"] = _error_of(lambda: train_once(other, nn.parallel.DistributedDataParallel(Deep())))
+    # state_dict: loadable with weights_only=True, restores counters and fitted levels
+    torch.manual_seed(0)
+    model = Deep()
+    ddp = nn.parallel.DistributedDataParallel(model, bucket_cap_mb=0.1)
+    state = QodaHookState(model, LayerPolicy.global_(QuantizerConfig.qsgd(4, 256)), mode="allgather", start_iter=1,
+                          adapt=AdaptConfig(observe_every=1))  # fmt: skip
+    ddp.register_comm_hook(state, qoda_hook)
+    for _ in range(3):
+        ddp(torch.randn(8, 40)).sum().backward()
+    buf = io.BytesIO()
+    torch.save(state.state_dict(), buf)
+    buf.seek(0)
+    fresh = QodaHookState(policy=LayerPolicy.global_(QuantizerConfig.qsgd(4, 256)), mode="allgather", start_iter=1,
+                          adapt=AdaptConfig(observe_every=1))  # fmt: skip
+    fresh.load_state_dict(torch.load(buf, weights_only=True))
+    levels = {i: s["levels"] for i, s in fresh.adapter_states.items()}
+    live = {i: a.state_dict()["levels"] for i, (_, a) in state._adapters.items()}
+    res["state_dict"] = (fresh.iter, fresh.stats.calls == state.stats.calls > 0, levels == live)
+    res["wrong_settings"] = _error_of(lambda: QodaHookState(mode="two_phase").load_state_dict(state.state_dict()))
+    return res
+
+
+@pytest.fixture(scope="module")
+def hook_suite():
+    return values(run(_hook_suite_worker, 2, timeout=150, pg_timeout=30))
+
+
+@pytest.mark.parametrize(("mode", "coding"), [("allgather", "fixed"), ("allgather", "entropy"),
+                                              ("two_phase", "fixed"), ("two_phase", "entropy")])  # fmt: skip
+def test_overlapping_hook_equals_the_synchronous_one_bit_for_bit(hook_suite, mode, coding):
+    for rank_res in hook_suite:
+        sync, over = rank_res[mode, coding]
+        assert not isinstance(sync, str) and not isinstance(over, str), (sync, over)
+        # fp32 warm-up steps 0-1, then quantized steps 2-4 with the same seeds: identical trajectories
+        assert np.array_equal(sync[0], over[0])
+        assert sync[2] >= 2 and over[2] == sync[2]  # several buckets: overlap across buckets happened
+        assert over[1]["calls"] == sync[1]["calls"] == 3 * sync[2]
+        assert over[1]["bytes_sent"] > 0
+        if coding == "fixed":  # no size exchange (one status byte per message instead)
+            assert over[1]["bytes_sent"] < sync[1]["bytes_sent"]
+    assert np.array_equal(hook_suite[0][mode, coding][1][0], hook_suite[1][mode, coding][1][0])  # ranks agree
+    if mode == "allgather":  # built without the model: bound itself to the buckets (global policy)
+        assert hook_suite[0][mode, coding][1][3] is False
+
+
+@pytest.mark.parametrize("mode", ["allgather", "two_phase"])
+def test_overlapping_hook_fails_every_rank_on_a_nan(hook_suite, mode):
+    msgs = [r["nan", mode] for r in hook_suite]
+    assert isinstance(msgs[1], str) and "NaN or Inf" in msgs[1], msgs
+    assert isinstance(msgs[0], str) and "rank(s) [1]" in msgs[0], msgs
+
+
+@pytest.mark.parametrize("mode", ["allgather", "two_phase"])
+def test_overlapping_hook_fails_every_rank_on_a_damaged_payload(hook_suite, mode):
+    msgs = [r["corrupt", mode] for r in hook_suite]
+    assert all(isinstance(m, str) and "AggregationError" in m for m in msgs), msgs
+    assert any("corrupted" in m for m in msgs), msgs
+
+
+def test_hook_misuse_fails_every_rank_clearly(hook_suite):
+    for r in hook_suite:
+        assert isinstance(r["mismatch"], str) and "differ across ranks: overlap" in r["mismatch"], r["mismatch"]
+        assert r["unbound"] is not None and "state.bind(model)" in r["unbound"]
+        assert r["other_model"] is not None and "not in the model bound" in r["other_model"]
+        assert r["state_dict"] == (3, True, True)
+        assert r["wrong_settings"] is not None and "other settings (mode" in r["wrong_settings"]
