@@ -1,6 +1,9 @@
 import json
+import os
+import signal
 
 import pytest
+import torch
 
 from qoda.cli import main
 
@@ -51,6 +54,7 @@ def test_bad_options_name_the_option(argv, field, capsys):
         (["--compression", "zip"], "qoda train: error: compression: expected one of"),
         (["--dataset", "cifar10"], "qoda train: error: data_root:"),
         (["--lr-d", "-1"], "qoda train: error: lr_d: must be > 0"),
+        (["--qoda-scope", "coordinate"], "qoda train: error: qoda_scope: an option of QODA's analysed"),
     ],
 )
 def test_train_rejects_bad_options_in_one_line(argv, needle, capsys):
@@ -88,3 +92,83 @@ def test_bench_e2e_and_scaling_name_bad_inputs(tmp_path, capsys):
     assert main(["bench", "scaling", "--e2e", str(tmp_path / "none.json"), "--json", str(tmp_path / "s.json")]) == 2
     assert "none.json not found (run `qoda bench e2e` first)" in capsys.readouterr().err
     assert not (tmp_path / "e.json").exists() and not (tmp_path / "s.json").exists()
+
+
+# ------------------------------------------------------------------------------------ run folders and bad input
+TINY_TRAIN = ["train", "--dataset", "digits", "--width", "8", "--batch-size", "8", "--fid-samples", "10",
+              "--no-progress", "--compression", "qsgd", "--checkpoint-every", "2", "--log-every", "2"]  # fmt: skip
+
+
+def _one_line(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "Traceback" not in err, err
+    return err
+
+
+def test_train_refuses_unusable_out_resume_and_device_in_one_line(tmp_path, capsys):
+    (tmp_path / "a-file").write_text("x")
+    (tmp_path / "empty").mkdir()
+    cases = [
+        (["--out", str(tmp_path / "a-file")], f"qoda train: error: --out {tmp_path / 'a-file'} is an existing file"),
+        (["--out", str(tmp_path / "none"), "--resume"], "qoda train: error: --resume: "),
+        (["--out", str(tmp_path / "empty"), "--resume"], "holds no qoda run"),
+        (["--out", str(tmp_path / "x"), "--resume", "--overwrite"], "qoda train: error: overwrite: cannot be combined"),
+    ]
+    if not torch.cuda.is_available():
+        cases.append((["--out", str(tmp_path / "c"), "--device", "cuda"], "qoda train: error: device: 'cuda'"))
+    for argv, needle in cases:
+        assert main([*TINY_TRAIN, "--steps", "2", *argv]) == 2, argv
+        assert needle in _one_line(capsys), argv
+    assert not (tmp_path / "none").exists() and not any((tmp_path / "empty").iterdir())
+
+
+def test_train_refuses_a_reused_out_and_overwrite_replaces_only_the_run(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()  # an empty existing folder is fine
+    run = [*TINY_TRAIN, "--steps", "2", "--out", str(out)]
+    assert main(run) == 0
+    capsys.readouterr()
+    (out / "notes.txt").write_text("mine")
+    (out / "samples" / "mine.png").write_bytes(b"mine")
+    events = sorted((out / "tensorboard").glob("events.out.tfevents.*"))
+    common = (out / "checkpoints" / "step-0000002" / "common.pt").read_bytes()
+    assert main([*run, "--steps", "4"]) == 2
+    assert _one_line(capsys) == (
+        f"qoda train: error: --out {out} already holds a run (checkpoint at step 2); use --resume to continue it, "
+        "a new --out, or --overwrite to replace it"
+    )
+    assert sorted((out / "tensorboard").glob("events.out.tfevents.*")) == events and len(events) == 1
+    assert (out / "checkpoints" / "step-0000002" / "common.pt").read_bytes() == common
+    assert main([*run, "--steps", "4", "--overwrite"]) == 0
+    new_events = sorted((out / "tensorboard").glob("events.out.tfevents.*"))
+    assert len(new_events) == 1 and new_events != events
+    assert json.loads((out / "checkpoints" / "latest.json").read_text())["step"] == 4
+    assert json.loads((out / "report.json").read_text())["steps"] == 4
+    assert (out / "notes.txt").read_text() == "mine" and (out / "samples" / "mine.png").exists()
+    assert [p.name for p in (out / "checkpoints").glob("step-*")] == ["step-0000004"]
+
+
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_train_signal_in_a_single_process_run_stops_in_one_line_and_resumes(tmp_path, capsys, monkeypatch, sig, code):
+    from qoda.train import checkpoint
+
+    real = checkpoint.save
+
+    def save_then_signal(out, step, *args, **kwargs):
+        real(out, step, *args, **kwargs)
+        if step == 2:  # delivered to this very process, inside the training loop
+            assert signal.getsignal(sig) not in (signal.SIG_DFL, signal.default_int_handler), "no handler installed"
+            os.kill(os.getpid(), sig)
+
+    monkeypatch.setattr(checkpoint, "save", save_then_signal)
+    previous = signal.getsignal(signal.SIGTERM)
+    run = [*TINY_TRAIN, "--steps", "6", "--out", str(tmp_path / "run")]
+    assert main(run) == code
+    assert _one_line(capsys) == (
+        f"qoda train: interrupted ({signal.Signals(sig).name}) at step 2; last committed checkpoint: step 2; rerun "
+        "the same command with --resume"
+    )
+    assert signal.getsignal(signal.SIGTERM) is previous  # the launcher's handlers are gone again
+    monkeypatch.undo()
+    assert main([*run, "--resume"]) == 0
+    assert json.loads((tmp_path / "run" / "report.json").read_text())["steps"] == 6

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import struct
+import tracemalloc
+
+import numpy as np
 import torch
 from tests.distributed import run, values
 
-from qoda.bench import faults
+from qoda.bench import faults, fuzz
 from qoda.bench.fuzz import run_fuzz
 from qoda.comm.aggregate import AggregationError, Aggregator
 from qoda.quant.config import QuantizerConfig
@@ -17,7 +21,43 @@ def test_fuzzed_payloads_are_all_rejected_clearly():
     assert r["fuzz_cases"] == 1500
     assert (r["silent_corruptions"], r["crashes"], r["hangs"], r["unclear_errors"]) == (0, 0, 0, 0), r["examples"]
     assert r["detected"] == 1500  # every mutation changes the bytes, and every change is caught
-    assert set(r["by_mutation"]) == {"bitflip", "truncate", "extend", "segment_header", "message_header"}
+    assert set(r["by_mutation"]) == set(fuzz.MUTATIONS)
+    # peak traced allocation of one decode: far below what a forged header claims (2^27 .. 2^62 coordinates)
+    assert r["memory_over_limit"] == 0 and r["peak_extra_bytes_max"] < 4 << 20, r["peak_cases"]
+
+
+def test_forged_size_headers_end_in_codec_error_without_large_allocations():
+    """Every size/count claim on every segment of every corpus message, CRC forged: CodecError both as a
+    message and as a segment decoded on its own (by a receiver whose bucket size matches the claim)."""
+    for codec, payload, expected in fuzz.corpus(0)[::3]:
+        for start in fuzz.segment_offsets(payload):
+            for claim, claimed in fuzz.FORGED_CLAIMS.items():
+                for value in claimed:
+                    bad = payload.copy()
+                    fuzz.forge_sizes(bad, start, claim, value)
+                    tracemalloc.start()
+                    try:
+                        outcome = fuzz.classify(codec, payload, bad, expected, "forged_sizes")
+                        peak = tracemalloc.get_traced_memory()[1]
+                    finally:
+                        tracemalloc.stop()
+                    assert outcome == "detected", (claim, value, outcome)
+                    assert peak < fuzz.MEMORY_SLACK + fuzz.MEMORY_RATIO_LIMIT * bad.size, (claim, value, peak)
+    for n_seg in fuzz.HUGE_SEGMENTS:  # a message header claiming billions of segments
+        codec, payload, expected = fuzz.corpus(0)[0]
+        bad = payload.copy()
+        bad[fuzz.MSG_COUNT : fuzz.MSG_COUNT + 4] = np.frombuffer(struct.pack("<I", n_seg), np.uint8)
+        fuzz._forge_message_crc(bad)
+        assert fuzz.classify(codec, payload, bad, expected) == "detected"
+
+
+def test_faults_bench_runs_the_generated_cases(tmp_path):
+    res = faults.run_faults(fuzz_cases=300, seed=2, scenarios=("fuzz", "generated"), generated_cases=300,
+                            log=lambda *_: None)  # fmt: skip
+    rows = {r["scenario"]: r for r in res["scenarios"]}
+    assert rows["fuzz"]["ok"] and rows["generated"]["ok"], rows
+    assert res["generated"]["generated_cases"] == 300 and res["generated"]["failures_by_property"] == {}
+    assert "peak extra memory" in rows["fuzz"]["outcome"] and "300 generated cases" in rows["generated"]["outcome"]
 
 
 def test_nonfinite_gradient_on_one_rank_raise_and_skip(tmp_path):
@@ -66,3 +106,10 @@ def test_sigkill_while_checkpointing_then_resume_is_bit_exact(tmp_path):
 def test_torchrun_elastic_restart_resumes_from_the_last_checkpoint(tmp_path):
     row = faults.scenario_torchrun(tmp_path)
     assert row["ok"], row
+
+
+def test_sigterm_to_the_launcher_then_ctrl_c_on_the_group_stop_every_worker_and_resume(tmp_path):
+    """2 workers: SIGTERM to the launcher alone, then (the run resumed) SIGINT to the whole process
+    group; each time every worker is gone within seconds, exit 143/130, one line, no process left."""
+    row = faults.scenario_interrupt(tmp_path, ("sigterm_launcher", "sigint_group"), workers=2, finish=False)
+    assert row["ok"] and row["stray"] == 0 and row["stop_seconds"] < 10, row

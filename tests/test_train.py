@@ -4,7 +4,9 @@ end to end, bit-exact resume, atomic checkpoints."""
 from __future__ import annotations
 
 import gzip
+import io
 import json
+import os
 import pickle
 from pathlib import Path
 
@@ -224,8 +226,8 @@ def _train(rank, world, cfg):
 
 def _final_state(out: Path, rank: int = 0):
     ckpt = checkpoint.latest(out)
-    common = torch.load(out / "checkpoints" / ckpt["dir"] / "common.pt", weights_only=False)
-    mine = torch.load(out / "checkpoints" / ckpt["dir"] / f"rank-{rank}.pt", weights_only=False)
+    common = checkpoint.read_file(out / "checkpoints" / ckpt["dir"] / "common.pt")
+    mine = checkpoint.read_file(out / "checkpoints" / ckpt["dir"] / f"rank-{rank}.pt")
     return {k: common[k] for k in ("generator", "critic", "ema", "optimizer")}, mine
 
 
@@ -361,10 +363,10 @@ def test_a_torn_checkpoint_write_leaves_the_previous_one(tmp_path, monkeypatch):
     assert checkpoint.latest(Path(cfg.out))["step"] == 2
     # and the run resumes from it to the same end state as an uninterrupted one
     run_worker(cfg.replace(steps=4, resume=True), 0, 1)
-    resumed = torch.load(Path(cfg.out) / "checkpoints" / "step-0000004" / "common.pt", weights_only=False)
+    resumed = checkpoint.read_file(Path(cfg.out) / "checkpoints" / "step-0000004" / "common.pt")
     straight_cfg = cfg.replace(out=str(tmp_path / "straight"), steps=4)
     run_worker(straight_cfg, 0, 1)
-    straight = torch.load(tmp_path / "straight" / "checkpoints" / "step-0000004" / "common.pt", weights_only=False)
+    straight = checkpoint.read_file(tmp_path / "straight" / "checkpoints" / "step-0000004" / "common.pt")
     _assert_same(straight["generator"], resumed["generator"])
     _assert_same(straight["optimizer"], resumed["optimizer"])
 
@@ -387,3 +389,93 @@ def test_inception_extractor_when_installed():
     ext = InceptionFeatures()
     feats = ext(torch.rand(2, 1, 32, 32))
     assert feats.shape == (2, 2048) and torch.isfinite(feats).all()
+
+
+# ---------------------------------------------------------------------------------------------- checkpoint safety
+
+
+class _Payload:
+    """Unpickling this would create ``path``: a checkpoint carrying it must be refused unexecuted."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_checkpoints_hold_plain_values_and_refuse_anything_else(tmp_path):
+    import shutil
+
+    write_cifar(tmp_path / "data")
+    cfg = tiny_config(tmp_path, steps=2, checkpoint_every=2, eval_every=2)  # layer-wise adaptive: NumPy statistics
+    run_worker(cfg, 0, 1)
+    resume = cfg.replace(resume=True, steps=4)
+    d = Path(cfg.out) / "checkpoints" / "step-0000002"
+    raw = torch.load(d / "rank-0.pt", weights_only=True)  # plain values and tensors only
+    assert raw["version"] == checkpoint.FORMAT_VERSION == 2
+    counts = next(iter(checkpoint.read_file(d / "rank-0.pt")["averager"]["adapter"]["stats"].values()))["counts"]
+    assert isinstance(counts, np.ndarray) and counts.dtype == np.float64  # rebuilt as it was saved
+    assert checkpoint.verify(Path(cfg.out), resume, 1)["step"] == 2
+    # what the averagers store round-trips exactly (PowerSGD's NumPy RandomState included)
+    rs = np.random.RandomState(7)
+    rs.randn(5)
+    state = {"a": np.arange(6, dtype=np.uint32).reshape(2, 3), "rs": rs, 3: [np.float64(0.5), (torch.ones(2),)]}
+    buf = io.BytesIO()
+    torch.save(checkpoint.to_plain(state), buf)
+    back = checkpoint.from_plain(torch.load(io.BytesIO(buf.getvalue()), weights_only=True))
+    assert back["a"].dtype == np.uint32 and np.array_equal(back["a"], state["a"])
+    assert back["rs"].randn() == rs.randn() and back[3][0] == 0.5 and torch.equal(back[3][1][0], torch.ones(2))
+    with pytest.raises(TypeError, match=r"x\.y: cannot store builtins\.object"):
+        checkpoint.to_plain({"x": {"y": object()}})
+
+    def damaged(name: str, how) -> Path:
+        out = tmp_path / name
+        shutil.copytree(cfg.out, out)
+        how(out / "checkpoints" / "step-0000002")
+        return out
+
+    marker = tmp_path / "payload-ran"
+
+    def payload(dd: Path) -> None:
+        state = torch.load(dd / "common.pt", weights_only=True)
+        state["history"].append(_Payload(marker))
+        torch.save(state, dd / "common.pt")
+
+    def old_pointer(dd: Path) -> None:
+        ptr = json.loads((dd.parent / "latest.json").read_text())
+        del ptr["version"]
+        (dd.parent / "latest.json").write_text(json.dumps(ptr))
+
+    cases = [
+        (payload, r"common\.pt holds Python objects other than tensors .*nothing of it was run: .*GLOBAL io\.open"),
+        (lambda dd: (dd / "common.pt").write_bytes((dd / "common.pt").read_bytes()[:5000]), r"common\.pt is damaged"),
+        (lambda dd: (dd / "rank-0.pt").write_bytes(b"\x80\x02garbage" * 100), r"rank-0\.pt is damaged"),
+        (lambda dd: (dd / "rank-0.pt").write_bytes(b""), r"rank-0\.pt is empty"),
+        (lambda dd: (dd / "rank-0.pt").unlink(), r"rank-0\.pt is missing"),
+        (old_pointer, r"has format 1 \(an older qoda\)"),
+    ]
+    for i, (how, pattern) in enumerate(cases):
+        out = damaged(f"case{i}", how)
+        with pytest.raises((checkpoint.CheckpointError, ConfigError), match=pattern) as e:
+            checkpoint.verify(out, resume.replace(out=str(out)), 1)
+        assert "\n" not in str(e.value), e.value
+    with pytest.raises(checkpoint.CheckpointError, match="GLOBAL"):  # the worker's own load refuses it too
+        run_worker(resume.replace(out=str(tmp_path / "case0")), 0, 1)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o077, 0o002])
+def test_atomic_writes_follow_the_umask(tmp_path, mask):
+    from qoda.utils import atomic
+
+    previous = os.umask(mask)
+    try:
+        assert atomic.current_umask() == mask
+        atomic.atomic_write_bytes(b"x", tmp_path / "f.bin")
+        atomic.atomic_save({"a": torch.ones(1)}, tmp_path / "g.pt")
+        atomic.atomic_write_json({"a": 1}, tmp_path / "sub" / "h.json")
+    finally:
+        os.umask(previous)
+    for f in ("f.bin", "g.pt", "sub/h.json"):
+        assert (tmp_path / f).stat().st_mode & 0o777 == 0o666 & ~mask, f

@@ -45,7 +45,8 @@ TRAIN_HELP = {
     "batch_size": "batch per worker",
     "workers": "local worker processes to start (ignored under torchrun)",
     "timeout_seconds": "bound on every collective: a dead worker ends the run with an error after this long",
-    "resume": "continue from the last committed checkpoint in --out (bit-exact) if there is one",
+    "resume": "continue the run in --out from its last committed checkpoint (bit-exact); refused if there is none",
+    "overwrite": "replace the run already in --out (its checkpoints, tensorboard, samples, report; other files stay)",
     "ema": "generator EMA decay",
     "n_critic": "1 (default): joint steps; k > 1: generator component only every k-th iteration",
 }
@@ -95,7 +96,7 @@ def _run_train(args: argparse.Namespace) -> int:
         return 2
     from qoda.data.images import DatasetError
     from qoda.train.checkpoint import CheckpointError
-    from qoda.train.launch import WorkerError
+    from qoda.train.launch import Interrupted, WorkerError
 
     try:
         report = train(cfg)
@@ -105,6 +106,12 @@ def _run_train(args: argparse.Namespace) -> int:
     except WorkerError as e:
         print(f"qoda train: error: {e}", file=sys.stderr)
         return 1
+    except Interrupted as e:  # SIGINT / SIGTERM: the workers are stopped, the last checkpoint kept
+        print(f"qoda train: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:  # Ctrl-C before the launcher installed its handlers (or under torchrun)
+        print("qoda train: interrupted", file=sys.stderr)
+        return 130
     if report is not None:
         out = Path(cfg.out)
         print(
@@ -166,9 +173,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     fa = bsub.add_parser("faults", help="fault scenarios across real processes: fuzzing, NaN, mismatch, kills, resume")
     fa.add_argument("--fuzz-cases", type=_positive_int("fuzz-cases"), default=10_000)
+    fa.add_argument("--generated-cases", type=_positive_int("generated-cases"), default=100_000,
+                    help="property-checked generated cases of the 'generated' scenario (default 100000)")  # fmt: skip
     fa.add_argument("--kills", type=_positive_int("kills"), default=5, help="SIGKILLs of the checkpoint scenario")
     fa.add_argument("--pg-timeout", type=float, default=10.0, help="process-group timeout of the dead-worker runs")
     fa.add_argument("--seed", type=int, default=0)
+    fa.add_argument("--scenarios", nargs="+", default=None, help="default: all (see qoda.bench.faults.SCENARIOS)")
     fa.add_argument("--json", type=Path, default=Path("benchmarks/faults.json"))
 
     m = bsub.add_parser("comm", help="gradient averaging over bandwidth-limited links (needs root + iproute2)")
@@ -266,11 +276,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"\nwrote {args.json} and {md}")
         return 0
     if args.command == "bench" and args.bench == "faults":
-        from qoda.bench.faults import format_faults, run_faults
+        from qoda.bench.faults import SCENARIOS, format_faults, run_faults
 
         if not args.pg_timeout > 0:
             raise SystemExit(f"qoda bench faults: --pg-timeout must be > 0, got {args.pg_timeout}")
-        res = run_faults(args.fuzz_cases, args.kills, args.pg_timeout, args.seed)
+        bad = [n for n in args.scenarios or () if n not in SCENARIOS]
+        if bad:
+            print(f"qoda bench faults: --scenarios: unknown {bad}; choose from {', '.join(SCENARIOS)}", file=sys.stderr)
+            return 2
+        res = run_faults(args.fuzz_cases, args.kills, args.pg_timeout, args.seed,
+                         scenarios=tuple(args.scenarios) if args.scenarios else None,
+                         generated_cases=args.generated_cases)  # fmt: skip
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(res, indent=1, allow_nan=False) + "\n")
         args.json.with_suffix(".md").write_text(format_faults(res) + "\n")

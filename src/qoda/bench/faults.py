@@ -2,7 +2,13 @@
 
 Scenarios (each a real multi-process run on 127.0.0.1 with gloo, on the trainer's code paths):
 
-* ``fuzz`` - :func:`qoda.bench.fuzz.run_fuzz`: damaged payloads must all raise ``CodecError``.
+* ``fuzz`` - :func:`qoda.bench.fuzz.run_fuzz`: damaged payloads must all raise ``CodecError``
+  (forged-CRC headers claiming huge sizes included), with the peak memory a payload makes the
+  decoder allocate.
+* ``generated`` - :func:`qoda.bench.generate.run_generated`: ``generated_cases`` (default 100,000)
+  generated tensors, level sets, configs and messages checked against the quantizer's and the
+  codec's properties (bit-exact round trip, exact bits, CPU = torch, error bound, unbiasedness,
+  invalid inputs); failures are counted by property.
 * ``nonfinite_raise`` / ``nonfinite_skip`` - rank 1's gradient turns NaN at step 2: with policy
   ``raise`` every rank raises ``NonFiniteGradientError`` at that step; with ``skip`` every rank
   drops the step and the workers' parameters stay bitwise identical.
@@ -21,6 +27,19 @@ Scenarios (each a real multi-process run on 127.0.0.1 with gloo, on the trainer'
 * ``torchrun_elastic`` - ``torchrun --max-restarts 2`` with 2 workers, one SIGKILLed after the
   first checkpoint: the elastic agent restarts both, ``--resume`` continues from the last
   committed checkpoint, and the final parameters equal an uninterrupted run's bit for bit.
+* ``reused_out`` - ``qoda train`` again into a finished run's folder without ``--resume``: refused
+  in one line (exit 2), its checkpoint and TensorBoard file untouched; ``--overwrite`` replaces
+  qoda's files only (one event file afterwards, the user's own file kept); an empty folder is fine.
+* ``resume_nothing`` - ``--resume`` into a missing folder, an empty one and an unrelated one: one
+  line each, nothing written.
+* ``bad_input`` - ``--out`` naming a file, ``--device cuda`` without CUDA, and a committed
+  checkpoint that is truncated, garbage, of the older format or carries a pickled Python object:
+  one line naming the file or option, before any worker starts; the object never runs.
+* ``file_modes`` - a run under umask 027: every file it writes has mode 0640.
+* ``interrupt_sigint_launcher`` / ``interrupt_sigterm_launcher`` / ``interrupt_sigint_group`` -
+  a 2-worker run signalled after a checkpoint (the launcher alone, or Ctrl-C's whole process
+  group): exit 130/143 within seconds, one line saying how to resume, no process left; then
+  ``--resume`` finishes the run.
 """
 
 from __future__ import annotations
@@ -28,6 +47,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -196,7 +216,7 @@ def _args(cfg) -> list[str]:
     for k, v in cfg.to_dict().items():
         flag = "--" + k.replace("_", "-")
         if isinstance(v, bool):
-            if v and k == "resume":
+            if v and k in ("resume", "overwrite"):
                 out.append(flag)
             elif not v and k == "progress":
                 out.append("--no-progress")
@@ -210,8 +230,10 @@ def _args(cfg) -> list[str]:
 
 
 def _final_params(out: Path) -> dict[str, torch.Tensor]:
+    from qoda.train.checkpoint import read_file
+
     ptr = json.loads((out / "checkpoints" / "latest.json").read_text())
-    common = torch.load(out / "checkpoints" / ptr["dir"] / "common.pt", weights_only=False)
+    common = read_file(out / "checkpoints" / ptr["dir"] / "common.pt")  # tensors and plain values only
     return {f"{m}.{k}": v for m in ("generator", "critic", "ema") for k, v in common[m].items()}
 
 
@@ -226,7 +248,8 @@ def scenario_kill_during_checkpoint(tmp: Path, kills: int, seed: int, steps: int
     p = _cli(_args(ref), log)
     if p.wait(timeout=600) != 0:
         return _row("kill_during_checkpoint", False, f"reference run failed: {_tail(log)}", 0.0)
-    cfg = _tiny(tmp / "ckpt-victim", steps=steps, checkpoint_every=1, resume=True)
+    fresh = _tiny(tmp / "ckpt-victim", steps=steps, checkpoint_every=1)
+    cfg = fresh.replace(resume=True)  # every run after the first continues
     rng = random.Random(seed)
     mid_write, done_kills = 0, 0
     root = Path(cfg.out) / "checkpoints"
@@ -238,8 +261,8 @@ def scenario_kill_during_checkpoint(tmp: Path, kills: int, seed: int, steps: int
         except (OSError, ValueError, KeyError):
             return -1
 
-    for _ in range(kills):
-        p = _cli(_args(cfg), log)
+    for i in range(kills):
+        p = _cli(_args(cfg if i else fresh), log)
         before, deadline = committed(), time.monotonic() + 300
         while committed() <= before and p.poll() is None and time.monotonic() < deadline:
             time.sleep(0.01)  # wait until this process has committed a checkpoint of its own ...
@@ -325,20 +348,309 @@ def scenario_torchrun(tmp: Path) -> dict[str, Any]:
                 time.perf_counter() - t0)  # fmt: skip
 
 
+# ------------------------------------------------------------------------------------ run folders, bad input, signals
+def _train_once(cfg, *extra: str, timeout: float = 300, umask: int | None = None) -> tuple[int, list[str], float]:
+    """``qoda train`` on ``cfg`` (plus ``extra`` options) to its end: exit code, non-empty stderr lines, seconds."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    t0 = time.perf_counter()
+    p = subprocess.run([sys.executable, "-m", "qoda.cli", "train", *_args(cfg), *extra], capture_output=True,
+                       text=True, env=env, timeout=timeout, umask=-1 if umask is None else umask)  # fmt: skip
+    return p.returncode, [ln for ln in p.stderr.splitlines() if ln.strip()], time.perf_counter() - t0
+
+
+def _refused(rc: int, lines: list[str], *needles: str) -> bool:
+    """Exit code 2 and exactly one line ``qoda train: error: ...`` containing every needle."""
+    one = len(lines) == 1 and lines[0].startswith("qoda train: error:")
+    return rc == 2 and one and all(n in lines[0] for n in needles)
+
+
+def _event_files(out: Path) -> list[str]:
+    return sorted(p.name for p in (out / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def _base_run(tmp: Path, workers: int = 1) -> Path:
+    """A finished tiny run (4 steps, checkpoints every 2) made once per ``tmp``; copy it before altering it."""
+    out = tmp / f"base-{workers}"
+    if not (out / "report.json").exists():
+        rc, lines, _ = _train_once(_tiny(out, steps=4, checkpoint_every=2, workers=workers))
+        if rc != 0:
+            raise RuntimeError(f"the base run failed ({rc}): {' | '.join(lines[-3:])}")
+    return out
+
+
+def scenario_reused_out(tmp: Path) -> dict[str, Any]:
+    """A second ``qoda train`` into a folder holding a run: refused, nothing touched; ``--overwrite``
+    replaces qoda's files only (a user's file stays) and leaves one TensorBoard event file."""
+    t0 = time.perf_counter()
+    out = tmp / "reused"
+    shutil.copytree(_base_run(tmp), out)
+    (out / "notes.txt").write_text("the user's own file\n")
+    before = (out / "checkpoints" / "step-0000004" / "common.pt").read_bytes()
+    events = _event_files(out)
+    cfg = _tiny(out, steps=2, checkpoint_every=2)
+    rc, lines, secs = _train_once(cfg)
+    untouched = (checkpoint_step(out) == 4 and _event_files(out) == events
+                 and (out / "checkpoints" / "step-0000004" / "common.pt").read_bytes() == before)  # fmt: skip
+    refused = _refused(rc, lines, "already holds a run (checkpoint at step 4)", "--resume", "--overwrite")
+    rc2, _, secs2 = _train_once(cfg.replace(overwrite=True))
+    report = json.loads((out / "report.json").read_text()) if (out / "report.json").exists() else {}
+    replaced = (rc2 == 0 and checkpoint_step(out) == 2 and report.get("steps") == 2 and len(_event_files(out)) == 1
+                and _event_files(out) != events and (out / "notes.txt").exists())  # fmt: skip
+    empty = tmp / "reused-empty"
+    empty.mkdir()
+    rc3, _, _ = _train_once(_tiny(empty, steps=2, checkpoint_every=2))
+    ok = refused and untouched and replaced and rc3 == 0
+    first = lines[0] if lines else ""
+    return _row("reused_out", ok,
+                f"rerun without --resume refused in {secs:.1f} s (exit {rc}, {len(lines)} line: {first}); "
+                f"checkpoint and event file untouched: {untouched}; --overwrite replaced the run in {secs2:.1f} s "
+                f"(1 event file, notes.txt kept: {replaced}); an empty existing folder trains: {rc3 == 0}",
+                time.perf_counter() - t0, refuse_seconds=round(secs, 3))  # fmt: skip
+
+
+def checkpoint_step(out: Path) -> int | None:
+    try:
+        return int(json.loads((out / "checkpoints" / "latest.json").read_text())["step"])
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def scenario_resume_nothing(tmp: Path) -> dict[str, Any]:
+    """``--resume`` into a missing folder, an empty one and one holding only a user's file: one line each."""
+    t0 = time.perf_counter()
+    empty, unrelated = tmp / "rn-empty", tmp / "rn-unrelated"
+    empty.mkdir()
+    unrelated.mkdir()
+    (unrelated / "notes.txt").write_text("not a run\n")
+    cases = {"missing": (tmp / "rn-missing", "does not exist"), "empty": (empty, "holds no qoda run"),
+             "unrelated": (unrelated, "holds no qoda run")}  # fmt: skip
+    results, worst = {}, 0.0
+    for name, (out, needle) in cases.items():
+        rc, lines, secs = _train_once(_tiny(out, steps=2, resume=True))
+        results[name] = _refused(rc, lines, "--resume", needle) and not (out / "config.json").exists()
+        worst = max(worst, secs)
+        if name == "empty":
+            example = lines[0] if lines else ""
+    ok = all(results.values()) and not (tmp / "rn-missing").exists()
+    return _row("resume_nothing", ok,
+                f"refused in one line (exit 2), nothing written: {results}; slowest {worst:.1f} s; e.g. {example}",
+                time.perf_counter() - t0)  # fmt: skip
+
+
+class _Payload:
+    """Unpickling this runs ``open(path, "w")``: a checkpoint carrying it must be refused unexecuted."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def scenario_bad_input(tmp: Path) -> dict[str, Any]:
+    """``--out`` naming a file, ``--device cuda`` without CUDA, and committed checkpoints that are
+    truncated, garbage, of an older format or carry a Python object: one line each, before any
+    worker starts, and the object never runs."""
+    t0 = time.perf_counter()
+    base = _base_run(tmp, workers=2)
+    step_dir = "checkpoints/step-0000004"
+    a_file = tmp / "bad-file"
+    a_file.write_text("x")
+    marker = tmp / "payload-ran"
+
+    def truncate(d: Path) -> None:
+        f = d / step_dir / "common.pt"
+        f.write_bytes(f.read_bytes()[: f.stat().st_size // 3])
+
+    def garbage(d: Path) -> None:
+        (d / step_dir / "rank-1.pt").write_bytes(random.Random(0).randbytes(5000))
+
+    def old_format(d: Path) -> None:
+        ptr = json.loads((d / "checkpoints" / "latest.json").read_text())
+        ptr.pop("version")
+        (d / "checkpoints" / "latest.json").write_text(json.dumps(ptr))
+
+    def payload(d: Path) -> None:
+        f = d / step_dir / "common.pt"
+        state = torch.load(f, weights_only=True)
+        state["history"].append(_Payload(marker))
+        torch.save(state, f)
+
+    cases: dict[str, tuple[Any, list[str], tuple[str, ...]]] = {
+        "out_is_file": (_tiny(a_file, steps=2), [], ("--out", "existing file")),
+        "truncated_common": (truncate, [], ("common.pt", "damaged")),
+        "garbage_rank": (garbage, [], ("rank-1.pt", "damaged")),
+        "old_format": (old_format, [], ("format 1",)),
+        "python_object": (payload, [], ("common.pt", "GLOBAL", "nothing of it was run")),
+    }  # fmt: skip
+    if not torch.cuda.is_available():
+        cases["device_cuda"] = (_tiny(tmp / "bad-cuda", steps=2), ["--device", "cuda"], ("device", "cuda"))
+    results, seconds, lines_seen = {}, {}, {}
+    for name, (what, extra, needles) in cases.items():
+        if callable(what):
+            out = tmp / f"bad-{name}"
+            shutil.copytree(base, out)
+            what(out)
+            cfg = _tiny(out, steps=6, checkpoint_every=2, workers=2, resume=True)
+        else:
+            cfg = what
+        rc, lines, secs = _train_once(cfg, *extra)
+        results[name], seconds[name], lines_seen[name] = _refused(rc, lines, *needles), round(secs, 2), lines
+    ok = all(results.values()) and not marker.exists()
+    failed = {k: lines_seen[k] for k, v in results.items() if not v}
+    timing = ", ".join(f"{k} {v} s" for k, v in seconds.items())
+    return _row("bad_input", ok,
+                f"one line, exit 2: {sum(results.values())}/{len(results)} ({timing}); "
+                f"pickled object executed: {marker.exists()}" + (f"; FAILED: {failed}" if failed else ""),
+                time.perf_counter() - t0, case_seconds=seconds)  # fmt: skip
+
+
+def scenario_file_modes(tmp: Path, umask: int = 0o027) -> dict[str, Any]:
+    """Every file of a run follows the user's umask (``0o666 & ~umask``), checkpoints included."""
+    t0 = time.perf_counter()
+    out = tmp / "modes"
+    rc, lines, _ = _train_once(_tiny(out, steps=2, checkpoint_every=2), umask=umask)
+    if rc != 0:
+        return _row("file_modes", False, f"run failed ({rc}): {' | '.join(lines[-3:])}", time.perf_counter() - t0)
+    files = [p for p in out.rglob("*") if p.is_file()]
+    want = 0o666 & ~umask
+    wrong = {str(p.relative_to(out)): oct(p.stat().st_mode & 0o777) for p in files if p.stat().st_mode & 0o777 != want}
+    return _row("file_modes", not wrong and bool(files),
+                f"umask {umask:03o}: {len(files) - len(wrong)}/{len(files)} files have mode {want:03o}"
+                + (f"; others: {wrong}" if wrong else ""), time.perf_counter() - t0)  # fmt: skip
+
+
+def _descendants(pid: int) -> list[int]:
+    kids = [int(k) for k in subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()]
+    return kids + [g for k in kids for g in _descendants(k)]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+INTERRUPTS = {"sigint_launcher": (signal.SIGINT, False), "sigterm_launcher": (signal.SIGTERM, False),
+              "sigint_group": (signal.SIGINT, True)}  # fmt: skip
+
+
+def _interrupt_once(cfg, how: str) -> dict[str, Any]:
+    """Start ``qoda train`` on ``cfg``, signal it (``how``) once a checkpoint of its own is committed."""
+    sig, group = INTERRUPTS[how]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    before = checkpoint_step(Path(cfg.out)) or 0
+    p = subprocess.Popen([sys.executable, "-m", "qoda.cli", "train", *_args(cfg)], stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)  # fmt: skip
+    deadline = time.monotonic() + 180
+    while (checkpoint_step(Path(cfg.out)) or 0) <= before and p.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    procs = _descendants(p.pid)  # the workers (none for one worker) and multiprocessing's resource tracker
+    if p.poll() is not None or (checkpoint_step(Path(cfg.out)) or 0) <= before or (cfg.workers > 1 and not procs):
+        p.kill()
+        return {"ok": False, "text": f"{how}: the run ended or never checkpointed: {p.communicate()[1][-300:]}"}
+    t1 = time.perf_counter()
+    if group:
+        os.killpg(p.pid, sig)
+    else:
+        p.send_signal(sig)
+    try:
+        _, err = p.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        return {"ok": False, "text": f"{how}: the launcher did not exit within 60 s"}
+    stop = time.perf_counter() - t1
+    gone_by = time.monotonic() + 5
+    while any(_alive(q) for q in procs) and time.monotonic() < gone_by:
+        time.sleep(0.05)
+    stray = [q for q in procs if _alive(q)]
+    for q in stray:
+        os.kill(q, signal.SIGKILL)
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    committed = checkpoint_step(Path(cfg.out)) or 0
+    line = lines[0] if len(lines) == 1 else ""
+    said = line.startswith("qoda train: interrupted") and f"last committed checkpoint: step {committed}" in line
+    said = said and ("rerun the same command" if cfg.resume else "rerun the same command with --resume") in line
+    ok = p.returncode == 128 + sig and said and not stray and stop < 15
+    text = (f"{signal.Signals(sig).name} to the {'process group' if group else 'launcher'}: exit {p.returncode} after "
+            f"{stop:.1f} s, {len(lines)} line ({lines[0] if lines else ''}); {len(procs)} child processes, "
+            f"{len(stray)} left")  # fmt: skip
+    return {"ok": ok, "text": text, "stop": stop, "stray": len(stray), "committed": committed}
+
+
+def scenario_interrupt(tmp: Path, hows: str | tuple[str, ...], workers: int = 2, finish: bool = True) -> dict[str, Any]:
+    """SIGINT/SIGTERM to the launcher of a ``workers``-process run (or SIGINT to its whole process
+    group, as Ctrl-C in a terminal does) after a checkpoint: every worker gone within seconds, exit
+    130/143, one line saying how to resume, no process left; then ``--resume`` finishes the run.
+    Several ``hows`` interrupt the same run one after the other (each rerun with ``--resume``, which
+    must commit a checkpoint of its own before its signal); ``finish=False`` skips the final run."""
+    hows = (hows,) if isinstance(hows, str) else tuple(hows)
+    name = "interrupt_" + "+".join(hows)
+    t0 = time.perf_counter()
+    cfg = _tiny(tmp / f"intr-{'-'.join(hows)}-{workers}", steps=100_000, checkpoint_every=5, workers=workers)
+    results = []
+    for i, how in enumerate(hows):
+        results.append(_interrupt_once(cfg.replace(resume=i > 0), how))
+        if not results[-1]["ok"]:
+            break
+    committed = checkpoint_step(Path(cfg.out)) or 0
+    resumed, why = True, ""
+    if finish:
+        rc, rlines, _ = _train_once(cfg.replace(resume=True, steps=committed + 3))
+        report = json.loads((Path(cfg.out) / "report.json").read_text()) if rc == 0 else {}
+        resumed = rc == 0 and report.get("steps") == committed + 3
+        why = f"; --resume from step {committed} finished: {resumed}"
+        why += "" if resumed else f" (exit {rc}: {' | '.join(rlines[-3:])[:300]})"
+    ok = len(results) == len(hows) and all(r["ok"] for r in results) and resumed
+    stops = [r["stop"] for r in results if "stop" in r]
+    return _row(name, ok, "; ".join(r["text"] for r in results) + why,
+                time.perf_counter() - t0, stop_seconds=round(max(stops, default=0.0), 3),
+                stray=sum(r.get("stray", 0) for r in results))  # fmt: skip
+
+
 # ------------------------------------------------------------------------------------ driver
+SCENARIOS = ("fuzz", "generated", "nonfinite_raise", "nonfinite_skip", "corrupted_payload", "mismatched_config",
+             "killed_worker", "stalled_worker", "killed_worker_overlap", "kill_during_checkpoint", "torchrun_elastic",
+             "reused_out", "resume_nothing", "bad_input", "file_modes",
+             *(f"interrupt_{h}" for h in INTERRUPTS))  # fmt: skip
+
+
 def run_faults(fuzz_cases: int = 10_000, kills: int = 5, pg_timeout: float = 10.0, seed: int = 0,
-               log=print) -> dict[str, Any]:  # fmt: skip
+               log=print, scenarios: tuple[str, ...] | None = None,
+               generated_cases: int = 100_000) -> dict[str, Any]:  # fmt: skip
+    """Every scenario of :data:`SCENARIOS` (or the ``scenarios`` named), in that order."""
     from qoda.bench.fuzz import run_fuzz
 
+    selected = set(SCENARIOS if scenarios is None else scenarios)
+    unknown = selected - set(SCENARIOS)
+    if unknown:
+        raise ValueError(f"scenarios: unknown {sorted(unknown)}; choose from {', '.join(SCENARIOS)}")
     rows = []
+    fz: dict[str, Any] = {}
+    gen: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="qoda-faults-") as d:
         tmp = Path(d)
-        log(f"fuzzing {fuzz_cases} payloads ...")
-        fz = run_fuzz(fuzz_cases, seed).as_dict()
-        ok = fz["silent_corruptions"] == 0 and fz["crashes"] == 0 and fz["hangs"] == 0 and fz["unclear_errors"] == 0
-        rows.append(_row("fuzz", ok, f"{fz['detected']} detected, {fz['harmless']} harmless, {fz['unchanged']} no-op, "
-                         f"{fz['silent_corruptions']} silent, {fz['crashes']} crashes, {fz['hangs']} hangs",
-                         fz["seconds"]))  # fmt: skip
+        if "fuzz" in selected:
+            log(f"fuzzing {fuzz_cases} payloads ...")
+            fz = run_fuzz(fuzz_cases, seed).as_dict()
+            ok = fz["silent_corruptions"] == 0 and fz["crashes"] == 0 and fz["hangs"] == 0 and fz["unclear_errors"] == 0
+            ok = ok and fz["memory_over_limit"] == 0
+            rows.append(_row("fuzz", ok, f"{fz['detected']} detected, {fz['harmless']} harmless, {fz['unchanged']} "
+                             f"no-op, {fz['silent_corruptions']} silent, {fz['crashes']} crashes, {fz['hangs']} hangs; "
+                             f"peak extra memory per payload {fz['peak_extra_bytes_max'] / 1024:.0f} KiB (at most "
+                             f"{fz['peak_extra_ratio_max']:.0f}x the payload's bytes), {fz['memory_over_limit']} over "
+                             "the limit", fz["seconds"]))  # fmt: skip
+        if "generated" in selected:
+            from qoda.bench.generate import run_generated
+
+            log(f"checking {generated_cases} generated cases ...")
+            gen = run_generated(generated_cases, seed, log=log).as_dict()
+            failed = ", ".join(f"{k} {v}" for k, v in gen["failures_by_property"].items()) or "none"
+            rows.append(_row("generated", gen["failing_cases"] == 0 and not gen["harness_errors"],
+                             f"{gen['generated_cases']} generated cases, {gen['failing_cases']} failing (by property: "
+                             f"{failed}); {sum(gen['checks'].values())} property checks", gen["seconds"]))  # fmt: skip
         steps = [
             ("nonfinite_raise", lambda: scenario_nonfinite(tmp, "raise")),
             ("nonfinite_skip", lambda: scenario_nonfinite(tmp, "skip")),
@@ -349,8 +661,15 @@ def run_faults(fuzz_cases: int = 10_000, kills: int = 5, pg_timeout: float = 10.
             ("killed_worker_overlap", lambda: scenario_dead(tmp, "kill", pg_timeout, overlap=True)),
             ("kill_during_checkpoint", lambda: scenario_kill_during_checkpoint(tmp, kills, seed)),
             ("torchrun_elastic", lambda: scenario_torchrun(tmp)),
+            ("reused_out", lambda: scenario_reused_out(tmp)),
+            ("resume_nothing", lambda: scenario_resume_nothing(tmp)),
+            ("bad_input", lambda: scenario_bad_input(tmp)),
+            ("file_modes", lambda: scenario_file_modes(tmp)),
+            *((f"interrupt_{h}", lambda h=h: scenario_interrupt(tmp, h)) for h in INTERRUPTS),
         ]
         for name, fn in steps:
+            if name not in selected:
+                continue
             log(f"scenario {name} ...")
             try:
                 row = fn()
@@ -359,9 +678,9 @@ def run_faults(fuzz_cases: int = 10_000, kills: int = 5, pg_timeout: float = 10.
             log(f"  {'ok ' if row['ok'] else 'FAILED'} {row['outcome']} ({row['seconds']:.1f} s)")
             rows.append(row)
     return {
-        "fuzz_cases": fz["fuzz_cases"], "crashes": fz["crashes"], "hangs": fz["hangs"],
-        "silent_corruptions": fz["silent_corruptions"], "unclear_errors": fz["unclear_errors"],
-        "fuzz": fz, "scenarios": rows, "all_ok": all(r["ok"] for r in rows),
+        "fuzz_cases": fz.get("fuzz_cases"), "crashes": fz.get("crashes"), "hangs": fz.get("hangs"),
+        "silent_corruptions": fz.get("silent_corruptions"), "unclear_errors": fz.get("unclear_errors"),
+        "fuzz": fz or None, "generated": gen or None, "scenarios": rows, "all_ok": all(r["ok"] for r in rows),
     }  # fmt: skip
 
 

@@ -30,7 +30,7 @@ QUANT_NORMS = ("auto", "l2", "linf")
 # Fields that may differ between a checkpoint and the run resuming it.
 RESUMABLE = frozenset({"steps", "out", "resume", "log_every", "eval_every", "checkpoint_every", "sample_every",
                        "fid_samples", "fid_extractor", "fid_model", "workers", "progress", "cache_dir",
-                       "timeout_seconds", "data_root", "device"})  # fmt: skip
+                       "timeout_seconds", "data_root", "device", "overwrite"})  # fmt: skip
 
 
 class ConfigError(ValueError):
@@ -84,6 +84,7 @@ class TrainConfig:
     out: str = "runs/qoda"
     cache_dir: str | None = None
     resume: bool = False
+    overwrite: bool = False  # replace the run in out (its checkpoints, logs, samples, report); other files stay
     workers: int = 1
     timeout_seconds: float = 300.0
     progress: bool = True
@@ -121,6 +122,13 @@ class TrainConfig:
                 "already moved to its extrapolated point when the second gradient arrives"
             )
         one_of("qoda_rate", ("single", "separated"))
+        analysed = {"qoda_scope": "global", "qoda_rate": "separated", "qoda_delta": 1.0}
+        changed = [k for k, v in analysed.items() if getattr(self, k) != v]
+        if self.optimizer == "qoda" and self.qoda_precondition == "adam" and changed:
+            raise ConfigError(
+                f"{changed[0]}: an option of QODA's analysed adaptive rules, unused with qoda_precondition = 'adam' "
+                "(set qoda_precondition = 'none' to use it)"
+            )
         if self.mode not in (Mode.ALLGATHER.value, Mode.TWO_PHASE.value):
             raise ConfigError(f"mode: expected allgather or two_phase; got {self.mode!r}")
         for n in ("width", "n_critic", "batch_size", "steps", "bucket_size", "refit_every", "log_every",
@@ -136,6 +144,11 @@ class TrainConfig:
                 "overlap: each player is averaged on its own, so fitted levels cannot span both players; "
                 "use layer_types = player_class or per_layer, or overlap = false"
             )
+        for n in ("resume", "overwrite", "progress"):
+            if not isinstance(getattr(self, n), bool):
+                raise ConfigError(f"{n}: expected true or false, got {getattr(self, n)!r}")
+        if self.resume and self.overwrite:
+            raise ConfigError("overwrite: cannot be combined with resume (it deletes the checkpoint resume continues)")
         positive("powersgd_rank")
         positive("powersgd_start_iter")
         if self.powersgd_start_iter < 2:

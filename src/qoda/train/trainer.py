@@ -22,6 +22,7 @@ import copy
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -44,7 +45,7 @@ from qoda.quant.policy import LayerPlan
 from qoda.quant.variance import exact_variance
 from qoda.train import checkpoint
 from qoda.train.compression import build_averager
-from qoda.train.config import TrainConfig
+from qoda.train.config import ConfigError, TrainConfig
 from qoda.train.game import GameLosses, wgan_gp_operator
 from qoda.train.outputs import plot_curves, save_grid
 from qoda.utils.atomic import atomic_write_json
@@ -52,11 +53,15 @@ from qoda.utils.system import allocator
 
 
 def resolve_device(name: str) -> torch.device:
+    """``auto``, ``cpu`` or ``cuda``; ``cuda`` without a usable GPU raises :class:`ConfigError`."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError("device: 'cuda' requested but torch.cuda.is_available() is False")
+            raise ConfigError(
+                f"device: 'cuda' requested but this torch ({torch.__version__}) sees no CUDA device; use --device cpu "
+                "or auto"
+            )
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 
@@ -335,10 +340,14 @@ def _threads(world: int) -> int:
     return max(1, cpus // world)
 
 
-def run_worker(cfg: TrainConfig, rank: int, world: int, data: ImageDataset | None = None) -> dict[str, Any] | None:
+def run_worker(
+    cfg: TrainConfig, rank: int, world: int, data: ImageDataset | None = None,
+    on_step: Callable[[int], None] | None = None,
+) -> dict[str, Any] | None:  # fmt: skip
     """Train on this worker (``torch.distributed`` already initialised when ``world > 1``).
 
-    Returns the report on rank 0 (``None`` elsewhere).
+    Returns the report on rank 0 (``None`` elsewhere).  ``on_step(step)`` is called with the
+    number of completed steps at the start and after every step (the launcher's progress).
     """
     torch.set_num_threads(_threads(world))
     own_group = not dist.is_initialized()
@@ -347,17 +356,22 @@ def run_worker(cfg: TrainConfig, rank: int, world: int, data: ImageDataset | Non
             raise RuntimeError("run_worker: torch.distributed must be initialised for world > 1")
         dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
-        return _run(cfg, rank, world, data)
+        return _run(cfg, rank, world, data, on_step)
     finally:
         if own_group:
             dist.destroy_process_group()
 
 
-def _run(cfg: TrainConfig, rank: int, world: int, data: ImageDataset | None = None) -> dict[str, Any] | None:
+def _run(
+    cfg: TrainConfig, rank: int, world: int, data: ImageDataset | None = None,
+    on_step: Callable[[int], None] | None = None,
+) -> dict[str, Any] | None:  # fmt: skip
     out = Path(cfg.out)
     trainer = Trainer(cfg, rank, world, data)
     if cfg.resume and checkpoint.latest(out) is not None:
         trainer.load_checkpoint()
+    if on_step is not None:
+        on_step(trainer.step)
     writer = None
     bar = None
     lead = rank == 0
@@ -413,6 +427,8 @@ def _run(cfg: TrainConfig, rank: int, world: int, data: ImageDataset | None = No
                 trainer.save_checkpoint()
             if bar is not None:
                 bar.update(1)
+            if on_step is not None:
+                on_step(s)
     except RuntimeError as e:
         if world > 1 and _is_transport_failure(e):
             ptr = checkpoint.latest(out)
