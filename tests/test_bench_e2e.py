@@ -14,7 +14,7 @@ import torch
 from distributed import run, values
 from netns_check import run_cleanly
 from qoda.bench import scaling
-from qoda.bench.e2e import CONFIG_NAMES, add_ratios, compute_bound_of
+from qoda.bench.e2e import CONFIG_NAMES, add_ratios, calls_of, compute_bound_of
 from qoda.bench.scaling import MTU_GOODPUT, Network, Workload, exchange_seconds, step_seconds
 
 W = Workload(
@@ -76,8 +76,8 @@ def _synthetic_e2e(k_values=(2, 4), rates=(1000.0, 100.0), alpha=5e-5, compute=0
             for name, c in (("compute_only", compute), ("compute_only_2call", 2 * compute)):
                 rows.append(dict(config=name, step_seconds=c, bytes_sent_per_exchange=0, **common))
             for name in scaling.MODELLED:
-                kind = scaling.MODELLED[name][0]
-                c = 2 * compute if scaling.MODELLED[name][1] == 2 else compute
+                kind = scaling.MODELLED[name]
+                c = 2 * compute if calls_of(name) == 2 else compute
                 m = W.message_bytes.get(kind.partition(":")[2], 0.0)
                 rows.append(dict(config=name, step_seconds=step_seconds(name, k, net, W, c),
                                  bytes_sent_per_exchange=(k - 1) * (m + 8), **common))  # fmt: skip

@@ -89,12 +89,19 @@ CONFIGS: tuple[BenchConfig, ...] = (
                 label="QODA, layer-wise 4-bit, two-phase, overlapped"),
 )  # fmt: skip
 CONFIG_NAMES = tuple(c.name for c in CONFIGS)
-TWO_CALL = frozenset({"qgenx", "extra_adam"})
+
+
+def calls_of(name: str) -> int:
+    """Exchanges per iteration of an e2e config (the optimizer registry's ``calls_per_iteration``)."""
+    from qoda.optim.factory import OPTIMIZERS
+    from qoda.train.config import TrainConfig
+
+    opts = next(c for c in CONFIGS if c.name == name).options
+    return OPTIMIZERS[opts.get("optimizer", TrainConfig.optimizer)].calls_per_iteration
 
 
 def compute_bound_of(name: str) -> str:
-    opts = next(c for c in CONFIGS if c.name == name).options
-    return "compute_only_2call" if opts.get("optimizer") in TWO_CALL else "compute_only"
+    return "compute_only_2call" if calls_of(name) == 2 else "compute_only"
 
 
 # ---------------------------------------------------------------------------- one worker
@@ -134,9 +141,9 @@ def _measure(
         "optimizer": cfg.optimizer,
         "compression": "compute_only" if bc.local else cfg.compression,
         "overlap": cfg.overlap,
-        "bits": cfg.bits if cfg.quantized else (16 if cfg.compression == "fp16" else 32),
+        "bits": cfg.wire_bits or 32,  # PowerSGD: recorded as 32 (its payload is counted in bytes)
         "mode": cfg.mode if cfg.quantized else "allreduce",
-        "exchanges_per_step": 0 if bc.local else (2 if cfg.optimizer in TWO_CALL else 1),
+        "exchanges_per_step": 0 if bc.local else calls_of(bc.name),
         "workers": world,
         "steps": steps,
         "batch_per_worker": batch,

@@ -38,6 +38,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from qoda.bench.e2e import calls_of, compute_bound_of
+
 MTU_GOODPUT = 1448 / 1538  # TCP payload per Ethernet frame on a 1500-byte MTU
 WORKERS = (4, 8, 12, 16, 32, 64)
 RATES_GBIT = (1.0, 2.5, 5.0, 10.0, 100.0)
@@ -97,21 +99,22 @@ def exchange_seconds(kind: str, k: int, net: Network, w: Workload) -> float:
     return 5 * (k - 1) * net.alpha + 2 * (k - 1) / k * m / net.beta + (1 + 1 / k) * enc + 2 * dec
 
 
-#: e2e config -> (exchange kind, exchanges per iteration, compute bound config)
-MODELLED: dict[str, tuple[str, int, str]] = {
-    "fp32": ("fp32", 1, "compute_only"),
-    "fp16": ("fp16", 1, "compute_only"),
-    "powersgd": ("powersgd", 1, "compute_only"),
-    "extragradient_fp32": ("fp32", 2, "compute_only_2call"),
-    "qgenx_8bit": ("allgather:qgenx_8bit", 2, "compute_only_2call"),
-    "qoda_fp32": ("fp32", 1, "compute_only"),
-    "qoda_lw4_allgather": ("allgather:qoda_lw4", 1, "compute_only"),
-    "qoda_lw4_two_phase": ("two_phase:qoda_lw4", 1, "compute_only"),
+#: e2e config -> exchange kind it is modelled by; its exchanges per iteration come from the
+#: optimizer registry and its compute bound from the e2e bench (:func:`qoda.bench.e2e.calls_of`).
+MODELLED: dict[str, str] = {
+    "fp32": "fp32",
+    "fp16": "fp16",
+    "powersgd": "powersgd",
+    "extragradient_fp32": "fp32",
+    "qgenx_8bit": "allgather:qgenx_8bit",
+    "qoda_fp32": "fp32",
+    "qoda_lw4_allgather": "allgather:qoda_lw4",
+    "qoda_lw4_two_phase": "two_phase:qoda_lw4",
 }
 
 
 def step_seconds(config: str, k: int, net: Network, w: Workload, compute: float) -> float:
-    kind, x, _ = MODELLED[config]
+    kind, x = MODELLED[config], calls_of(config)
     checks = x * 2 * (k - 1) * net.alpha if k > 1 else 0.0  # the per-call finite-gradient all-reduce
     return compute + x * exchange_seconds(kind, k, net, w) + checks
 
@@ -169,7 +172,7 @@ def validate(e2e: dict[str, Any], w: Workload) -> list[dict[str, Any]]:
         if r["config"] not in MODELLED:
             continue
         k, rate = r["workers"], r["bandwidth_mbit"]
-        bound = next((b for b in rows if b["config"] == MODELLED[r["config"]][2] and b["workers"] == k
+        bound = next((b for b in rows if b["config"] == compute_bound_of(r["config"]) and b["workers"] == k
                       and b["bandwidth_mbit"] == rate), None)  # fmt: skip
         if bound is None:
             continue
@@ -196,7 +199,7 @@ def predict(
             c1, c2 = compute_1call * scale, compute_2call * scale
             for g in RATES_GBIT:
                 net = Network.of(g * 1000, alpha)
-                t = {c: step_seconds(c, k, net, w, c2 if MODELLED[c][1] == 2 else c1) for c in MODELLED}
+                t = {c: step_seconds(c, k, net, w, c2 if calls_of(c) == 2 else c1) for c in MODELLED}
                 best = min(t["qoda_lw4_allgather"], t["qoda_lw4_two_phase"])
                 mode = "allgather" if t["qoda_lw4_allgather"] <= t["qoda_lw4_two_phase"] else "two_phase"
                 rows.append({

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -16,23 +17,36 @@ from qoda.optim.gradient import GDA, ExtraGradient, OptimisticGradient
 
 @dataclass(frozen=True)
 class OptimizerSpec:
+    """One optimizer and its capabilities.
+
+    ``calls_per_iteration``: oracle calls = exchanges per iteration (extra-gradient methods: 2).
+    ``trains_gans``: offered by the GAN trainer (the constant-step VI baselines are not).
+    :attr:`options`: the keyword arguments the constructor accepts (read from its signature).
+    """
+
     name: str
     cls: type[VIOptimizer]
-    calls_per_iteration: int  # oracle calls = exchanges per iteration
+    calls_per_iteration: int
     description: str
+    trains_gans: bool = False
+
+    @property
+    def options(self) -> frozenset[str]:
+        params = inspect.signature(self.cls.__init__).parameters
+        return frozenset(n for n in params if n not in ("self", "params", "averager"))
 
 
 OPTIMIZERS: dict[str, OptimizerSpec] = {
     s.name: s
     for s in (
-        OptimizerSpec("qoda", QODA, 1, "quantized optimistic dual averaging, adaptive separated rates"),
-        OptimizerSpec("qgenx", QGenX, 2, "quantized generalised extra-gradient, dual averaging, adaptive rate"),
+        OptimizerSpec("qoda", QODA, 1, "quantized optimistic dual averaging (Adam-preconditioned by default)", True),
+        OptimizerSpec("qgenx", QGenX, 2, "quantized generalised extra-gradient, dual averaging, adaptive rate", True),
         OptimizerSpec("gda", GDA, 1, "simultaneous gradient descent-ascent, constant step"),
         OptimizerSpec("eg", ExtraGradient, 2, "extra-gradient, constant step"),
         OptimizerSpec("og", OptimisticGradient, 1, "optimistic gradient (Popov), constant step"),
-        OptimizerSpec("extra_adam", ExtraAdam, 2, "extra-gradient with Adam steps (Gidel et al. 2019)"),
-        OptimizerSpec("optimistic_adam", OptimisticAdam, 1, "optimistic Adam (Daskalakis et al. 2018)"),
-        OptimizerSpec("adam", SimultaneousAdam, 1, "simultaneous Adam on both players (GAN baseline)"),
+        OptimizerSpec("extra_adam", ExtraAdam, 2, "extra-gradient with Adam steps (Gidel et al. 2019)", True),
+        OptimizerSpec("optimistic_adam", OptimisticAdam, 1, "optimistic Adam (Daskalakis et al. 2018)", True),
+        OptimizerSpec("adam", SimultaneousAdam, 1, "simultaneous Adam on both players (GAN baseline)", True),
     )
 }
 

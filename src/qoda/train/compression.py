@@ -1,16 +1,8 @@
 """From the trainer's compression options to an averager (one exchange of the joint operator).
 
-==================  ====================================================================
-``compression``     averager
-==================  ====================================================================
-none                fp32 all-reduce
-fp16                fp16 all-reduce (scaled by 1/K before the cast)
-powersgd            PyTorch's PowerSGD hook (rank ``powersgd_rank``, error feedback)
-qsgd                one uniform level set for every compressed tensor (L2 buckets)
-nuqsgd              one exponential level set (p = 1/2, L2 buckets)
-global_adaptive     one level set fitted (ALQ) to all compressed tensors' statistics
-layerwise_adaptive  one fitted level set per layer type (``layer_types``)
-==================  ====================================================================
+The choices and their capabilities are the registry :data:`qoda.train.compressions.COMPRESSIONS`
+(transport, level family, layer-wise or not, bits on the wire); this module builds the averager a
+spec describes.
 
 ``layer_types``: ``player_class`` (default) gives each player's convolutions and linear
 layers their own levels (``generator.conv``, ``critic.linear``, ...): the two players'
@@ -33,6 +25,7 @@ from qoda.comm.overlap import OverlappedAverager
 from qoda.quant.adapt import AdaptConfig, RefitSchedule
 from qoda.quant.config import Norm, QuantizerConfig
 from qoda.quant.policy import LayerEntry, LayerPlan, LayerPolicy
+from qoda.train.compressions import COMPRESSIONS, Transport
 from qoda.train.config import TrainConfig
 
 
@@ -40,7 +33,8 @@ def quantizer_config(cfg: TrainConfig) -> QuantizerConfig:
     norm = cfg.quant_norm
     if norm == "auto":
         norm = "linf" if cfg.adaptive else "l2"
-    base = QuantizerConfig.nuqsgd(cfg.bits, cfg.bucket_size) if cfg.compression == "nuqsgd" else (
+    exponential = COMPRESSIONS[cfg.compression].levels == "exponential"
+    base = QuantizerConfig.nuqsgd(cfg.bits, cfg.bucket_size) if exponential else (
         QuantizerConfig.qsgd(cfg.bits, cfg.bucket_size))  # fmt: skip
     return replace(base, norm=Norm(norm))
 
@@ -59,7 +53,7 @@ def _prefix_types(plan: LayerPlan) -> LayerPlan:
 def layer_plan(cfg: TrainConfig, players: nn.Module) -> LayerPlan:
     """The layer plan over both players' parameters (``players`` = ModuleDict generator/critic)."""
     qc = quantizer_config(cfg)
-    if cfg.compression == "layerwise_adaptive":
+    if COMPRESSIONS[cfg.compression].layerwise:
         if cfg.layer_types == "per_layer":
             return LayerPolicy.per_layer(qc).plan(players)
         plan = LayerPolicy.by_module_class(qc).plan(players)
@@ -91,13 +85,14 @@ def build_averager(
 def _single(
     cfg: TrainConfig, players: nn.Module, group: dist.ProcessGroup | None, seed: int
 ) -> Aggregator | AdaptiveAggregator | PowerSGDAverager:
-    if cfg.compression == "powersgd":
+    transport = COMPRESSIONS[cfg.compression].transport
+    if transport is Transport.POWERSGD:
         shapes = [p.shape for p in players.parameters()]
         return PowerSGDAverager(shapes, cfg.powersgd_rank, cfg.powersgd_start_iter, group, seed=seed)
     plan = layer_plan(cfg, players)
-    if cfg.compression == "none":
+    if transport is Transport.FP32:
         return Aggregator(plan, Mode.FP32, group, seed=seed)
-    if cfg.compression == "fp16":
+    if transport is Transport.FP16:
         return Aggregator(plan, Mode.FP16, group, seed=seed)
     if cfg.adaptive:
         adapt = AdaptConfig(schedule=RefitSchedule(tuple(cfg.refit_steps), cfg.refit_every))

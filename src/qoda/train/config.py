@@ -19,9 +19,11 @@ from typing import Any
 from qoda.comm.aggregate import Mode
 from qoda.data.images import DATASETS
 from qoda.eval.features import EXTRACTORS
+from qoda.optim.factory import OPTIMIZERS
+from qoda.train.compressions import COMPRESSIONS
 
-OPTIMIZER_CHOICES = ("qoda", "qgenx", "extra_adam", "optimistic_adam", "adam")
-COMPRESSIONS = ("none", "fp16", "powersgd", "qsgd", "nuqsgd", "global_adaptive", "layerwise_adaptive")
+#: The optimizers the GAN trainer offers (registry flag ``trains_gans``).
+OPTIMIZER_CHOICES = tuple(n for n, s in OPTIMIZERS.items() if s.trains_gans)
 LAYER_TYPES = ("player_class", "module_class", "per_layer")
 MODELS = ("dcgan", "resnet")
 NORMS = ("group", "batch", "none")
@@ -108,7 +110,7 @@ class TrainConfig:
         one_of("model", MODELS)
         one_of("norm", NORMS)
         one_of("optimizer", OPTIMIZER_CHOICES)
-        one_of("compression", COMPRESSIONS)
+        one_of("compression", tuple(COMPRESSIONS))
         one_of("layer_types", LAYER_TYPES)
         one_of("quant_norm", QUANT_NORMS)
         one_of("fid_extractor", EXTRACTORS)
@@ -116,9 +118,10 @@ class TrainConfig:
         one_of("qoda_scope", ("global", "coordinate"))
         one_of("qoda_precondition", ("adam", "none"))
         one_of("nonfinite", ("raise", "skip"))
-        if self.nonfinite == "skip" and self.optimizer in ("qgenx", "extra_adam"):
+        if self.nonfinite == "skip" and OPTIMIZERS[self.optimizer].calls_per_iteration > 1:
+            one_call = ", ".join(n for n in OPTIMIZER_CHOICES if OPTIMIZERS[n].calls_per_iteration == 1)
             raise ConfigError(
-                f"nonfinite: 'skip' needs a one-call optimizer (qoda, optimistic_adam, adam); {self.optimizer} has "
+                f"nonfinite: 'skip' needs a one-call optimizer ({one_call}); {self.optimizer} has "
                 "already moved to its extrapolated point when the second gradient arrives"
             )
         one_of("qoda_rate", ("single", "separated"))
@@ -229,8 +232,13 @@ class TrainConfig:
 
     @property
     def quantized(self) -> bool:
-        return self.compression not in ("none", "fp16", "powersgd")
+        return COMPRESSIONS[self.compression].quantized
 
     @property
     def adaptive(self) -> bool:
-        return self.compression in ("global_adaptive", "layerwise_adaptive")
+        return COMPRESSIONS[self.compression].adaptive
+
+    @property
+    def wire_bits(self) -> int | None:
+        """Bits per coordinate on the wire (``None`` for PowerSGD), from the compression registry."""
+        return COMPRESSIONS[self.compression].wire_bits(self.bits)
