@@ -68,10 +68,15 @@ def test_nonfinite_gradient_on_one_rank_raise_and_skip(tmp_path):
 
 
 def test_corrupted_payload_and_mismatched_settings_fail_on_every_rank():
-    for name, fn in (("corrupted_payload", faults._corrupt), ("mismatched_config", faults._mismatch)):
-        row = faults.scenario_simple(name, fn)
-        assert row["ok"], row
-    assert "rank 1" in faults.scenario_simple("corrupted_payload", faults._corrupt)["outcome"]
+    """Every rank (not just one) raises AggregationError for the right cause: the damaged payload
+    named with its sender, or the settings that differ."""
+    for fn, needles in ((faults._corrupt, ("damaged payload", "from rank 1", "CRC")),
+                        (faults._mismatch, ("differ across ranks",))):  # fmt: skip
+        msgs = values(run(fn, 2, timeout=120, pg_timeout=30))
+        assert len(msgs) == 2
+        for m in msgs:
+            assert m.startswith("AggregationError") and all(n in m for n in needles), (fn.__name__, m)
+    assert faults.scenario_simple("corrupted_payload", faults._corrupt)["ok"]
 
 
 def _fp16_overflow(rank, world):
