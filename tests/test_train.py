@@ -185,9 +185,23 @@ def test_fid_matches_the_closed_form_and_caches_real_statistics(tmp_path):
         ff = ext((gen(z) + 1) / 2).double().numpy()
     assert res.fid == pytest.approx(_reference_fid(fr, ff), rel=1e-3)
     assert res.extractor == "projection" and res.samples == 200
-    # a second evaluator reads the cached statistics (the data are not touched: pass an empty stand-in)
-    ev2 = FIDEvaluator(ext, "projection", data, samples=200, batch_size=64, cache_dir=tmp_path / "cache")
-    assert ev2(gen, latent=4, seed=3).fid == res.fid
+    # a second evaluator reads the cached statistics: no real image is embedded again
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    real_updates = []
+    update = FrechetInceptionDistance.update
+
+    def counting(self, imgs, real):
+        real_updates.append(bool(real))
+        return update(self, imgs, real)
+
+    FrechetInceptionDistance.update = counting
+    try:
+        ev2 = FIDEvaluator(ext, "projection", data, samples=200, batch_size=64, cache_dir=tmp_path / "cache")
+        assert ev2(gen, latent=4, seed=3).fid == res.fid
+    finally:
+        FrechetInceptionDistance.update = update
+    assert real_updates and not any(real_updates)  # only the generated images were embedded
 
 
 # ---------------------------------------------------------------------------------------------- config
