@@ -478,3 +478,39 @@ def test_hook_misuse_fails_every_rank_clearly(hook_suite):
         assert r["other_model"] is not None and "not in the model bound" in r["other_model"]
         assert r["state_dict"] == (3, True, True)
         assert r["wrong_settings"] is not None and "other settings (mode" in r["wrong_settings"]
+
+
+HOOK_VARIANTS = (("two_phase", 100), ("allgather", 100), ("fp32", 0))
+
+
+def _ddp_grads(rank, world):
+    """Gradients of 3 backward passes (different data per rank): plain DDP, then the qoda hook in
+    warm-up (start_iter beyond the run) and in fp32 mode, each on a fresh DDP model."""
+    x, y = _regression_data(rank)
+    out = {}
+    for variant in (None, *HOOK_VARIANTS):
+        torch.manual_seed(0)
+        model = Reg()
+        ddp = nn.parallel.DistributedDataParallel(model)
+        if variant is not None:
+            policy = LayerPolicy.global_(QuantizerConfig.qsgd(4, 256), min_numel=64)
+            state = QodaHookState(model, policy, mode=variant[0], start_iter=variant[1])
+            ddp.register_comm_hook(state, qoda_hook)
+        grads = []
+        for step in range(3):
+            ddp.zero_grad()
+            nn.functional.mse_loss(ddp(x[step::3]), y[step::3]).backward()
+            grads.append(torch.cat([p.grad.reshape(-1) for p in model.parameters()]).numpy().copy())
+        out[variant] = grads
+    return out
+
+
+def test_ddp_hook_in_warm_up_and_fp32_mode_averages_like_allreduce():
+    """As PyTorch's own hook tests check: before compression starts (warm-up) and in fp32 mode the
+    hook's averaged gradients equal plain DDP's all-reduce average (to float32 summation order)."""
+    res = values(run(_ddp_grads, 2, timeout=120))
+    for r in range(2):
+        for variant in HOOK_VARIANTS:
+            for a, b in zip(res[r][None], res[r][variant], strict=True):
+                np.testing.assert_allclose(b, a, rtol=2e-6, atol=1e-7, err_msg=str(variant))
+            assert np.array_equal(res[0][variant][-1], res[1][variant][-1])  # identical on every rank
