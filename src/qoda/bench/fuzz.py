@@ -60,32 +60,9 @@ from qoda.quant.policy import LayerEntry, LayerPlan
 
 MUTATIONS = ("bitflip", "truncate", "extend", "segment_header", "message_header", "forged_sizes", "forged_message")
 
-# The segment header's fields, in the order of the public ``qoda.codec.format.HEADER`` struct; their
-# offsets are computed from its format string, so a change of the layout moves them too.
-HEADER_FIELDS = ("magic", "version", "coding", "norm", "dtype", "code_bits", "flags", "num_levels",
-                 "bucket_size", "level_set_id", "n_layers", "numel", "body_len", "crc")  # fmt: skip
-
-
-def _header_offsets() -> dict[str, tuple[int, str]]:
-    """``field -> (offset, struct code)`` of the segment header, from ``format.HEADER.format``."""
-    order, codes = fmt.HEADER.format[0], fmt.HEADER.format[1:]
-    parts, i = [], 0
-    while i < len(codes):  # "4s" is one field, every other letter one field
-        j = i
-        while codes[j].isdigit():
-            j += 1
-        parts.append(codes[i : j + 1])
-        i = j + 1
-    if len(parts) != len(HEADER_FIELDS):
-        raise RuntimeError(f"fuzz: the segment header has {len(parts)} fields, this fuzzer knows {len(HEADER_FIELDS)}")
-    out, pos = {}, 0
-    for name, code in zip(HEADER_FIELDS, parts, strict=True):
-        out[name] = (pos, code)
-        pos += struct.calcsize(order + code)
-    return out
-
-
-SEGMENT_FIELDS = _header_offsets()
+# The segment header's fields and offsets, as the codec describes them (qoda.codec.format).
+HEADER_FIELDS = tuple(name for name, _ in fmt.HEADER_LAYOUT)
+SEGMENT_FIELDS = fmt.FIELDS
 # rewritable fields of the ``segment_header`` mutation (everything but magic and the CRC)
 _SEGMENT_FIELDS = tuple(SEGMENT_FIELDS[f] for f in HEADER_FIELDS[1:-1])
 # The message header as documented in qoda.codec.layerwise: magic (4), version (1), 3 zero bytes,

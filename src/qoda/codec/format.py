@@ -34,9 +34,29 @@ import torch
 
 MAGIC = b"QODA"
 VERSION = 1
-HEADER = struct.Struct("<4sBBBBBBHIIIQQI")
+#: The header, field by field: ``(name, struct code)`` in wire order (little-endian).  The one
+#: description of the layout: :data:`HEADER`, :data:`FIELDS` and every reader derive from it.
+HEADER_LAYOUT: tuple[tuple[str, str], ...] = (
+    ("magic", "4s"), ("version", "B"), ("coding", "B"), ("norm", "B"), ("dtype", "B"), ("code_bits", "B"),
+    ("flags", "B"), ("num_levels", "H"), ("bucket_size", "I"), ("level_set_id", "I"), ("n_layers", "I"),
+    ("numel", "Q"), ("body_len", "Q"), ("crc", "I"),
+)  # fmt: skip
+HEADER = struct.Struct("<" + "".join(code for _, code in HEADER_LAYOUT))
 HEADER_SIZE = HEADER.size
-_CRC_OFFSET = HEADER_SIZE - 4
+
+
+def _field_offsets() -> dict[str, tuple[int, str]]:
+    out, pos = {}, 0
+    for name, code in HEADER_LAYOUT:
+        out[name] = (pos, code)
+        pos += struct.calcsize("<" + code)
+    return out
+
+
+#: ``field -> (byte offset, struct code)`` of the segment header.
+FIELDS: dict[str, tuple[int, str]] = _field_offsets()
+_CRC_OFFSET = FIELDS["crc"][0]
+assert _CRC_OFFSET == HEADER_SIZE - 4
 
 
 class CodecError(ValueError):

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from qoda.codec.format import DTYPE_CODES, HEADER_SIZE, CodecError, as_bytes_array
+from qoda.codec.format import DTYPE_CODES, FIELDS, HEADER_SIZE, CodecError, as_bytes_array
 from qoda.codec.segment import Encoded, decode_into, encode_raw, encode_tensor, fixed_segment_header
 from qoda.quant.config import Coding, QuantizerConfig
 from qoda.quant.policy import LayerPlan
@@ -37,7 +37,7 @@ from qoda.quant.policy import LayerPlan
 MAGIC = b"QODM"
 VERSION = 1
 _HEAD = struct.Struct("<4sB3xII")
-_DTYPE_OFFSET = 7  # of the segment header (qoda.codec.format.HEADER: magic, version, coding, norm, dtype)
+_DTYPE_OFFSET = FIELDS["dtype"][0]  # of the segment header
 
 
 def segment_seed(seed: int, index: int) -> int:
