@@ -25,7 +25,7 @@ from qoda.quant.adapt import MagnitudeStats, allocate_bits, fit_alq, levels_for_
 from qoda.quant.config import Coding, QuantizerConfig
 from qoda.quant.levels import LevelSet
 from qoda.quant.policy import LayerPlan, LayerPolicy
-from qoda.quant.variance import exact_variance
+from qoda.quant.variance import plan_variance
 
 BUDGETS = (2, 3, 4, 5, 6, 8)
 DP_BITS = (2, 3, 4, 5, 6, 7, 8)
@@ -166,9 +166,7 @@ def measure(plan: LayerPlan, grads: list[torch.Tensor], seed: int) -> tuple[floa
     """(normalised exact variance, bits per coordinate the codec produced) of ``grads``."""
     codec = LayerwiseCodec(plan)
     msg = codec.encode(grads, seed)
-    var = sum(exact_variance([grads[i] for i in plan.indices(t)], plan.configs[t]) for t in plan.types)
-    sq = sum(float(g.double().square().sum()) for g in grads)
-    return var / sq, msg.bits / sum(g.numel() for g in grads)
+    return plan_variance(grads, plan), msg.bits / sum(g.numel() for g in grads)
 
 
 def measure_maxmin(plan: LayerPlan, grads: list[torch.Tensor], seed: int) -> tuple[float, float]:
@@ -190,9 +188,9 @@ def measure_maxmin(plan: LayerPlan, grads: list[torch.Tensor], seed: int) -> tup
             centred[i] = torch.cat([c - (c.max() + c.min()) / 2 for c in chunks]).view_as(grads[i])
     codec = LayerwiseCodec(plan)
     msg = codec.encode(centred, seed)
-    var = sum(exact_variance([centred[i] for i in plan.indices(t)], plan.configs[t]) for t in plan.types)
     sq = sum(float(g.double().square().sum()) for g in grads)
-    return var / sq, (msg.bits + 32 * buckets) / sum(g.numel() for g in grads)
+    bits_per_coord = (msg.bits + 32 * buckets) / sum(g.numel() for g in grads)
+    return plan_variance(centred, plan, normalized=False) / sq, bits_per_coord
 
 
 def run_variance_study(

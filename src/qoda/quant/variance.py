@@ -22,13 +22,14 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import torch
 
 from qoda.quant.config import Norm, QuantizerConfig
 from qoda.quant.kernels.torch_ref import bucket_ids
 from qoda.quant.levels import LevelSet
+from qoda.quant.policy import LayerPlan
 from qoda.quant.quantizer import TensorOrTensors, bucket_starts, flatten_float32
 
 
@@ -103,3 +104,14 @@ def eps_q_layerwise(parts: Iterable[tuple[QuantizerConfig, int]]) -> float:
     ``parts`` lists each type's config with the largest layer numel of that type.
     """
     return max((eps_q_config(c, n) for c, n in parts), default=0.0)
+
+
+def plan_variance(grads: Sequence[torch.Tensor], plan: LayerPlan, normalized: bool = True) -> float:
+    """Exact ``E||Q(g) - g||^2`` of the gradients ``grads`` (plan order) under ``plan``, summed over
+    its types (uncompressed layers add nothing); divided by ``||g||^2`` when ``normalized``
+    (0 for an all-zero gradient)."""
+    var = sum(exact_variance([grads[i] for i in plan.indices(t)], plan.configs[t]) for t in plan.types)
+    if not normalized:
+        return var
+    total = sum(float(g.detach().double().square().sum()) for g in grads)
+    return var / total if total > 0 else 0.0
