@@ -1,1 +1,18 @@
-"""Averaging over a torch.distributed ProcessGroup with layer-wise quantization."""
+"""Averaging over a torch.distributed ProcessGroup with layer-wise quantization.
+
+``aggregate`` (the allgather / two-phase / fp32 / fp16 modes and their statistics), ``adaptive``
+(levels re-fitted on a schedule), ``overlap`` (one player's exchange on a background thread),
+``baselines`` (PowerSGD, the benchmarks' local averager), ``partition`` (two-phase chunks) and
+``ddp_hook`` (the DDP communication hook and its checkpointable state).
+"""
+
+from qoda.comm.adaptive import AdaptiveAggregator
+from qoda.comm.aggregate import AggregationError, Aggregator, CommStats, Mode
+from qoda.comm.baselines import LocalAverager, PowerSGDAverager
+from qoda.comm.ddp_hook import QodaHookState, qoda_hook
+from qoda.comm.overlap import OverlappedAverager
+
+__all__ = [
+    "AdaptiveAggregator", "AggregationError", "Aggregator", "CommStats", "LocalAverager", "Mode",
+    "OverlappedAverager", "PowerSGDAverager", "QodaHookState", "qoda_hook",
+]  # fmt: skip
