@@ -81,6 +81,7 @@ def test_train_cli_runs_and_refuses_to_resume_another_config(tmp_path, capsys):
     assert main(common) == 0
     printed = capsys.readouterr().out
     assert "samples:" in printed and "report:" in printed and "plots:" in printed
+    assert " EMA, raw generator " in printed and "final_raw.png (raw)" in printed
     assert json.loads((out / "report.json").read_text())["steps"] == 2
     assert main([*common, "--resume", "--bits", "8", "--steps", "4"]) == 2
     assert "different config: bits=4 (now 8)" in capsys.readouterr().err
@@ -172,3 +173,61 @@ def test_train_signal_in_a_single_process_run_stops_in_one_line_and_resumes(tmp_
     monkeypatch.undo()
     assert main([*run, "--resume"]) == 0
     assert json.loads((tmp_path / "run" / "report.json").read_text())["steps"] == 6
+
+
+def _train_parser():
+    import argparse
+
+    from qoda.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return sub.choices["train"]
+
+
+def test_train_help_has_every_option_with_help_choices_and_one_default(capsys):
+    from dataclasses import fields
+
+    from qoda.cli import TRAIN_HELP, train_choices
+    from qoda.train.config import ConfigError, TrainConfig
+
+    names = [f.name for f in fields(TrainConfig)]
+    assert set(TRAIN_HELP) == set(names)  # no option without help, no help of a removed option
+    actions = {a.dest: a for a in _train_parser()._actions if a.dest != "help"}
+    assert set(actions) == {*names, "config"}
+    for name, a in actions.items():
+        assert a.help and len(a.help) > 15, name
+        assert a.help.lower().count("default") <= 1, (name, a.help)  # the default is stated once
+    for f in fields(TrainConfig):
+        a = actions[f.name]
+        if isinstance(f.default, bool):  # a flag, named for what it does
+            assert a.option_strings == ["--no-" + f.name.replace("_", "-") if f.default else "--" + f.name.replace(
+                "_", "-")] and "default:" not in a.help  # fmt: skip
+        elif f.default is not None:
+            assert a.help.count("(default: ") == 1, f.name
+    for name, choices in train_choices().items():
+        assert actions[name].metavar == "{" + ",".join(choices) + "}", name
+        for c in choices:  # every choice shown is one the config accepts (other constraints may still apply)
+            try:
+                TrainConfig(**{name: c})
+            except ConfigError as e:
+                assert not str(e).startswith(f"{name}: expected"), e
+        with pytest.raises(ConfigError, match=f"^{name}: expected"):
+            TrainConfig(**{name: "no-such-value"})
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    assert "--no-progress" in text and "--progress " not in text and "SUPPRESS" not in text
+    assert "--data-\n" not in text  # option names are not broken across lines
+    assert "(default: 0.5 0.9)" in text and "(default: 0.0002)" in text
+
+
+def test_overwrite_clears_the_raw_samples_and_keeps_the_users_files(tmp_path):
+    from qoda.train import rundir
+
+    s = tmp_path / "samples"
+    s.mkdir()
+    for name in ("final.png", "final_raw.png", "step-0000002.png", "step-0000002_raw.png", "mine.png"):
+        (s / name).write_bytes(b"png")
+    rundir.clear(tmp_path)
+    assert [p.name for p in s.iterdir()] == ["mine.png"]

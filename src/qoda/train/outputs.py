@@ -1,10 +1,12 @@
-"""What a run writes besides checkpoints: sample grids, plots (matplotlib, no torchvision)."""
+"""What a run writes besides checkpoints: sample grids, plots (matplotlib, no torchvision), and
+the units of ``report.json``."""
 
 from __future__ import annotations
 
 import io
 import math
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -12,8 +14,36 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
+from matplotlib.ticker import ScalarFormatter
 
 from qoda.utils.atomic import atomic_write_bytes
+
+# The unit of every number in ``report.json`` (key -> unit); ``fid_history`` rows use the same keys.
+REPORT_UNITS: dict[str, str] = {
+    "steps": "iterations",
+    "fid": "FID of the EMA generator (squared distance in fid_extractor's feature space; lower is better)",
+    "fid_raw": "FID of the raw (non-averaged) generator, same features and samples as fid",
+    "fid_samples": "generated images (and as many real ones) per FID",
+    "ema_decay": "EMA decay cap (per update; warmed up as min(ema_decay, (1 + t) / (10 + t)))",
+    "ema_updates": "EMA updates (one per iteration)",
+    "bits_per_step": "bits sent per iteration per worker (payload)",
+    "bytes_sent_per_step": "bytes sent per iteration per worker (payload and headers)",
+    "compression_ratio": "fp32 bits / bits sent (x)",
+    "seconds": "s, wall-clock of the training loop (evaluations and checkpoints included)",
+    "seconds_per_step": "s per iteration, seconds / steps",
+    "workers": "processes",
+    "bits": "bits per coordinate on the wire (32: fp32, 16: fp16)",
+    "parameters": "trainable parameters (generator and critic)",
+    "exchanges_per_step": "exchanges per iteration",
+    "step_seconds": "s per iteration, mean over the second half of the run",
+    "compute_seconds": "s per iteration in computation (step minus encode, comm and decode), second-half mean",
+    "encode_seconds": "s per iteration in quantization and encoding, second-half mean",
+    "comm_seconds": "s per iteration in collectives, second-half mean",
+    "decode_seconds": "s per iteration in decoding and accumulation, second-half mean",
+    "quant_variance": "E||Q(g)-g||^2 / ||g||^2 (dimensionless), second-half mean",
+    "skipped_steps": "iterations dropped by nonfinite = skip",
+    "step": "iterations",
+}
 
 
 def image_grid(images: torch.Tensor, nrow: int | None = None, pad: int = 2) -> np.ndarray:
@@ -31,7 +61,13 @@ def image_grid(images: torch.Tensor, nrow: int | None = None, pad: int = 2) -> n
     return grid
 
 
+def grid_tensor(images: torch.Tensor) -> torch.Tensor:
+    """The grid of :func:`image_grid` as a ``(C, H', W')`` float tensor in ``[0, 1]`` (TensorBoard's CHW)."""
+    return torch.from_numpy(image_grid(images)).permute(2, 0, 1).contiguous()
+
+
 def save_grid(images: torch.Tensor, path: Path, scale: int = 3) -> None:
+    """Write the grid of ``images`` (in ``[-1, 1]``) as a PNG, each pixel ``scale`` x ``scale``."""
     grid = image_grid(images)
     grid = grid.repeat(scale, axis=0).repeat(scale, axis=1)
     buf = io.BytesIO()
@@ -42,22 +78,31 @@ def save_grid(images: torch.Tensor, path: Path, scale: int = 3) -> None:
     atomic_write_bytes(buf.getvalue(), path)
 
 
-def plot_curves(history: list[dict], evals: list[dict], path: Path, title: str) -> None:
-    """Losses and the critic's Wasserstein estimate against time; FID against time."""
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
-    if history:
-        t = [h["seconds"] for h in history]
-        for key, label in (("wasserstein", "W estimate E[D(x)]-E[D(G(z))]"), ("loss_g", "generator loss")):
-            a.plot(t, [h[key] for h in history], label=label, lw=1)
-        a.set_xlabel("wall-clock seconds")
-        a.set_title("losses")
-        a.legend(fontsize=8)
-    if evals:
-        b.plot([e["seconds"] for e in evals], [e["fid"] for e in evals], "o-")
-        b.set_yscale("log")
-        b.set_xlabel("wall-clock seconds")
-        b.set_ylabel(f"FID ({evals[-1]['fid_extractor']}, {evals[-1]['fid_samples']} samples)")
-        b.set_title("FID of the EMA generator")
+def plot_curves(history: list[dict[str, Any]], evals: list[dict[str, Any]], path: Path, title: str) -> None:
+    """Losses and the critic's Wasserstein estimate (left) and FID of the EMA and raw generators
+    (right), against wall-clock seconds (top row) and against iterations (bottom row)."""
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
+    for row, (xkey, xlabel) in enumerate((("seconds", "wall-clock seconds"), ("step", "iterations"))):
+        a, b = axes[row]
+        if history:
+            x = [h[xkey] for h in history]
+            for key, label in (("wasserstein", "W estimate E[D(x)]-E[D(G(z))]"), ("loss_g", "generator loss")):
+                a.plot(x, [h[key] for h in history], label=label, lw=1)
+            a.set_xlabel(xlabel)
+            a.set_title(f"losses against {xlabel}")
+            a.legend(fontsize=8)
+        if evals:
+            x = [e[xkey] for e in evals]
+            b.plot(x, [e["fid"] for e in evals], "o-", label="EMA generator")
+            if all("fid_raw" in e for e in evals):
+                b.plot(x, [e["fid_raw"] for e in evals], "s--", label="raw generator")
+            b.set_yscale("log")
+            b.yaxis.set_major_formatter(ScalarFormatter())  # 150, not 1.5 x 10^2
+            b.yaxis.set_minor_formatter(ScalarFormatter())
+            b.set_xlabel(xlabel)
+            b.set_ylabel(f"FID ({evals[-1]['fid_extractor']}, {evals[-1]['fid_samples']} samples)")
+            b.set_title(f"FID against {xlabel}")
+            b.legend(fontsize=8)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     buf = io.BytesIO()

@@ -38,7 +38,8 @@ def _members(out: Path) -> dict[str, list[Path]]:
         found["tensorboard"] = list((out / "tensorboard").glob("events.out.tfevents.*"))
     if (out / "samples").is_dir():
         s = out / "samples"
-        found["samples"] = [*s.glob("step-*.png"), *s.glob("final.png"), *s.glob(".*.png.*.tmp")]
+        found["samples"] = [*s.glob("step-*.png"), *s.glob("final.png"), *s.glob("final_raw.png"),
+                            *s.glob(".*.png.*.tmp")]  # fmt: skip
     for name, key in (("config.json", "dataset_description"), ("report.json", "fid_extractor")):
         if (out / name).is_file() and _ours_json(out / name, key):
             found[name] = [out / name]

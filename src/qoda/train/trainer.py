@@ -8,9 +8,11 @@ Per iteration ``t`` (tuning guide in the README, section "qoda train"):
 2. Exchange: the optimizer hands the whole operator to its averager (fp32/fp16 all-reduce or
    layer-wise quantized aggregation, adaptive levels re-fitted on schedule) and steps both
    players jointly.  Two-call methods (Q-GenX, ExtraAdam) repeat 1-2 at the extrapolated point.
-3. The generator's EMA is updated; rank 0 logs losses, bits and the step time split into
-   compute / encode / communication / decode; every ``eval_every`` steps all workers compute FID
-   together; every ``checkpoint_every`` steps a sharded atomic checkpoint is committed.
+3. The generator's EMA is updated (decay warmed up, :func:`ema_decay`); rank 0 logs losses,
+   learning rates, bits and the step time split into compute / encode / communication / decode;
+   every ``eval_every`` steps all workers compute the FID of the EMA and of the raw generator
+   together; every ``sample_every`` steps rank 0 writes sample grids of both (PNG and
+   TensorBoard); every ``checkpoint_every`` steps a sharded atomic checkpoint is committed.
 
 Everything random is a function of ``(seed, rank, counters)`` or lives in the checkpoint, so
 ``--resume`` continues bit for bit.
@@ -47,7 +49,7 @@ from qoda.train import checkpoint
 from qoda.train.compression import build_averager
 from qoda.train.config import ConfigError, TrainConfig
 from qoda.train.game import GameLosses, wgan_gp_operator
-from qoda.train.outputs import plot_curves, save_grid
+from qoda.train.outputs import REPORT_UNITS, grid_tensor, plot_curves, save_grid
 from qoda.utils.atomic import atomic_write_json
 from qoda.utils.system import allocator
 
@@ -64,6 +66,26 @@ def resolve_device(name: str) -> torch.device:
             )
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+def ema_decay(decay: float, updates: int) -> float:
+    """The decay of the EMA update that follows ``updates`` earlier ones: ``min(decay, (1 + t) / (10 + t))``.
+
+    The warm-up lets the average forget the random initialisation after a few dozen updates
+    (after ``k`` updates its weight is ``1 / C(k + 9, 9)`` while the cap is not reached) instead
+    of the ``decay ** k`` of a constant decay (0.999: still 22% after 1,500 updates)."""
+    return min(decay, (1.0 + updates) / (10.0 + updates))
+
+
+@torch.no_grad()
+def update_ema(ema: nn.Module, model: nn.Module, decay: float, updates: int) -> None:
+    """One EMA update of ``ema`` towards ``model`` (parameters averaged with :func:`ema_decay`,
+    buffers copied)."""
+    weight = 1.0 - ema_decay(decay, updates)
+    for e, p in zip(ema.parameters(), model.parameters(), strict=True):
+        e.lerp_(p, weight)
+    for e, b in zip(ema.buffers(), model.buffers(), strict=True):
+        e.copy_(b)
 
 
 def build_models(cfg: TrainConfig, channels: int) -> tuple[nn.Module, nn.Module]:
@@ -140,6 +162,7 @@ class Trainer:
         self.generator, self.critic = generator.to(self.device), critic.to(self.device)
         self.players = nn.ModuleDict({"generator": self.generator, "critic": self.critic})
         self.ema = copy.deepcopy(self.generator).requires_grad_(False)
+        self.ema_updates = 0  # number of EMA updates so far (the warm-up's t; checkpointed)
         self.averager = averager if averager is not None else build_averager(cfg, self.players)
         groups = [
             {"params": list(self.generator.parameters()), "lr": cfg.lr_g},
@@ -169,6 +192,8 @@ class Trainer:
             "generator": self.generator.state_dict(),
             "critic": self.critic.state_dict(),
             "ema": self.ema.state_dict(),
+            "ema_updates": self.ema_updates,
+            "channels": self.data.channels,
             "optimizer": self.optimizer.state_dict(),
             "history": self.history,
             "evals": self.evals,
@@ -198,6 +223,7 @@ class Trainer:
         self.optimizer.group.update(mine["counters"])
         self.history, self.evals, self.elapsed = common["history"], common["evals"], float(common["elapsed"])
         self.step = int(common["step"])
+        self.ema_updates = int(common.get("ema_updates", self.step))  # one update per iteration
         self.skipped = int(common.get("skipped", 0))
         self.rng.set_state(mine["rng"])
         torch.random.set_rng_state(mine["torch_rng"])
@@ -245,11 +271,8 @@ class Trainer:
         else:
             skipped = True
             self.skipped += 1
-        with torch.no_grad():
-            for e, p in zip(self.ema.parameters(), self.generator.parameters(), strict=True):
-                e.lerp_(p, 1.0 - cfg.ema)
-            for e, b in zip(self.ema.buffers(), self.generator.buffers(), strict=True):
-                e.copy_(b)
+        update_ema(self.ema, self.generator, cfg.ema, self.ema_updates)
+        self.ema_updates += 1
         seconds = time.perf_counter() - t0
         after = self.averager.stats
         comm = {k: getattr(after, k) - getattr(before, k) for k in ("payload_bits", "encode_seconds",
@@ -320,19 +343,36 @@ class Trainer:
         return self.fid
 
     def evaluate(self) -> dict[str, Any]:
-        res = self._ensure_fid()(self.ema, LATENT, seed=self.cfg.seed + 777)
-        row = {"step": self.step, "seconds": self.elapsed, "fid": res.fid, "fid_extractor": res.extractor,
-               "fid_samples": res.samples}  # fmt: skip
+        """Collective: FID of the EMA generator (``fid``) and of the raw one (``fid_raw``), on the
+        same latents; the row is appended to :attr:`evals`."""
+        fid = self._ensure_fid()
+        ema = fid(self.ema, LATENT, seed=self.cfg.seed + 777)
+        raw = fid(self.generator, LATENT, seed=self.cfg.seed + 777)
+        row = {"step": self.step, "seconds": self.elapsed, "fid": ema.fid, "fid_raw": raw.fid,
+               "fid_extractor": ema.extractor, "fid_samples": ema.samples}  # fmt: skip
         self.evals.append(row)
         return row
 
-    def write_samples(self, name: str) -> Path:
-        path = self.out / "samples" / name
-        with torch.no_grad():
-            self.ema.eval()
-            save_grid(self.ema(self.fixed_z), path)
-            self.ema.train()
-        return path
+    @torch.no_grad()
+    def sample_images(self, raw: bool = False) -> torch.Tensor:
+        """The EMA (or raw) generator's images of the run's 64 fixed latents, in ``[-1, 1]``."""
+        gen = self.generator if raw else self.ema
+        was_training = gen.training
+        gen.eval()
+        try:
+            return gen(self.fixed_z)
+        finally:
+            gen.train(was_training)
+
+    def write_samples(self, name: str) -> dict[str, torch.Tensor]:
+        """Write ``samples/<name>.png`` (EMA generator) and ``samples/<name>_raw.png`` (raw
+        generator); returns their grids as CHW tensors in ``[0, 1]`` (``{"ema": ..., "raw": ...}``)."""
+        grids = {}
+        for kind, suffix in (("ema", ""), ("raw", "_raw")):
+            images = self.sample_images(raw=kind == "raw")
+            save_grid(images, self.out / "samples" / f"{name}{suffix}.png")
+            grids[kind] = grid_tensor(images)
+        return grids
 
 
 def _threads(world: int) -> int:
@@ -382,6 +422,7 @@ def _run(
         from torch.utils.tensorboard import SummaryWriter
 
         writer = SummaryWriter(str(out / "tensorboard"), purge_step=trainer.step if trainer.step else None)
+        log_config(writer, cfg, world, trainer.data.description, trainer.step)
         if cfg.progress:
             from tqdm import tqdm
 
@@ -411,6 +452,9 @@ def _run(
                               "quant_variance"):  # fmt: skip
                         if k in mean:
                             writer.add_scalar(f"train/{k}", mean[k], s)
+                    for player, group in zip(("g", "d"), trainer.optimizer.param_groups, strict=False):
+                        writer.add_scalar(f"train/lr_{player}", group["lr"], s)
+                    writer.add_scalar("train/ema_decay", ema_decay(cfg.ema, trainer.ema_updates - 1), s)
                 if bar is not None:
                     bar.set_postfix(W=f"{mean['wasserstein']:.3f}", bits=f"{mean['bits'] / 1e6:.2f}M",
                                     ratio=f"{mean['compression_ratio']:.1f}x", s_step=f"{mean['step_seconds']:.3f}",
@@ -418,17 +462,24 @@ def _run(
             if s % cfg.eval_every == 0 or s == cfg.steps:
                 row = trainer.evaluate()
                 if writer is not None:
-                    writer.add_scalar("eval/fid", row["fid"], s)
+                    writer.add_scalar("eval/fid_ema", row["fid"], s)
+                    writer.add_scalar("eval/fid_raw", row["fid_raw"], s)
                 if bar is not None:
-                    bar.write(f"step {s}: FID {row['fid']:.2f} ({row['fid_extractor']}, {row['fid_samples']} samples)")
+                    bar.write(f"step {s}: FID {row['fid']:.2f} EMA, {row['fid_raw']:.2f} raw ({row['fid_extractor']}, "
+                              f"{row['fid_samples']} samples)")  # fmt: skip
             if lead and (s % cfg.sample_every == 0 or s == cfg.steps):
-                trainer.write_samples(f"step-{s:07d}.png")
+                grids = trainer.write_samples(f"step-{s:07d}")
+                if writer is not None:
+                    for kind, grid in grids.items():
+                        writer.add_image(f"samples/{kind}", grid, s)  # CHW float in [0, 1]
             if s % cfg.checkpoint_every == 0 or s == cfg.steps:
                 trainer.save_checkpoint()
             if bar is not None:
                 bar.update(1)
             if on_step is not None:
                 on_step(s)
+        if writer is not None:
+            log_config_end(writer, trainer.step)
     except RuntimeError as e:
         if world > 1 and _is_transport_failure(e):
             ptr = checkpoint.latest(out)
@@ -449,7 +500,7 @@ def _run(
     if not lead:
         return None
     report = build_report(trainer, world)
-    trainer.write_samples("final.png")
+    trainer.write_samples("final")
     title = f"{cfg.optimizer} / {cfg.compression} ({cfg.bits} bits) / {world} workers / {trainer.data.name}"
     plot_curves(trainer.history, trainer.evals, out / "curves.png", title)
     atomic_write_json(report, out / "report.json")
@@ -471,15 +522,19 @@ def build_report(trainer: Trainer, world: int) -> dict[str, Any]:
     return {
         "steps": trainer.step,
         "fid": last["fid"],
+        "fid_raw": last.get("fid_raw"),
         "fid_extractor": last["fid_extractor"],
         "fid_samples": last["fid_samples"],
+        "ema_decay": cfg.ema,
+        "ema_updates": trainer.ema_updates,
         "bits_per_step": stats.payload_bits / iters,
         "compression_ratio": 32.0 * trainer.numel * exchanges * iters / max(stats.payload_bits, 1),
         "seconds": trainer.elapsed,
+        "seconds_per_step": trainer.elapsed / iters,
         "workers": world,
         "optimizer": cfg.optimizer,
         "compression": cfg.compression,
-        "bits": cfg.bits if cfg.quantized else (16 if cfg.compression == "fp16" else 32),
+        "bits": cfg.wire_bits or 32,  # bits per coordinate on the wire (PowerSGD: recorded as 32, counted in bytes)
         "mode": cfg.mode if cfg.quantized else "allreduce",
         "dataset": trainer.data.description,
         "parameters": trainer.numel,
@@ -497,4 +552,46 @@ def build_report(trainer: Trainer, world: int) -> dict[str, Any]:
         if cfg.quantized
         else {},
         "allocator": allocator(),
+        "units": dict(REPORT_UNITS),
+        "samples": {"ema": "samples/final.png", "raw": "samples/final_raw.png"},
     }
+
+
+# TensorBoard's HParams dashboard compares runs by these metrics (the scalars of the same tags).
+HPARAM_METRICS = ("eval/fid_ema", "eval/fid_raw")
+
+
+def config_markdown(cfg: TrainConfig, world: int, dataset: str) -> str:
+    """The resolved config as a Markdown table (TensorBoard's text dashboard)."""
+    rows = [("world", world), ("dataset_description", dataset), *cfg.to_dict().items()]
+    lines = ["| option | value |", "|---|---|"]
+    lines += [f"| {k} | {' '.join(map(str, v)) if isinstance(v, list) else v} |" for k, v in rows]
+    return "\n".join(lines)
+
+
+def log_config(writer: Any, cfg: TrainConfig, world: int, dataset: str, step: int) -> None:
+    """The run's configuration in TensorBoard: a text table (``config``) and the HParams
+    dashboard's session (hyperparameters, with :data:`HPARAM_METRICS` as metrics).
+
+    Written into the run's own event file, not the sub-run ``SummaryWriter.add_hparams`` creates,
+    so the dashboard shows these hyperparameters beside this run's FID curves."""
+    from torch.utils.tensorboard.summary import hparams
+
+    writer.add_text("config", config_markdown(cfg, world, dataset), step)
+    hp: dict[str, Any] = {"world": world}
+    for k, v in cfg.to_dict().items():
+        if isinstance(v, list):
+            v = " ".join(map(str, v))
+        hp[k] = "none" if v is None else str(v).lower() if isinstance(v, bool) else v
+    experiment, start, _end = hparams(hp, dict.fromkeys(HPARAM_METRICS, 0.0))
+    fw = writer._get_file_writer()
+    fw.add_summary(experiment, step)
+    fw.add_summary(start, step)
+
+
+def log_config_end(writer: Any, step: int) -> None:
+    """Mark the HParams session of :func:`log_config` as finished (the run reached its last step)."""
+    from torch.utils.tensorboard.summary import hparams
+
+    _experiment, _start, end = hparams({}, {})
+    writer._get_file_writer().add_summary(end, step)
