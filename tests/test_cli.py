@@ -231,3 +231,20 @@ def test_overwrite_clears_the_raw_samples_and_keeps_the_users_files(tmp_path):
         (s / name).write_bytes(b"png")
     rundir.clear(tmp_path)
     assert [p.name for p in s.iterdir()] == ["mine.png"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["vi", "--methods", "lion"], "qoda vi: --methods: unknown method 'lion'"),
+        (["vi", "--bits", "1"], "qoda vi: --bits:"),
+        (["bench", "variance", "--budgets", "9"], "qoda bench variance: --budgets:"),
+        (["bench", "faults", "--pg-timeout", "0"], "qoda bench faults: --pg-timeout"),
+        (["bench", "comm", "--numel", "1000"], "qoda bench comm: --numel"),
+    ],
+)
+def test_value_errors_after_parsing_exit_2_in_one_line(argv, needle, capsys):
+    """One convention for bad options, whoever finds them (argparse or the command): one line, exit 2."""
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(needle) and "\n" not in err, err

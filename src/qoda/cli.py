@@ -339,7 +339,21 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class UsageError(ValueError):
+    """A bad option value found after parsing: one line on stderr, exit code 2 (like argparse's)."""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """The ``qoda`` command.  Exit codes: 0 done; 1 a run failed (one line); 2 bad options or input
+    (one line); 3 a network benchmark needs root and iproute2; 130 / 143 interrupted (SIGINT/SIGTERM)."""
+    try:
+        return _main(argv)
+    except UsageError as e:
+        print(e, file=sys.stderr)
+        return 2
+
+
+def _main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "report":
         from qoda.report.quant_report import ReportConfig, run_report
@@ -361,15 +375,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         problems = tuple(args.problems or PROBLEM_NAMES)
         for m in methods:
             if m not in OPTIMIZERS:
-                raise SystemExit(f"qoda vi: --methods: unknown method {m!r} (choose from {sorted(OPTIMIZERS)})")
+                raise UsageError(f"qoda vi: --methods: unknown method {m!r} (choose from {sorted(OPTIMIZERS)})")
         for p in problems:
             if p not in PROBLEMS:
-                raise SystemExit(f"qoda vi: --problems: unknown problem {p!r} (choose from {sorted(PROBLEMS)})")
+                raise UsageError(f"qoda vi: --problems: unknown problem {p!r} (choose from {sorted(PROBLEMS)})")
         for b in args.bits:
             if b != 32 and not 2 <= b <= 12:
-                raise SystemExit(f"qoda vi: --bits: each must be 32 (unquantized) or in [2, 12], got {b}")
+                raise UsageError(f"qoda vi: --bits: each must be 32 (unquantized) or in [2, 12], got {b}")
         if args.d % 2 or not args.sigma >= 0:
-            raise SystemExit("qoda vi: --d must be even and --sigma >= 0")
+            raise UsageError("qoda vi: --d must be even and --sigma >= 0")
         bits = tuple(None if b == 32 else b for b in args.bits)
         runs = plan_runs(
             methods, problems, tuple(args.noise), bits, (), args.iterations, args.workers, args.d, args.sigma
@@ -393,7 +407,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         for b in args.budgets:
             if not 2 <= b <= 8:
-                raise SystemExit(f"qoda bench variance: --budgets: each must be in [2, 8], got {b}")
+                raise UsageError(f"qoda bench variance: --budgets: each must be in [2, 8], got {b}")
         res = run_variance_study(tuple(args.budgets), args.wgan_steps, args.lm_steps)
         png = write(res, args.json)
         print(json.dumps(res["summary"], indent=1))
@@ -412,7 +426,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from qoda.bench.faults import SCENARIOS, format_faults, run_faults
 
         if not args.pg_timeout > 0:
-            raise SystemExit(f"qoda bench faults: --pg-timeout must be > 0, got {args.pg_timeout}")
+            raise UsageError(f"qoda bench faults: --pg-timeout must be > 0, got {args.pg_timeout}")
         bad = [n for n in args.scenarios or () if n not in SCENARIOS]
         if bad:
             print(f"qoda bench faults: --scenarios: unknown {bad}; choose from {', '.join(SCENARIOS)}", file=sys.stderr)
@@ -432,7 +446,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         for n in args.numel:
             if n % 1024:
-                raise SystemExit(f"qoda bench comm: --numel must be a multiple of 1024, got {n}")
+                raise UsageError(f"qoda bench comm: --numel must be a multiple of 1024, got {n}")
         try:
             res = run_comm_bench(
                 tuple(args.workers), tuple(args.bandwidth_mbit), tuple(args.numel), args.steps, args.max_seconds
