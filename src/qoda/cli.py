@@ -52,7 +52,7 @@ TRAIN_HELP = {
     "steps": "iterations to train (a resumed run continues up to this many)",
     "seed": "seed of the models, data order and noise (the whole run is a function of it)",
     # compression
-    "compression": "gradient exchange (the choices are described from the registry qoda.train.compressions)",
+    "compression": "gradient exchange",  # the choices' descriptions are appended from the registry
     "bits": "bits per coordinate of the quantized modes (1..8)",
     "bucket_size": "coordinates per quantization bucket (one norm each)",
     "quant_norm": "bucket norm: auto = L-inf for adaptive levels, L2 for qsgd/nuqsgd",
@@ -144,8 +144,7 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
         if f.name == "compression":  # from the registry, so a new compression documents itself
             from qoda.train.compressions import COMPRESSIONS
 
-            help_ = "gradient exchange: " + "; ".join(f"{n} = {spec.help}" for n, spec in COMPRESSIONS.items())
-            help_ = help_.replace("(default)", "")
+            help_ += ": " + "; ".join(f"{n} = {spec.help}" for n, spec in COMPRESSIONS.items())
         if not isinstance(default, bool) and default is not None:
             help_ += f" (default: {_default_text(default)})"
         help_ = help_.replace("%", "%%")

@@ -325,9 +325,7 @@ def decode(
     starts = bucket_starts(p.numels, config.bucket_size)
     codes = np.empty(p.header.numel, dtype=np.int32)
     scratch = np.empty(p.header.numel, dtype=np.float32)
-    if config.coding is Coding.FIXED:
-        if p.rest.size != _fixed_bytes(p.header.numel, config.bits):
-            raise CodecError("payload corrupted: fixed-width body size does not match numel")
+    if config.coding is Coding.FIXED:  # body size checked in _parse
         status, i = cpu.unpack_dequantize(
             p.rest, starts, p.norms, tabs.signed, tabs.invalid, config.bits, scratch, False, codes, True
         )
@@ -375,9 +373,7 @@ def decode_into(
         tabs = level_tables(config.levels)
         levels = tabs.levels
         starts = bucket_starts(p.numels, config.bucket_size)
-        if config.coding is Coding.FIXED:
-            if p.rest.size != _fixed_bytes(p.header.numel, config.bits):
-                raise CodecError("payload corrupted: fixed-width body size does not match numel")
+        if config.coding is Coding.FIXED:  # body size checked in _parse
             dummy = np.empty(0, dtype=np.int32)
             status, i = cpu.unpack_dequantize(
                 p.rest, starts, p.norms, tabs.signed, tabs.invalid, config.bits, t, acc_here, dummy, False

@@ -59,7 +59,7 @@ COMPRESSIONS: dict[str, CompressionSpec] = {
         CompressionSpec("nuqsgd", Transport.QUANTIZED, "one exponential level set (NUQSGD), L2 buckets", "exponential"),
         CompressionSpec("global_adaptive", Transport.QUANTIZED, "one ALQ level set fitted to all tensors", "fitted"),
         CompressionSpec(
-            "layerwise_adaptive", Transport.QUANTIZED, "one fitted level set per layer type (default)", "fitted", True
+            "layerwise_adaptive", Transport.QUANTIZED, "one fitted level set per layer type", "fitted", True
         ),
     )
 }

@@ -44,7 +44,7 @@ from qoda.gan.models import LATENT, DCGANCritic, DCGANGenerator, ResNetCritic, R
 from qoda.optim import OPTIMIZERS, create_optimizer
 from qoda.optim.base import Averager, TwoCallOptimizer, VIOptimizer
 from qoda.quant.policy import LayerPlan
-from qoda.quant.variance import exact_variance
+from qoda.quant.variance import plan_variance
 from qoda.train import checkpoint
 from qoda.train.compression import build_averager
 from qoda.train.config import ConfigError, TrainConfig
@@ -114,12 +114,7 @@ def _plan_of(averager: Any) -> LayerPlan:
 
 def quantization_variance(params: list[torch.Tensor], plan: LayerPlan) -> float:
     """Exact ``E||Q(g) - g||^2 / ||g||^2`` of this worker's current gradients under ``plan``."""
-    grads = [p.grad for p in params]
-    total = sum(float(g.double().square().sum()) for g in grads)
-    if total == 0.0:
-        return 0.0
-    var = sum(exact_variance([grads[i] for i in plan.indices(t)], plan.configs[t]) for t in plan.types)
-    return var / total
+    return plan_variance([p.grad for p in params], plan)
 
 
 class WorkerLostError(RuntimeError):
