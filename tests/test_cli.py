@@ -49,7 +49,8 @@ def test_bad_options_name_the_option(argv, field, capsys):
 @pytest.mark.parametrize(
     ("argv", "needle"),
     [
-        (["--bits", "12"], "qoda train: error: bits: must be an integer in 1..8, got 12"),
+        (["--bits", "12"], "qoda train: error: bits: must be a number in (2, 8], got 12"),
+        (["--bits", "12", "--compression", "qsgd"], "qoda train: error: bits: must be an integer in 1..8, got 12"),
         (["--optimizer", "sgd"], "qoda train: error: optimizer: expected one of"),
         (["--compression", "zip"], "qoda train: error: compression: expected one of"),
         (["--dataset", "cifar10"], "qoda train: error: data_root:"),
@@ -71,7 +72,7 @@ def test_train_cli_argparse_types_and_config_file(tmp_path, capsys):
     cfg = tmp_path / "c.json"
     cfg.write_text('{"bits": 3, "optimizer": "nope"}')
     assert main(["train", "--config", str(cfg), "--optimizer", "qoda", "--bits", "99"]) == 2
-    assert "bits: must be an integer in 1..8, got 99" in capsys.readouterr().err
+    assert "bits: must be a number in (2, 8], got 99" in capsys.readouterr().err
 
 
 def test_train_cli_runs_and_refuses_to_resume_another_config(tmp_path, capsys):

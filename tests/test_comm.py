@@ -230,7 +230,7 @@ def _ddp_worker(rank, world, use_hook, steps, split, adapt=None):
         losses.append(float(loss.detach()))
     params = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
     grad_norm2 = max(float(sum(p.grad.square().sum() for p in model.parameters())), 1e-12)
-    fits = sum(a.fits for _, a in state._adapters.values()) if state and state.adapt else 0
+    fits = sum(s["fits"] for s in state.state_dict()["adapter_states"].values()) if state and state.adapt else 0
     return losses, params.numpy(), grad_norm2, (state.stats.as_dict() if state else None), fits
 
 
@@ -428,7 +428,7 @@ def _hook_suite_worker(rank, world):
                           adapt=AdaptConfig(observe_every=1))  # fmt: skip
     fresh.load_state_dict(torch.load(buf, weights_only=True))
     levels = {i: s["levels"] for i, s in fresh.adapter_states.items()}
-    live = {i: a.state_dict()["levels"] for i, (_, a) in state._adapters.items()}
+    live = {i: a.state_dict()["adapter"]["levels"] for i, (_, a) in state._aggregators.items()}
     res["state_dict"] = (fresh.iter, fresh.stats.calls == state.stats.calls > 0, levels == live)
     res["wrong_settings"] = _error_of(lambda: QodaHookState(mode="two_phase").load_state_dict(state.state_dict()))
     return res

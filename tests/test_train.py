@@ -259,10 +259,14 @@ def test_two_process_run_end_to_end(tmp_path):
         assert k in report, k
     assert report["steps"] == 6 and report["fid_extractor"] == "classifier" and report["fid_samples"] == 24
     assert np.isfinite(report["fid"]) and report["fid"] > 0
-    # 4-bit codes plus the uncompressed small tensors: between 4x and 8x fewer bits than fp32
-    assert 4.0 < report["compression_ratio"] < 8.0
-    assert set(report["levels"]) == {"generator.linear", "generator.conv", "critic.conv"}
+    # the default: layer-wise levels and DP widths under 4 bits per coordinate, every bit counted
+    assert {t.split("/")[0] for t in report["levels"]} == {"generator.linear", "generator.conv", "critic.conv"}
+    assert all(t.endswith("bit") for t in report["levels"]) and report["bits"] == 4
     assert 0 < report["quant_variance"] < 1
+    # widths per compressed tensor, and the whole message (headers, norms, raw tensors) per coordinate
+    assert set(report["widths"].values()) <= set(range(2, 9))
+    assert all(n.startswith(("generator.", "critic.")) for n in report["widths"])
+    assert 32 / report["compression_ratio"] <= report["wire_bits_per_coordinate"] <= 4.0
     saved = json.loads((out / "report.json").read_text())
     assert saved["fid"] == report["fid"]
     assert json.loads((out / "config.json").read_text())["world"] == 2
@@ -282,7 +286,8 @@ def test_two_process_run_end_to_end(tmp_path):
     assert numeric <= set(saved["units"]), numeric - set(saved["units"])
     assert saved["units"] == REPORT_UNITS and saved["samples"]["raw"] == "samples/final_raw.png"
     tb = _tensorboard(out)
-    for tag in ("eval/fid_ema", "eval/fid_raw", "train/lr_g", "train/lr_d", "train/loss_d", "train/ema_decay"):
+    for tag in ("eval/fid_ema", "eval/fid_raw", "train/lr_g", "train/lr_d", "train/loss_d", "train/ema_decay",
+                "train/quant_variance", "quant/wire_bits_per_coordinate", "quant/width/generator.fc.weight"):
         assert tb["scalars"][tag], tag
     assert [s for s, _ in tb["scalars"]["eval/fid_raw"]] == [3, 6]
     assert tb["scalars"]["eval/fid_raw"][-1][1] == pytest.approx(report["fid_raw"])
@@ -323,18 +328,20 @@ def _tensorboard(out: Path) -> dict:
 
 
 @pytest.mark.parametrize(
-    ("optimizer", "compression", "mode", "overlap"),
+    ("optimizer", "compression", "mode", "overlap", "extra"),
     [
-        ("qoda", "layerwise_adaptive", "allgather", False),
-        ("extra_adam", "qsgd", "two_phase", False),
-        ("adam", "powersgd", "allgather", False),
-        ("extra_adam", "layerwise_adaptive", "two_phase", True),
+        ("qoda", "layerwise_adaptive", "allgather", False, {}),
+        ("extra_adam", "qsgd", "two_phase", False, {}),
+        ("adam", "powersgd", "allgather", False, {}),
+        ("extra_adam", "layerwise_adaptive", "two_phase", True, {}),
+        ("qoda", "layerwise_adaptive", "two_phase", False, {"bit_allocation": "dp", "bits": 4.5}),
     ],
 )
-def test_resume_is_bit_exact(tmp_path, optimizer, compression, mode, overlap):
-    """6 steps straight == 3 steps, stop, resume to 6 (2 processes; levels re-fitted after the resume)."""
+def test_resume_is_bit_exact(tmp_path, optimizer, compression, mode, overlap, extra):
+    """6 steps straight == 3 steps, stop, resume to 6 (2 processes; levels and widths re-fitted after
+    the resume)."""
     write_cifar(tmp_path / "data")
-    kw = dict(optimizer=optimizer, compression=compression, mode=mode, overlap=overlap)
+    kw = dict(optimizer=optimizer, compression=compression, mode=mode, overlap=overlap, **extra)
     full = tiny_config(tmp_path, out=str(tmp_path / "full"), **kw)
     values(run(_train, 2, full, timeout=240))
     part = tiny_config(tmp_path, out=str(tmp_path / "part"), **kw)
@@ -360,6 +367,10 @@ def test_resume_is_bit_exact(tmp_path, optimizer, compression, mode, overlap):
             for k in ("error_dict", "p_memory_dict", "q_memory_dict"):
                 _assert_same(a[k], b[k], f"hook.{k}")
         assert torch.equal(rank_full["rng"], rank_res["rng"])
+    if extra.get("bit_allocation") == "dp":  # widths chosen from the statistics, and several of them
+        widths = json.loads((tmp_path / "full" / "report.json").read_text())["widths"]
+        assert widths == json.loads((tmp_path / "part" / "report.json").read_text())["widths"]
+        assert len(set(widths.values())) > 1
 
 
 def test_overlapped_exchange_gives_the_same_trajectory(tmp_path):
@@ -459,7 +470,7 @@ def test_resnet_pair_trains_a_step_single_process(tmp_path):
     cfg = tiny_config(tmp_path, model="resnet", width=16, steps=2, eval_every=2, checkpoint_every=2, workers=1)
     report = run_worker(cfg, 0, 1)
     assert report["steps"] == 2 and np.isfinite(report["fid"])
-    assert {"generator.linear", "generator.conv", "critic.conv"} <= set(report["levels"])
+    assert {"generator.linear", "generator.conv", "critic.conv"} <= {t.split("/")[0] for t in report["levels"]}
 
 
 def test_inception_extractor_when_installed():

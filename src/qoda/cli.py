@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 
@@ -53,7 +53,11 @@ TRAIN_HELP = {
     "seed": "seed of the models, data order and noise (the whole run is a function of it)",
     # compression
     "compression": "gradient exchange",  # the choices' descriptions are appended from the registry
-    "bits": "bits per coordinate of the quantized modes (1..8)",
+    "bits": "bits per coordinate of the quantized modes (1..8); with --bit-allocation dp the average budget over "
+    "all coordinates, every bit on the wire counted (fractions such as 2.5 allowed)",
+    "bit_allocation": "uniform = every compressed tensor at --bits; dp = per-tensor widths (2..8) chosen by dynamic "
+    "programming to minimise the quantization variance under the --bits budget (adaptive compressions); auto = dp "
+    "for layerwise_adaptive, uniform otherwise",
     "bucket_size": "coordinates per quantization bucket (one norm each)",
     "quant_norm": "bucket norm: auto = L-inf for adaptive levels, L2 for qsgd/nuqsgd",
     "layer_types": "layer-wise types: per (player, layer kind), per layer kind, or per layer",
@@ -97,7 +101,8 @@ def train_choices() -> dict[str, tuple[str, ...]]:
         "dataset": tuple(DATASETS), "model": c.MODELS, "norm": c.NORMS, "optimizer": c.OPTIMIZER_CHOICES,
         "qoda_precondition": ("adam", "none"), "qoda_scope": ("global", "coordinate"),
         "qoda_rate": ("separated", "single"), "nonfinite": ("raise", "skip"), "compression": tuple(c.COMPRESSIONS),
-        "quant_norm": c.QUANT_NORMS, "layer_types": c.LAYER_TYPES, "mode": ("allgather", "two_phase"),
+        "quant_norm": c.QUANT_NORMS, "bit_allocation": c.BIT_ALLOCATIONS, "layer_types": c.LAYER_TYPES,
+        "mode": ("allgather", "two_phase"),
         "fid_extractor": tuple(EXTRACTORS), "device": ("auto", "cpu", "cuda"),
     }  # fmt: skip
 
@@ -111,6 +116,14 @@ class _HelpFormatter(argparse.HelpFormatter):
         return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
 
 
+def _int_or_float(text: str) -> int | float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    return int(value) if value.is_integer() else value
+
+
 def _default_text(value: object) -> str:
     if isinstance(value, tuple):
         return " ".join(map(str, value))
@@ -119,13 +132,102 @@ def _default_text(value: object) -> str:
     return str(value)
 
 
-def _add_train_parser(sub: argparse._SubParsersAction) -> None:
+# ---------------------------------------------------------------------------- errors
+class CommandError(Exception):
+    """A command failed: :func:`main` prints the message (one line) and exits with ``exit_code``
+    (1: a run failed; see :func:`main` for the others)."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, exit_code: int | None = None) -> None:
+        super().__init__(message)
+        if exit_code is not None:
+            self.exit_code = exit_code
+
+
+class UsageError(CommandError, ValueError):
+    """A bad option value found after parsing: one line on stderr, exit code 2 (like argparse's)."""
+
+    exit_code = 2
+
+
+class Unavailable(CommandError):
+    """A network benchmark cannot run here (needs root and iproute2): exit code 3."""
+
+    exit_code = 3
+
+
+# ---------------------------------------------------------------------------- qoda report
+def _report_parser(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentParser:
+    r = sub.add_parser(name, help="quantization report on real gradients (digits CNN)")
+    r.add_argument("--steps", type=_positive_int("steps"), default=300, help="training steps (default 300)")
+    r.add_argument("--batch-size", type=_positive_int("batch-size"), default=64)
+    r.add_argument("--bucket-size", type=_positive_int("bucket-size"), default=1024)
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--out", type=Path, default=Path("out/report"), help="output directory (default out/report)")
+    return r
+
+
+def _report(args: argparse.Namespace) -> int:
+    from qoda.report.quant_report import ReportConfig, run_report
+
+    cfg = ReportConfig(steps=args.steps, batch_size=args.batch_size, bucket_size=args.bucket_size, seed=args.seed)
+    run_report(cfg, args.out)
+    print(f"\nwrote {args.out / 'report.json'} and {args.out / 'report.md'}")
+    return 0
+
+
+# ---------------------------------------------------------------------------- qoda vi
+def _vi_parser(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentParser:
+    v = sub.add_parser(name, help="monotone-VI suite: methods x problems x noise x bits (simulated workers)")
+    v.add_argument("--methods", nargs="+", default=None, help="default: all")
+    v.add_argument("--problems", nargs="+", default=None, help="default: all")
+    v.add_argument("--noise", nargs="+", default=["relative", "absolute"], choices=["relative", "absolute", "none"])
+    v.add_argument("--bits", nargs="+", type=int, default=[32, 4], help="32 = unquantized (default: 32 4)")
+    v.add_argument("--iterations", type=_positive_int("iterations"), default=3000)
+    v.add_argument("--workers", type=_positive_int("workers"), default=4)
+    v.add_argument("--d", type=_positive_int("d"), default=40, help="dimension (even)")
+    v.add_argument("--sigma", type=float, default=0.1, help="noise level")
+    v.add_argument("--jobs", type=_positive_int("jobs"), default=2)
+    v.add_argument("--json", type=Path, default=Path("benchmarks/vi.json"))
+    return v
+
+
+def _vi(args: argparse.Namespace) -> int:
+    from qoda.optim import OPTIMIZERS
+    from qoda.vi.problems import PROBLEMS
+    from qoda.vi.suite import METHODS, PROBLEM_NAMES, plan_runs, run_suite, write
+
+    methods = tuple(args.methods or METHODS)
+    problems = tuple(args.problems or PROBLEM_NAMES)
+    for m in methods:
+        if m not in OPTIMIZERS:
+            raise UsageError(f"qoda vi: --methods: unknown method {m!r} (choose from {sorted(OPTIMIZERS)})")
+    for p in problems:
+        if p not in PROBLEMS:
+            raise UsageError(f"qoda vi: --problems: unknown problem {p!r} (choose from {sorted(PROBLEMS)})")
+    for b in args.bits:
+        if b != 32 and not 2 <= b <= 12:
+            raise UsageError(f"qoda vi: --bits: each must be 32 (unquantized) or in [2, 12], got {b}")
+    if args.d % 2 or not args.sigma >= 0:
+        raise UsageError("qoda vi: --d must be even and --sigma >= 0")
+    bits = tuple(None if b == 32 else b for b in args.bits)
+    runs = plan_runs(methods, problems, tuple(args.noise), bits, (), args.iterations, args.workers, args.d, args.sigma)
+    res = run_suite(runs, args.jobs)
+    plots = write(res, args.json)
+    print(json.dumps(res["claims"], indent=1))
+    print(f"\nwrote {args.json} and {', '.join(map(str, plots))}")
+    return 0
+
+
+# ---------------------------------------------------------------------------- qoda train
+def _train_parser(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentParser:
     from dataclasses import fields
 
     from qoda.train.config import TrainConfig
 
     t = sub.add_parser(
-        "train", help="distributed WGAN-GP training with QODA and layer-wise quantization (the main job)",
+        name, help="distributed WGAN-GP training with QODA and layer-wise quantization (the main job)",
         description="Train a WGAN-GP on --workers processes with QODA and compressed gradient exchange; every "
         "option can also be set in a JSON or TOML file (--config), which command-line options override. "
         "Reference: docs/training.md.",
@@ -159,59 +261,21 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
             kind = type(default[0]) if default else int
             metavar = {"betas": "BETA", "refit_steps": "STEP"}.get(f.name, kind.__name__.upper())
             group.add_argument(flag, dest=f.name, type=kind, nargs="+", metavar=metavar, help=help_)
+        elif f.name == "bits":  # an integer width, or a fractional budget with --bit-allocation dp
+            group.add_argument(flag, dest=f.name, type=_int_or_float, metavar="BITS", help=help_)
         elif isinstance(default, int | float):
             group.add_argument(flag, dest=f.name, type=type(default), metavar=type(default).__name__.upper(),
                                help=help_)  # fmt: skip
         else:
             group.add_argument(flag, dest=f.name, type=str, metavar="PATH", help=help_)
+    return t
 
 
-def _add_sample_parser(sub: argparse._SubParsersAction) -> None:
-    s = sub.add_parser(
-        "sample", help="a grid of samples from a qoda train run's generator (its last committed checkpoint)",
-        description="Write a PNG grid of samples of a run's generator, read from its last committed checkpoint "
-        "(the EMA generator unless --raw). With the default seed and --n 64 the grid is the run's "
-        "samples/final.png (final_raw.png with --raw). In Python: qoda.train.sample.load_generator(run_dir).",
-        formatter_class=_HelpFormatter,
-    )  # fmt: skip
-    s.add_argument("--run", type=Path, default=Path("runs/qoda"), metavar="DIR",
-                   help="the run folder (qoda train's --out; default: runs/qoda)")  # fmt: skip
-    s.add_argument("--n", type=int, default=64, help="number of samples (default: 64)")
-    s.add_argument("--out", type=Path, default=Path("samples.png"), metavar="PNG",
-                   help="PNG file to write (default: samples.png)")  # fmt: skip
-    s.add_argument("--raw", action="store_true", help="the raw generator instead of its EMA")
-    s.add_argument("--seed", type=int, default=None, help="seed of the latents (default: the run's own, so "
-                   "--n 64 redraws samples/final.png)")  # fmt: skip
-
-
-def _run_sample(args: argparse.Namespace) -> int:
-    from qoda.train.checkpoint import CheckpointError
-    from qoda.train.sample import RunError, write_sample_grid
-
-    if args.n < 1:
-        print(f"qoda sample: error: --n: must be >= 1, got {args.n}", file=sys.stderr)
-        return 2
-    try:
-        info = write_sample_grid(args.run, args.out, args.n, args.raw, args.seed)
-    except RunError as e:
-        print(f"qoda sample: error: --run {e}", file=sys.stderr)
-        return 2
-    except (CheckpointError, ValueError) as e:
-        print(f"qoda sample: error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:
-        print(f"qoda sample: error: --out {args.out}: {e.strerror or e}", file=sys.stderr)
-        return 2
-    print(f"wrote {info['out']}: {info['n']} samples of the {info['generator']} generator of {args.run} at step "
-          f"{info['step']} (seed {info['seed']})")  # fmt: skip
-    return 0
-
-
-def _run_train(args: argparse.Namespace) -> int:
+def _train(args: argparse.Namespace) -> int:
     from qoda.train.config import ConfigError, TrainConfig
     from qoda.train.launch import train
 
-    overrides = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
+    overrides = {k: v for k, v in vars(args).items() if k not in ("command", "config", "handler")}
     for k in ("betas", "refit_steps"):
         if k in overrides:
             overrides[k] = tuple(overrides[k])
@@ -219,8 +283,7 @@ def _run_train(args: argparse.Namespace) -> int:
         cfg = TrainConfig.from_file(args.config, overrides) if getattr(args, "config", None) else (
             TrainConfig.from_dict(overrides))  # fmt: skip
     except ConfigError as e:
-        print(f"qoda train: error: {e}", file=sys.stderr)
-        return 2
+        raise UsageError(f"qoda train: error: {e}") from None
     from qoda.data.images import DatasetError
     from qoda.train.checkpoint import CheckpointError
     from qoda.train.launch import Interrupted, WorkerError
@@ -228,17 +291,13 @@ def _run_train(args: argparse.Namespace) -> int:
     try:
         report = train(cfg)
     except (ConfigError, CheckpointError, DatasetError) as e:  # e.g. resume against another config's checkpoint
-        print(f"qoda train: error: {e}", file=sys.stderr)
-        return 2
+        raise UsageError(f"qoda train: error: {e}") from None
     except WorkerError as e:
-        print(f"qoda train: error: {e}", file=sys.stderr)
-        return 1
+        raise CommandError(f"qoda train: error: {e}") from None
     except Interrupted as e:  # SIGINT / SIGTERM: the workers are stopped, the last checkpoint kept
-        print(f"qoda train: {e}", file=sys.stderr)
-        return e.exit_code
+        raise CommandError(f"qoda train: {e}", e.exit_code) from None
     except KeyboardInterrupt:  # Ctrl-C before the launcher installed its handlers (or under torchrun)
-        print("qoda train: interrupted", file=sys.stderr)
-        return 130
+        raise CommandError("qoda train: interrupted", 130) from None
     if report is not None:
         out = Path(cfg.out)
         raw = f", raw generator {report['fid_raw']:.3f}" if report.get("fid_raw") is not None else ""
@@ -255,53 +314,123 @@ def _run_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="qoda", description="Layer-wise quantization for communication-efficient training")
-    sub = p.add_subparsers(dest="command", required=True)
+# ---------------------------------------------------------------------------- qoda sample
+def _sample_parser(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentParser:
+    s = sub.add_parser(
+        name, help="a grid of samples from a qoda train run's generator (its last committed checkpoint)",
+        description="Write a PNG grid of samples of a run's generator, read from its last committed checkpoint "
+        "(the EMA generator unless --raw). With the default seed and --n 64 the grid is the run's "
+        "samples/final.png (final_raw.png with --raw). In Python: qoda.train.sample.load_generator(run_dir).",
+        formatter_class=_HelpFormatter,
+    )  # fmt: skip
+    s.add_argument("--run", type=Path, default=Path("runs/qoda"), metavar="DIR",
+                   help="the run folder (qoda train's --out; default: runs/qoda)")  # fmt: skip
+    s.add_argument("--n", type=int, default=64, help="number of samples (default: 64)")
+    s.add_argument("--out", type=Path, default=Path("samples.png"), metavar="PNG",
+                   help="PNG file to write (default: samples.png)")  # fmt: skip
+    s.add_argument("--raw", action="store_true", help="the raw generator instead of its EMA")
+    s.add_argument("--seed", type=int, default=None, help="seed of the latents (default: the run's own, so "
+                   "--n 64 redraws samples/final.png)")  # fmt: skip
+    return s
 
-    r = sub.add_parser("report", help="quantization report on real gradients (digits CNN)")
-    r.add_argument("--steps", type=_positive_int("steps"), default=300, help="training steps (default 300)")
-    r.add_argument("--batch-size", type=_positive_int("batch-size"), default=64)
-    r.add_argument("--bucket-size", type=_positive_int("bucket-size"), default=1024)
-    r.add_argument("--seed", type=int, default=0)
-    r.add_argument("--out", type=Path, default=Path("out/report"), help="output directory (default out/report)")
 
-    v = sub.add_parser("vi", help="monotone-VI suite: methods x problems x noise x bits (simulated workers)")
-    v.add_argument("--methods", nargs="+", default=None, help="default: all")
-    v.add_argument("--problems", nargs="+", default=None, help="default: all")
-    v.add_argument("--noise", nargs="+", default=["relative", "absolute"], choices=["relative", "absolute", "none"])
-    v.add_argument("--bits", nargs="+", type=int, default=[32, 4], help="32 = unquantized (default: 32 4)")
-    v.add_argument("--iterations", type=_positive_int("iterations"), default=3000)
-    v.add_argument("--workers", type=_positive_int("workers"), default=4)
-    v.add_argument("--d", type=_positive_int("d"), default=40, help="dimension (even)")
-    v.add_argument("--sigma", type=float, default=0.1, help="noise level")
-    v.add_argument("--jobs", type=_positive_int("jobs"), default=2)
-    v.add_argument("--json", type=Path, default=Path("benchmarks/vi.json"))
+def _sample(args: argparse.Namespace) -> int:
+    from qoda.train.checkpoint import CheckpointError
+    from qoda.train.sample import RunError, write_sample_grid
 
-    _add_train_parser(sub)
-    _add_sample_parser(sub)
+    if args.n < 1:
+        raise UsageError(f"qoda sample: error: --n: must be >= 1, got {args.n}")
+    try:
+        info = write_sample_grid(args.run, args.out, args.n, args.raw, args.seed)
+    except RunError as e:
+        raise UsageError(f"qoda sample: error: --run {e}") from None
+    except (CheckpointError, ValueError) as e:
+        raise UsageError(f"qoda sample: error: {e}") from None
+    except OSError as e:
+        raise UsageError(f"qoda sample: error: --out {args.out}: {e.strerror or e}") from None
+    print(f"wrote {info['out']}: {info['n']} samples of the {info['generator']} generator of {args.run} at step "
+          f"{info['step']} (seed {info['seed']})")  # fmt: skip
+    return 0
 
-    b = sub.add_parser("bench", help="benchmarks")
-    bsub = b.add_subparsers(dest="bench", required=True)
-    c = bsub.add_parser("codec", help="quantize+encode / decode throughput vs memcpy, 1 thread")
+
+# ---------------------------------------------------------------------------- qoda bench ...
+def _write_bench(res: dict, path: Path, fmt, plot) -> None:
+    """``path`` (JSON), its ``.md`` table and ``.png`` plot; the table is also printed."""
+    from qoda.bench.codec import write_json
+
+    write_json(res, path)
+    path.with_suffix(".md").write_text(fmt(res) + "\n")
+    plot(res, path.with_suffix(".png"))
+    print(fmt(res))
+    print(f"\nwrote {path}, {path.with_suffix('.md')} and {path.with_suffix('.png')}")
+
+
+def _codec_parser(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentParser:
+    c = sub.add_parser(name, help="quantize+encode / decode throughput vs memcpy, 1 thread")
     c.add_argument("--numel", type=_positive_int("numel"), default=1 << 24, help="floats (default 16M)")
     c.add_argument("--repeats", type=_positive_int("repeats"), default=5)
     c.add_argument("--bucket-size", type=_positive_int("bucket-size"), default=1024)
     c.add_argument("--json", type=Path, default=None, help="write results to this JSON file")
+    return c
 
-    va = bsub.add_parser("variance", help="normalised variance vs measured bits on WGAN and transformer gradients")
+
+def _bench_codec(args: argparse.Namespace) -> int:
+    from qoda.bench.codec import format_codec, run_codec_bench, write_json
+
+    res = run_codec_bench(args.numel, args.repeats, args.bucket_size)
+    print(format_codec(res))
+    if args.json:
+        write_json(res, args.json)
+        print(f"\nwrote {args.json}")
+    return 0
+
+
+def _variance_parser(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentParser:
+    va = sub.add_parser(name, help="normalised variance vs measured bits on WGAN and transformer gradients")
     va.add_argument("--budgets", type=_positive_int("budgets"), nargs="+", default=[2, 3, 4, 5, 6, 8])
     va.add_argument("--wgan-steps", type=_positive_int("wgan-steps"), default=30)
     va.add_argument("--lm-steps", type=_positive_int("lm-steps"), default=60)
     va.add_argument("--json", type=Path, default=Path("benchmarks/variance.json"))
+    return va
 
-    q = bsub.add_parser("quality", help="FID at equal steps: none/fp16/QSGD/layer-wise x QODA/ExtraAdam (2 workers)")
-    q.add_argument("--steps", type=_positive_int("steps"), default=1500)
+
+def _bench_variance(args: argparse.Namespace) -> int:
+    from qoda.bench.variance import run_variance_study, write
+
+    for b in args.budgets:
+        if not 2 <= b <= 8:
+            raise UsageError(f"qoda bench variance: --budgets: each must be in [2, 8], got {b}")
+    res = run_variance_study(tuple(args.budgets), args.wgan_steps, args.lm_steps)
+    png = write(res, args.json)
+    print(json.dumps(res["summary"], indent=1))
+    print(f"\nwrote {args.json} and {png}")
+    return 0
+
+
+def _quality_parser(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentParser:
+    q = sub.add_parser(name, help="FID over seeds at equal steps: uncompressed, global ALQ 4-bit, layer-wise DP "
+                       "(4/3/2.5 bits) x QODA/ExtraAdam (2 workers)")  # fmt: skip
+    q.add_argument("--steps", type=_positive_int("steps"), default=1000)
+    q.add_argument("--seeds", type=_positive_int("seeds"), default=3, help="seeds per row (default 3)")
     q.add_argument("--workers", type=_positive_int("workers"), default=2)
     q.add_argument("--out", type=Path, default=Path("runs/quality"), help="run directories (default runs/quality)")
     q.add_argument("--json", type=Path, default=Path("benchmarks/quality.json"))
+    return q
 
-    fa = bsub.add_parser("faults", help="fault scenarios across real processes: fuzzing, NaN, mismatch, kills, resume")
+
+def _bench_quality(args: argparse.Namespace) -> int:
+    from qoda.bench.quality import format_quality, run_quality, write
+
+    res = run_quality(args.steps, args.workers, args.out, seeds=args.seeds, json_path=args.json)
+    md = write(res, args.json)
+    print(format_quality(res))
+    print(json.dumps(res["claims"], indent=1))
+    print(f"\nwrote {args.json} and {md}")
+    return 0
+
+
+def _faults_parser(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentParser:
+    fa = sub.add_parser(name, help="fault scenarios across real processes: fuzzing, NaN, mismatch, kills, resume")
     fa.add_argument("--fuzz-cases", type=_positive_int("fuzz-cases"), default=10_000)
     fa.add_argument("--generated-cases", type=_positive_int("generated-cases"), default=100_000,
                     help="property-checked generated cases of the 'generated' scenario (default 100000)")  # fmt: skip
@@ -310,16 +439,63 @@ def build_parser() -> argparse.ArgumentParser:
     fa.add_argument("--seed", type=int, default=0)
     fa.add_argument("--scenarios", nargs="+", default=None, help="default: all (see qoda.bench.faults.SCENARIOS)")
     fa.add_argument("--json", type=Path, default=Path("benchmarks/faults.json"))
+    return fa
 
-    m = bsub.add_parser("comm", help="gradient averaging over bandwidth-limited links (needs root + iproute2)")
+
+def _bench_faults(args: argparse.Namespace) -> int:
+    from qoda.bench.faults import SCENARIOS, format_faults, run_faults
+
+    if not args.pg_timeout > 0:
+        raise UsageError(f"qoda bench faults: --pg-timeout must be > 0, got {args.pg_timeout}")
+    bad = [n for n in args.scenarios or () if n not in SCENARIOS]
+    if bad:
+        raise UsageError(f"qoda bench faults: --scenarios: unknown {bad}; choose from {', '.join(SCENARIOS)}")
+    res = run_faults(args.fuzz_cases, args.kills, args.pg_timeout, args.seed,
+                     scenarios=tuple(args.scenarios) if args.scenarios else None,
+                     generated_cases=args.generated_cases)  # fmt: skip
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(res, indent=1, allow_nan=False) + "\n")
+    args.json.with_suffix(".md").write_text(format_faults(res) + "\n")
+    print(format_faults(res))
+    print(f"\nwrote {args.json} and {args.json.with_suffix('.md')}")
+    return 0 if res["all_ok"] else 1
+
+
+def _comm_parser(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentParser:
+    m = sub.add_parser(name, help="gradient averaging over bandwidth-limited links (needs root + iproute2)")
     m.add_argument("--workers", type=_positive_int("workers"), nargs="+", default=[2, 4])
     m.add_argument("--bandwidth-mbit", type=_positive_int("bandwidth-mbit"), nargs="+", default=[1000, 100])
     m.add_argument("--numel", type=_positive_int("numel"), nargs="+", default=[1 << 20, 1 << 22, 1 << 24])
     m.add_argument("--steps", type=_positive_int("steps"), default=4, help="timed steps per configuration")
     m.add_argument("--max-seconds", type=_positive_int("max-seconds"), default=3600, help="run-time bound")
     m.add_argument("--json", type=Path, default=None)
+    return m
 
-    e = bsub.add_parser("e2e", help="WGAN-GP training steps over bandwidth-limited links (needs root + iproute2)")
+
+def _bench_comm(args: argparse.Namespace) -> int:
+    from qoda.bench.comm import format_comm, run_comm_bench
+    from qoda.bench.netns import NetnsUnavailable
+
+    for n in args.numel:
+        if n % 1024:
+            raise UsageError(f"qoda bench comm: --numel must be a multiple of 1024, got {n}")
+    try:
+        res = run_comm_bench(
+            tuple(args.workers), tuple(args.bandwidth_mbit), tuple(args.numel), args.steps, args.max_seconds
+        )
+    except NetnsUnavailable as e:
+        raise Unavailable(f"qoda bench comm cannot run here: {e}") from None
+    print(format_comm(res))
+    if args.json:
+        from qoda.bench.codec import write_json
+
+        write_json(res, args.json)
+        print(f"\nwrote {args.json}")
+    return 0
+
+
+def _e2e_parser(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentParser:
+    e = sub.add_parser(name, help="WGAN-GP training steps over bandwidth-limited links (needs root + iproute2)")
     e.add_argument("--workers", type=_positive_int("workers"), nargs="+", default=[2, 4])
     e.add_argument("--bandwidth-mbit", type=_positive_int("bandwidth-mbit"), nargs="+", default=[1000, 300, 100])
     e.add_argument("--configs", nargs="+", default=None, help="default: all (see qoda.bench.e2e.CONFIGS)")
@@ -330,181 +506,95 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--quality", type=Path, default=Path("benchmarks/quality.json"),
                    help="FID histories for the time-to-target-FID estimate")  # fmt: skip
     e.add_argument("--json", type=Path, default=Path("benchmarks/e2e.json"))
-
-    sc = bsub.add_parser("scaling", help="alpha-beta model of step time for 4-64 workers, checked against e2e runs")
-    sc.add_argument("--e2e", type=Path, default=Path("benchmarks/e2e.json"), help="measured runs (qoda bench e2e)")
-    sc.add_argument("--codec", type=Path, default=Path("benchmarks/codec.json"), help="codec throughput")
-    sc.add_argument("--json", type=Path, default=Path("benchmarks/scaling.json"))
-    return p
+    return e
 
 
-class UsageError(ValueError):
-    """A bad option value found after parsing: one line on stderr, exit code 2 (like argparse's)."""
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """The ``qoda`` command.  Exit codes: 0 done; 1 a run failed (one line); 2 bad options or input
-    (one line); 3 a network benchmark needs root and iproute2; 130 / 143 interrupted (SIGINT/SIGTERM)."""
-    try:
-        return _main(argv)
-    except UsageError as e:
-        print(e, file=sys.stderr)
-        return 2
-
-
-def _main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.command == "report":
-        from qoda.report.quant_report import ReportConfig, run_report
-
-        cfg = ReportConfig(steps=args.steps, batch_size=args.batch_size, bucket_size=args.bucket_size, seed=args.seed)
-        run_report(cfg, args.out)
-        print(f"\nwrote {args.out / 'report.json'} and {args.out / 'report.md'}")
-        return 0
-    if args.command == "train":
-        return _run_train(args)
-    if args.command == "sample":
-        return _run_sample(args)
-    if args.command == "vi":
-        from qoda.optim import OPTIMIZERS
-        from qoda.vi.problems import PROBLEMS
-        from qoda.vi.suite import METHODS, PROBLEM_NAMES, plan_runs, run_suite, write
-
-        methods = tuple(args.methods or METHODS)
-        problems = tuple(args.problems or PROBLEM_NAMES)
-        for m in methods:
-            if m not in OPTIMIZERS:
-                raise UsageError(f"qoda vi: --methods: unknown method {m!r} (choose from {sorted(OPTIMIZERS)})")
-        for p in problems:
-            if p not in PROBLEMS:
-                raise UsageError(f"qoda vi: --problems: unknown problem {p!r} (choose from {sorted(PROBLEMS)})")
-        for b in args.bits:
-            if b != 32 and not 2 <= b <= 12:
-                raise UsageError(f"qoda vi: --bits: each must be 32 (unquantized) or in [2, 12], got {b}")
-        if args.d % 2 or not args.sigma >= 0:
-            raise UsageError("qoda vi: --d must be even and --sigma >= 0")
-        bits = tuple(None if b == 32 else b for b in args.bits)
-        runs = plan_runs(
-            methods, problems, tuple(args.noise), bits, (), args.iterations, args.workers, args.d, args.sigma
-        )
-        res = run_suite(runs, args.jobs)
-        plots = write(res, args.json)
-        print(json.dumps(res["claims"], indent=1))
-        print(f"\nwrote {args.json} and {', '.join(map(str, plots))}")
-        return 0
-    if args.command == "bench" and args.bench == "codec":
-        from qoda.bench.codec import format_codec, run_codec_bench, write_json
-
-        res = run_codec_bench(args.numel, args.repeats, args.bucket_size)
-        print(format_codec(res))
-        if args.json:
-            write_json(res, args.json)
-            print(f"\nwrote {args.json}")
-        return 0
-    if args.command == "bench" and args.bench == "variance":
-        from qoda.bench.variance import run_variance_study, write
-
-        for b in args.budgets:
-            if not 2 <= b <= 8:
-                raise UsageError(f"qoda bench variance: --budgets: each must be in [2, 8], got {b}")
-        res = run_variance_study(tuple(args.budgets), args.wgan_steps, args.lm_steps)
-        png = write(res, args.json)
-        print(json.dumps(res["summary"], indent=1))
-        print(f"\nwrote {args.json} and {png}")
-        return 0
-    if args.command == "bench" and args.bench == "quality":
-        from qoda.bench.quality import format_quality, run_quality, write
-
-        res = run_quality(args.steps, args.workers, args.out)
-        md = write(res, args.json)
-        print(format_quality(res))
-        print(json.dumps(res["claims"], indent=1))
-        print(f"\nwrote {args.json} and {md}")
-        return 0
-    if args.command == "bench" and args.bench == "faults":
-        from qoda.bench.faults import SCENARIOS, format_faults, run_faults
-
-        if not args.pg_timeout > 0:
-            raise UsageError(f"qoda bench faults: --pg-timeout must be > 0, got {args.pg_timeout}")
-        bad = [n for n in args.scenarios or () if n not in SCENARIOS]
-        if bad:
-            print(f"qoda bench faults: --scenarios: unknown {bad}; choose from {', '.join(SCENARIOS)}", file=sys.stderr)
-            return 2
-        res = run_faults(args.fuzz_cases, args.kills, args.pg_timeout, args.seed,
-                         scenarios=tuple(args.scenarios) if args.scenarios else None,
-                         generated_cases=args.generated_cases)  # fmt: skip
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(res, indent=1, allow_nan=False) + "\n")
-        args.json.with_suffix(".md").write_text(format_faults(res) + "\n")
-        print(format_faults(res))
-        print(f"\nwrote {args.json} and {args.json.with_suffix('.md')}")
-        return 0 if res["all_ok"] else 1
-    if args.command == "bench" and args.bench == "comm":
-        from qoda.bench.comm import format_comm, run_comm_bench
-        from qoda.bench.netns import NetnsUnavailable
-
-        for n in args.numel:
-            if n % 1024:
-                raise UsageError(f"qoda bench comm: --numel must be a multiple of 1024, got {n}")
-        try:
-            res = run_comm_bench(
-                tuple(args.workers), tuple(args.bandwidth_mbit), tuple(args.numel), args.steps, args.max_seconds
-            )
-        except NetnsUnavailable as e:
-            print(f"qoda bench comm cannot run here: {e}", file=sys.stderr)
-            return 3
-        print(format_comm(res))
-        if args.json:
-            from qoda.bench.codec import write_json
-
-            write_json(res, args.json)
-            print(f"\nwrote {args.json}")
-        return 0
-    if args.command == "bench" and args.bench == "e2e":
-        return _run_e2e(args)
-    if args.command == "bench" and args.bench == "scaling":
-        from qoda.bench.scaling import ScalingInputError, format_scaling, plot_scaling, run_scaling
-
-        try:
-            res = run_scaling(args.e2e, args.codec)
-        except ScalingInputError as err:
-            print(f"qoda bench scaling: {err}", file=sys.stderr)
-            return 2
-        _write_bench(res, args.json, format_scaling, plot_scaling)
-        return 0
-    return 2
-
-
-def _run_e2e(args: argparse.Namespace) -> int:
+def _bench_e2e(args: argparse.Namespace) -> int:
     from qoda.bench.e2e import CONFIG_NAMES, format_e2e, plot_e2e, run_e2e_bench
     from qoda.bench.netns import NetnsUnavailable
 
     configs = tuple(args.configs or CONFIG_NAMES)
     bad = [c for c in configs if c not in CONFIG_NAMES]
     if bad:
-        print(f"qoda bench e2e: --configs: unknown {bad}; choose from {', '.join(CONFIG_NAMES)}", file=sys.stderr)
-        return 2
+        raise UsageError(f"qoda bench e2e: --configs: unknown {bad}; choose from {', '.join(CONFIG_NAMES)}")
     try:
         res = run_e2e_bench(
             tuple(args.workers), tuple(float(b) for b in args.bandwidth_mbit), configs, args.steps, args.warmup,
             args.batch, args.max_seconds, args.quality,
         )  # fmt: skip
-    except NetnsUnavailable as err:
-        print(f"qoda bench e2e cannot run here: {err}", file=sys.stderr)
-        return 3
+    except NetnsUnavailable as e:
+        raise Unavailable(f"qoda bench e2e cannot run here: {e}") from None
     _write_bench(res, args.json, format_e2e, plot_e2e)
     return 0 if not res["skipped"] else 1
 
 
-def _write_bench(res: dict, path: Path, fmt, plot) -> None:
-    """``path`` (JSON), its ``.md`` table and ``.png`` plot; the table is also printed."""
-    from qoda.bench.codec import write_json
+def _scaling_parser(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentParser:
+    sc = sub.add_parser(name, help="alpha-beta model of step time for 4-64 workers, checked against e2e runs")
+    sc.add_argument("--e2e", type=Path, default=Path("benchmarks/e2e.json"), help="measured runs (qoda bench e2e)")
+    sc.add_argument("--codec", type=Path, default=Path("benchmarks/codec.json"), help="codec throughput")
+    sc.add_argument("--json", type=Path, default=Path("benchmarks/scaling.json"))
+    return sc
 
-    write_json(res, path)
-    path.with_suffix(".md").write_text(fmt(res) + "\n")
-    plot(res, path.with_suffix(".png"))
-    print(fmt(res))
-    print(f"\nwrote {path}, {path.with_suffix('.md')} and {path.with_suffix('.png')}")
+
+def _bench_scaling(args: argparse.Namespace) -> int:
+    from qoda.bench.scaling import ScalingInputError, format_scaling, plot_scaling, run_scaling
+
+    try:
+        res = run_scaling(args.e2e, args.codec)
+    except ScalingInputError as e:
+        raise UsageError(f"qoda bench scaling: {e}") from None
+    _write_bench(res, args.json, format_scaling, plot_scaling)
+    return 0
+
+
+# ---------------------------------------------------------------------------- the command table
+Handler = Callable[[argparse.Namespace], int]
+AddParser = Callable[[argparse._SubParsersAction, str], argparse.ArgumentParser]
+
+#: ``qoda <command>``: how its parser is built and the handler that runs it (in ``--help`` order)
+COMMANDS: dict[str, tuple[AddParser, Handler]] = {
+    "report": (_report_parser, _report),
+    "vi": (_vi_parser, _vi),
+    "train": (_train_parser, _train),
+    "sample": (_sample_parser, _sample),
+}
+#: ``qoda bench <benchmark>``: the same
+BENCHMARKS: dict[str, tuple[AddParser, Handler]] = {
+    "codec": (_codec_parser, _bench_codec),
+    "variance": (_variance_parser, _bench_variance),
+    "quality": (_quality_parser, _bench_quality),
+    "faults": (_faults_parser, _bench_faults),
+    "comm": (_comm_parser, _bench_comm),
+    "e2e": (_e2e_parser, _bench_e2e),
+    "scaling": (_scaling_parser, _bench_scaling),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``qoda`` parser; every (sub)command sets ``handler``, the function that runs it."""
+    p = argparse.ArgumentParser(prog="qoda", description="Layer-wise quantization for communication-efficient training")
+    sub = p.add_subparsers(dest="command", required=True)
+    for name, (add, handler) in COMMANDS.items():
+        add(sub, name).set_defaults(handler=handler)
+    bench = sub.add_parser("bench", help="benchmarks")
+    bsub = bench.add_subparsers(dest="bench", required=True)
+    for name, (add, handler) in BENCHMARKS.items():
+        add(bsub, name).set_defaults(handler=handler)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The ``qoda`` command.  Exit codes: 0 done; 1 a run failed (one line); 2 bad options or input
+    (one line); 3 a network benchmark needs root and iproute2; 130 / 143 interrupted (SIGINT/SIGTERM).
+
+    Argparse reports what it finds itself (exit 2, via ``SystemExit``); a handler reports a
+    failure by raising :class:`CommandError` (:class:`UsageError` for bad options or input)."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except CommandError as e:
+        print(e, file=sys.stderr)
+        return e.exit_code
 
 
 if __name__ == "__main__":

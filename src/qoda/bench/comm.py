@@ -15,7 +15,6 @@ import json
 import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -44,16 +43,15 @@ def _no_communication(state, bucket):  # unannotated: DDP rejects the string ann
     return fut
 
 
-def _bytes_per_rank(mode: str, numel: int, world: int, stats: dict | None) -> float:
-    ring = 2 * (world - 1) / world
+def _bytes_per_rank(mode: str, shapes: list[torch.Size], world: int, stats: dict | None) -> float:
+    """Bytes one rank sends per step: PyTorch's hooks priced by :mod:`qoda.comm.cost`, qoda's as its
+    hook counted them."""
+    from qoda.comm import cost
+
     if mode == "compute_only":
         return 0.0
-    if mode == "fp32":
-        return ring * 4 * numel
-    if mode == "fp16":
-        return ring * 2 * numel
-    if mode == "powersgd":
-        return ring * 4 * (numel // 1024 + 1024)
+    if mode in ("fp32", "fp16", "powersgd"):  # the DDP default, fp16 and PowerSGD (rank 1, compressing) hooks
+        return cost.exchange_cost(mode, world, shapes=shapes, powersgd_rank=1).bytes_sent
     assert stats is not None
     return stats["bytes_sent"] / max(1, stats["calls"])
 
@@ -88,7 +86,8 @@ def _measure(mode: str, bits: int, numel: int, steps: int, warmup: int) -> tuple
         if step >= warmup:
             times.append(float(elapsed))
     stats = state.stats.as_dict() if state else None
-    return statistics.median(times), _bytes_per_rank(mode, numel, dist.get_world_size(), stats), stats
+    shapes = [p.shape for p in model.parameters()]
+    return statistics.median(times), _bytes_per_rank(mode, shapes, dist.get_world_size(), stats), stats
 
 
 def worker_main(a: argparse.Namespace) -> None:
@@ -120,36 +119,12 @@ def run_comm_bench(
     log=print,
 ) -> dict:
     """Run every (workers, rate) setting in fresh namespaces; returns the result document."""
-    from qoda.bench.netns import Topology, check_available, run_workers
+    from qoda.bench.netns import run_sweep
     from qoda.utils.system import allocator
 
-    check_available()
-    deadline = time.monotonic() + max_seconds
-    rows: list[dict] = []
-    skipped: list[str] = []
-    for k in workers:
-        for rate in rates_mbit:
-            left = deadline - time.monotonic()
-            if left < 30:
-                skipped.append(f"{k} workers at {rate} Mbit/s: run-time bound reached")
-                continue
-            with Topology(k, rate) as topo, tempfile.TemporaryDirectory() as tmp:
-                out = Path(tmp) / "rows.json"
-
-                def command(i: int, k: int = k, rate: float = rate, out: Path = out, left: float = left) -> list[str]:
-                    return [sys.executable, "-m", "qoda.bench.comm", "--worker",
-                            "--rank", str(i), "--world", str(k), "--master", topo.addr(0), "--port", "29611",
-                            "--ifname", topo.ifname(i), "--rate", str(rate), "--steps", str(steps),
-                            "--out", str(out), "--pg-timeout", str(int(max(60, left))),
-                            "--sizes", *map(str, sizes)]  # fmt: skip
-
-                cmds = [command(i) for i in range(k)]
-                failed = run_workers(topo, cmds, deadline)
-                got = json.loads(out.read_text()) if out.exists() else []
-                rows.extend(got)
-                if failed:
-                    skipped.append(f"{k} workers at {rate} Mbit/s: stopped after {len(got)} rows: {failed}")
-                log(f"{k} workers, {rate} Mbit/s: {len(got)} rows" + (f" ({failed[:200]})" if failed else ""))
+    args = ["--steps", str(steps), "--sizes", *map(str, sizes)]
+    rows, skipped = run_sweep("qoda.bench.comm", workers, rates_mbit, args, max_seconds=max_seconds,
+                              setting_seconds=30, log=log)  # fmt: skip
     for r in rows:
         base = next(
             (b for b in rows if b["mode"] == "fp32" and b["workers"] == r["workers"]
@@ -189,7 +164,6 @@ def _worker_args(argv: list[str]) -> argparse.Namespace:
     from qoda.bench.netns import worker_parser
 
     p = worker_parser()
-    p.add_argument("--worker", action="store_true")
     p.add_argument("--sizes", type=int, nargs="+", required=True)
     return p.parse_args(argv)
 

@@ -206,7 +206,7 @@ def run_e2e_bench(
     log=print,
 ) -> dict[str, Any]:
     """Every (workers, rate) setting in fresh namespaces; returns the result document."""
-    from qoda.bench.netns import Topology, check_available, run_workers
+    from qoda.bench.netns import run_sweep
     from qoda.utils.system import allocator
 
     unknown = [c for c in configs if c not in CONFIG_NAMES]
@@ -216,31 +216,9 @@ def run_e2e_bench(
     configs = tuple(c for c in CONFIG_NAMES if c in needed or c in configs)
     if steps < 1 or warmup < 0 or batch < 1:
         raise ValueError("steps and batch must be >= 1, warmup >= 0")
-    check_available()
-    deadline = time.monotonic() + max_seconds
-    rows: list[dict[str, Any]] = []
-    skipped: list[str] = []
-    for k in workers:
-        for rate in rates_mbit:
-            left = deadline - time.monotonic()
-            if left < 60:
-                skipped.append(f"{k} workers at {rate:g} Mbit/s: run-time bound reached")
-                continue
-            with Topology(k, rate) as topo, tempfile.TemporaryDirectory() as tmp:
-                out = Path(tmp) / "rows.json"
-                common = ["--world", str(k), "--master", topo.addr(0), "--port", "29613", "--rate", str(rate),
-                          "--steps", str(steps), "--warmup", str(warmup), "--batch", str(batch), "--out", str(out),
-                          "--pg-timeout", str(int(max(120, left))), "--configs", *configs]  # fmt: skip
-                cmds = [
-                    [sys.executable, "-m", "qoda.bench.e2e", "--rank", str(i), "--ifname", topo.ifname(i), *common]
-                    for i in range(k)
-                ]
-                failed = run_workers(topo, cmds, deadline)
-                got = json.loads(out.read_text()) if out.exists() else []
-            rows.extend(got)
-            if failed:
-                skipped.append(f"{k} workers at {rate:g} Mbit/s: stopped after {len(got)} rows: {failed[-300:]}")
-            log(f"{k} workers, {rate:g} Mbit/s: {len(got)} rows" + (f" ({failed[-200:]})" if failed else ""))
+    args = ["--steps", str(steps), "--warmup", str(warmup), "--batch", str(batch), "--configs", *configs]
+    rows, skipped = run_sweep("qoda.bench.e2e", workers, rates_mbit, args, max_seconds=max_seconds,
+                              setting_seconds=60, log=log)  # fmt: skip
     add_ratios(rows, _fid_steps(quality))
     return {
         "benchmark": "e2e",
@@ -262,11 +240,11 @@ def _fid_steps(quality: Path | None) -> dict[tuple[str, str], int]:
     """Iterations to reach :data:`TARGET_FID` per (optimizer, compression) in a quality run."""
     if quality is None or not Path(quality).exists():
         return {}
-    found = {}
-    for r in json.loads(Path(quality).read_text()).get("rows", []):
+    found: dict[tuple[str, str], int] = {}
+    for r in json.loads(Path(quality).read_text()).get("rows", []):  # seed means; the first row of a key wins
         hit = [h["step"] for h in r.get("fid_history", []) if h["fid"] <= TARGET_FID]
         if hit:
-            found[(r["optimizer"], r["compression"])] = min(hit)
+            found.setdefault((r["optimizer"], r["compression"]), min(hit))
     return found
 
 

@@ -6,20 +6,31 @@ token bucket filter (``tc qdisc ... tbf``; ``netem`` is not available here), so 
 link carries at most ``rate_mbit`` in each direction, as a switch port would.  Only addresses
 inside these namespaces are ever used; everything is removed on exit (also on error).
 Requires root and iproute2 (``ip``, ``tc``).
+
+:func:`run_sweep` runs a benchmark's worker module over workers x bandwidth settings (``qoda
+bench comm`` and ``qoda bench e2e``); :func:`worker_parser`, :func:`join_group` and
+:func:`leave_group` are the worker's side.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Callable, Sequence
 from datetime import timedelta
+from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 SUBNET = "10.213.0"
+PORT = 29611  # the group's port on worker 0: every setting has namespaces of its own, so one serves all
+ERROR_CHARS = 300  # of a failed worker's stderr, kept (its end: the exception) in reports and logs
 
 
 class NetnsUnavailable(RuntimeError):
@@ -131,6 +142,55 @@ def run_workers(topo: Topology, commands: list[list[str]], deadline: float) -> s
             if p.stderr:
                 p.stderr.close()
     return failed
+
+
+def _rows(path: Path) -> list[dict[str, Any]]:
+    """Rank 0's rows; none if it wrote none (or was killed while writing)."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return []
+
+
+def run_sweep(
+    module: str, workers: Sequence[int], rates_mbit: Sequence[float], worker_args: Sequence[str], *,
+    max_seconds: float, setting_seconds: float, log: Callable[[str], None] = print,
+) -> tuple[list[dict[str, Any]], list[str]]:  # fmt: skip
+    """Run ``python -m module`` on every (workers, rate) setting, each in fresh namespaces.
+
+    Worker ``i`` gets the arguments of :func:`worker_parser` (its rank and interface, the group
+    address, the rate, ``--out`` and ``--pg-timeout``) followed by ``worker_args``; rank 0 writes
+    its rows, a JSON list, to ``--out`` (as it goes: a stopped setting keeps the rows it finished).
+    A setting starts only with at least ``setting_seconds`` left of ``max_seconds``; its group
+    timeout is the time left, at least ``2 * setting_seconds``.  Returns every setting's rows and
+    one line per setting skipped or stopped."""
+    check_available()
+    deadline = time.monotonic() + max_seconds
+    rows: list[dict[str, Any]] = []
+    skipped: list[str] = []
+    for k in workers:
+        for rate in rates_mbit:
+            setting = f"{k} workers at {rate:g} Mbit/s"
+            left = deadline - time.monotonic()
+            if left < setting_seconds:
+                skipped.append(f"{setting}: run-time bound reached")
+                continue
+            with Topology(k, rate) as topo, tempfile.TemporaryDirectory() as tmp:
+                out = Path(tmp) / "rows.json"
+                common = ["--world", str(k), "--master", topo.addr(0), "--port", str(PORT), "--rate", str(rate),
+                          "--out", str(out), "--pg-timeout", str(int(max(2 * setting_seconds, left)))]  # fmt: skip
+                cmds = [
+                    [sys.executable, "-m", module, "--rank", str(i), "--ifname", topo.ifname(i), *common, *worker_args]
+                    for i in range(k)
+                ]
+                failed = run_workers(topo, cmds, deadline)
+                got = _rows(out)
+            rows.extend(got)
+            why = failed[-ERROR_CHARS:].strip() if failed else ""
+            if failed:
+                skipped.append(f"{setting}: stopped after {len(got)} rows: {why}")
+            log(f"{k} workers, {rate:g} Mbit/s: {len(got)} rows" + (f" ({why})" if failed else ""))
+    return rows, skipped
 
 
 # ---------------------------------------------------------------------------- inside a worker

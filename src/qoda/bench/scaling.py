@@ -2,25 +2,25 @@
 
 Per iteration a worker computes its oracle calls (``C``, measured: the compute-only rows of
 ``qoda bench e2e``) and runs ``x`` exchanges (1 for Adam/QODA, 2 for the extra-gradient
-methods).  With ``K`` workers, per-message latency ``alpha``, link goodput ``beta`` bytes/s,
-``n`` parameters, a quantized message of ``m`` bytes, and codec times ``E(n) = 4n / enc`` and
-``D(n) = 4n / dec`` (measured on this model's messages, see :func:`workload_from`; divided by
-the CPU share ``min(1, cores / K)`` when K processes share fewer cores)::
+methods).  With ``K`` workers, per-message latency ``alpha`` and link goodput ``beta`` bytes/s,
+one exchange costs what :mod:`qoda.comm.cost` says its protocol costs (the same arithmetic as
+the averagers' own byte counts): ``latency_terms * alpha + payload_bytes / beta``, plus, for
+the quantized modes, the codec times ``E(n) = 4n / enc`` and ``D(n) = 4n / dec`` for ``n``
+parameters (measured on this model's messages, see :func:`workload_from`; divided by the CPU
+share ``min(1, cores / K)`` when K processes share fewer cores)::
 
-    fp32 ring all-reduce   2(K-1) alpha + 2 (K-1)/K * 4n / beta
-    fp16 ring all-reduce   2(K-1) alpha + 2 (K-1)/K * 2n / beta
-    PowerSGD (rank r)      3 ring all-reduces (vectors, P, Q): 6(K-1) alpha + 2 (K-1)/K * 4 f / beta,
-                           f = floats of the factors and the uncompressed vectors
-    qoda allgather         2(K-1) alpha + (K-1) m / beta + E(n) + K D(n)
-                           (sizes then payloads, ring all-gather; every worker decodes all K)
-    qoda two-phase         5(K-1) alpha + 2 (K-1)/K * m / beta + (1 + 1/K) E(n) + 2 D(n)
-                           (all-to-all of chunks, decode + re-encode the own chunk, all-gather)
+    fp32, fp16, PowerSGD   cost.fp32 / cost.fp16 / cost.powersgd (f floats, measured)
+    qoda allgather         cost.allgather(K, m) + E(n) + K D(n)       (every worker decodes all K)
+    qoda two-phase         cost.two_phase(K, K chunks of m / K) + (1 + 1/K) E(n) + 2 D(n)
+                           (decode + re-encode the own chunk; chunk headers neglected)
 
-    step = C + x * exchange + finite-check all-reduces (2(K-1) alpha each, one per oracle call)
+    step = C + x * exchange + x finite-check all-reduces (latency terms of cost.ring_allreduce)
+
+with ``m`` the measured quantized message of one worker (bytes) and ``f`` PowerSGD's floats.
 
 ``beta`` is the tbf rate times the TCP goodput of a 1500-byte MTU frame, 1448/1538 (IP and
 TCP-with-timestamps headers, Ethernet framing): arithmetic, not fitted.  ``alpha`` is fitted
-once per measured setting from a one-float all-reduce (``2(K-1) alpha``).
+once per measured setting from a one-float all-reduce (the latency terms of ``cost.ring_allreduce``).
 
 Validation: every measured e2e row is predicted from its own setting's compute-only time and
 latency, and the relative error is reported per row.  Extrapolation to 4-64 workers at
@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from qoda.bench.e2e import calls_of, compute_bound_of
+from qoda.comm import cost
 
 MTU_GOODPUT = 1448 / 1538  # TCP payload per Ethernet frame on a 1500-byte MTU
 WORKERS = (4, 8, 12, 16, 32, 64)
@@ -72,31 +73,45 @@ class Workload:
     cpu_share: float = 1.0  # cores per worker process when fewer cores than workers (codec runs slower)
 
 
-def ring_allreduce(k: int, nbytes: float, net: Network, collectives: int = 1) -> float:
-    return 2 * (k - 1) * net.alpha * collectives + 2 * (k - 1) / k * nbytes / net.beta
-
-
-def exchange_seconds(kind: str, k: int, net: Network, w: Workload) -> float:
-    """One exchange of ``kind`` (``fp32``, ``fp16``, ``powersgd``, ``allgather:<cfg>``,
-    ``two_phase:<cfg>``) among ``k`` workers."""
-    n = w.parameters
-    if k == 1:
-        return 0.0
-    enc = 4 * n / (w.encode_gbps * 1e9 * w.cpu_share)
-    dec = 4 * n / (w.decode_gbps * 1e9 * w.cpu_share)
+def exchange_cost(kind: str, k: int, w: Workload) -> cost.ExchangeCost:
+    """Bytes and latency terms of one exchange of ``kind`` (see :func:`exchange_seconds`) among ``k``
+    workers, from the measured sizes."""
+    n = float(w.parameters)  # real-valued: a ring's bytes are a mean over ranks, not rounded down
     if kind == "fp32":
-        return ring_allreduce(k, 4 * n, net)
+        return cost.fp32(k, n)
     if kind == "fp16":
-        return ring_allreduce(k, 2 * n, net)
+        return cost.fp16(k, n)
     if kind == "powersgd":
-        return ring_allreduce(k, 4 * w.powersgd_floats, net, collectives=3)
+        return cost.powersgd(k, w.powersgd_floats)
     mode, _, cfg = kind.partition(":")
     if mode not in ("allgather", "two_phase") or cfg not in w.message_bytes:
         raise ValueError(f"kind: unknown exchange {kind!r}")
     m = w.message_bytes[cfg]
     if mode == "allgather":
-        return 2 * (k - 1) * net.alpha + (k - 1) * m / net.beta + enc + k * dec
-    return 5 * (k - 1) * net.alpha + 2 * (k - 1) / k * m / net.beta + (1 + 1 / k) * enc + 2 * dec
+        return cost.allgather(k, m)
+    return cost.two_phase(k, [m / k] * k)  # an even split of the message (chunk headers neglected)
+
+
+def exchange_seconds(kind: str, k: int, net: Network, w: Workload) -> float:
+    """One exchange of ``kind`` (``fp32``, ``fp16``, ``powersgd``, ``allgather:<cfg>``,
+    ``two_phase:<cfg>``) among ``k`` workers: network time, and codec time for the quantized modes."""
+    if k == 1:
+        return 0.0
+    network = exchange_cost(kind, k, w).seconds(net.alpha, net.beta)
+    enc = 4 * w.parameters / (w.encode_gbps * 1e9 * w.cpu_share)
+    dec = 4 * w.parameters / (w.decode_gbps * 1e9 * w.cpu_share)
+    mode = kind.partition(":")[0]
+    if mode == "allgather":  # encode one message, decode all K
+        return network + enc + k * dec
+    if mode == "two_phase":  # encode the K chunks and the own average; decode K own chunks, the K averages
+        return network + (1 + 1 / k) * enc + 2 * dec
+    return network
+
+
+def _check_latency(k: int) -> int:
+    """Latency terms of the finite-gradient check (one small all-reduce per oracle call), and of
+    the one-float all-reduce ``alpha`` is fitted from."""
+    return cost.ring_allreduce(k, 4).latency_terms
 
 
 #: e2e config -> exchange kind it is modelled by; its exchanges per iteration come from the
@@ -115,7 +130,7 @@ MODELLED: dict[str, str] = {
 
 def step_seconds(config: str, k: int, net: Network, w: Workload, compute: float) -> float:
     kind, x = MODELLED[config], calls_of(config)
-    checks = x * 2 * (k - 1) * net.alpha if k > 1 else 0.0  # the per-call finite-gradient all-reduce
+    checks = x * _check_latency(k) * net.alpha  # the per-call finite-gradient all-reduce
     return compute + x * exchange_seconds(kind, k, net, w) + checks
 
 
@@ -138,11 +153,13 @@ def workload_from(e2e: dict[str, Any], codec: dict[str, Any]) -> Workload:
     rows = e2e.get("rows", [])
 
     def message(cfg: str) -> float:
-        # each worker's message: bytes sent per exchange / (K - 1), less the 8-byte size message
+        # each worker's message, from the bytes an allgather exchange sent
         cands = [r for r in rows if r["config"] == cfg and r["workers"] > 1]
         if not cands:
             raise ScalingInputError(f"e2e: no {cfg!r} rows: cannot size its message")
-        return statistics.median(r["bytes_sent_per_exchange"] / (r["workers"] - 1) - 8 for r in cands)
+        return statistics.median(
+            cost.allgather_message_bytes(r["workers"], r["bytes_sent_per_exchange"]) for r in cands
+        )
 
     ps = [r for r in rows if r["config"] == "powersgd"]
     fp32 = [r for r in rows if r["config"] == "fp32"]
@@ -176,7 +193,7 @@ def validate(e2e: dict[str, Any], w: Workload) -> list[dict[str, Any]]:
                       and b["bandwidth_mbit"] == rate), None)  # fmt: skip
         if bound is None:
             continue
-        net = Network.of(rate, r["allreduce_latency_seconds"] / (2 * (k - 1)))
+        net = Network.of(rate, r["allreduce_latency_seconds"] / _check_latency(k))
         cores = int(e2e.get("cores") or k)
         share = replace(w, cpu_share=min(1.0, cores / k))  # K processes on fewer cores
         pred = step_seconds(r["config"], k, net, share, bound["step_seconds"])

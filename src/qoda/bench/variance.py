@@ -20,9 +20,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from qoda.codec.layerwise import LayerwiseCodec
-from qoda.quant.adapt import MagnitudeStats, allocate_bits, fit_alq, levels_for_bits
+from qoda.codec.layerwise import LayerwiseCodec, fixed_message_bits
+from qoda.quant.allocation import allocate_plan
 from qoda.quant.config import Coding, QuantizerConfig
+from qoda.quant.fitting import fit_alq, levels_for_bits, plan_statistics
 from qoda.quant.levels import LevelSet
 from qoda.quant.policy import LayerPlan, LayerPolicy
 from qoda.quant.variance import plan_variance
@@ -112,15 +113,6 @@ def _with_levels(plan: LayerPlan, levels: dict[str, LevelSet], coding: Coding) -
     return LayerPlan(plan.entries, configs)
 
 
-def _type_stats(plan: LayerPlan, grads: list[torch.Tensor]) -> dict[str, MagnitudeStats]:
-    out = {}
-    for t in plan.types:
-        st = MagnitudeStats()
-        st.update([grads[i] for i in plan.indices(t)], plan.configs[t])
-        out[t] = st
-    return out
-
-
 def method_plans(snap: Snapshot, bits: int, coding: Coding, cache: dict) -> dict[str, LayerPlan]:
     """The plans of every method at ``bits`` (adaptive ones fitted on ``snap.fit_grads``)."""
     m, s = snap.module, levels_for_bits(bits)
@@ -137,29 +129,27 @@ def method_plans(snap: Snapshot, bits: int, coding: Coding, cache: dict) -> dict
         base = policy.plan(m)
         key = (snap.model, name, bits)
         if key not in cache:
-            cache[key] = {t: fit_alq(st, s) for t, st in _type_stats(base, snap.fit_grads).items()}
+            cache[key] = {t: fit_alq(st, s) for t, st in plan_statistics(base, snap.fit_grads).items()}
         plans[name] = _with_levels(base, cache[key], coding)
-    plans["alq_layerwise_dp"] = _dp_plan(snap, bits, coding, cache)
+    dp = _dp_plan(snap, bits, coding, cache)
+    if dp is not None:
+        plans["alq_layerwise_dp"] = dp
     return plans
 
 
-def _dp_plan(snap: Snapshot, budget_bits: int, coding: Coding, cache: dict) -> LayerPlan:
-    """Per-layer bits by dynamic programming: minimal fitted variance with sum(numel * bits) <= budget."""
+def _dp_plan(snap: Snapshot, budget_bits: int, coding: Coding, cache: dict) -> LayerPlan | None:
+    """The library's bit allocation (:func:`qoda.quant.allocation.allocate_plan`) on per-layer types:
+    per-tensor widths from ``DP_BITS`` and levels, minimal fitted variance with *every* bit of the
+    fixed-width message (norms, headers, uncompressed tensors) within ``budget_bits`` per coordinate."""
     base = LayerPolicy.per_layer(QuantizerConfig.qsgd_inf(2, BUCKET)).plan(snap.module)
-    key = (snap.model, "per_layer_fits")
+    key = (snap.model, "per_tensor_stats")
     if key not in cache:
-        stats = _type_stats(base, snap.fit_grads)
-        cache[key] = {t: {b: (fit_alq(stats[t], levels_for_bits(b)), stats[t]) for b in DP_BITS} for t in base.types}
-    fits = cache[key]
-    numel = {t: sum(base.entries[i].numel for i in base.indices(t)) for t in base.types}
-    errors = [[fits[t][b][1].variance(fits[t][b][0]) for b in DP_BITS] for t in base.types]
-    costs = [[numel[t] * b for b in DP_BITS] for t in base.types]
-    picks = allocate_bits(errors, costs, budget_bits * sum(numel.values()))
-    configs = {}
-    for t, k in zip(base.types, picks, strict=True):
-        b = DP_BITS[k]
-        configs[t] = QuantizerConfig(fits[t][b][0], BUCKET, "linf", coding)
-    return LayerPlan(base.entries, configs)
+        cache[key] = plan_statistics(base, snap.fit_grads, per_tensor=True)
+    try:
+        alloc = allocate_plan(base, cache[key], budget_bits, DP_BITS, message_bits=fixed_message_bits)
+    except ValueError:  # the budget cannot hold every tensor at 2 bits plus norms and headers (budget 2)
+        return None
+    return _with_levels(alloc.plan, {}, coding)
 
 
 def measure(plan: LayerPlan, grads: list[torch.Tensor], seed: int) -> tuple[float, float]:

@@ -24,7 +24,7 @@ from __future__ import annotations
 import struct
 import zlib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -38,6 +38,16 @@ MAGIC = b"QODM"
 VERSION = 1
 _HEAD = struct.Struct("<4sB3xII")
 _DTYPE_OFFSET = FIELDS["dtype"][0]  # of the segment header
+
+
+def fixed_message_bits(plan: LayerPlan) -> int:
+    """Bits of one fixed-width message of ``plan`` (every byte on the wire: headers, layer sizes,
+    norms, codes, uncompressed tensors).  Entropy-coded types count at their fixed width, an
+    upper bound of their data-dependent size.  The measure bit allocation budgets against."""
+    configs = {t: replace(c, coding=Coding.FIXED) for t, c in plan.configs.items()}
+    size = LayerwiseCodec(LayerPlan(plan.entries, configs)).message_size()
+    assert size is not None
+    return 8 * size
 
 
 def segment_seed(seed: int, index: int) -> int:

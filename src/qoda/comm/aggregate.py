@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
 from enum import StrEnum
 
 import numpy as np
@@ -34,6 +33,8 @@ import torch.distributed as dist
 
 from qoda.codec.format import CodecError
 from qoda.codec.layerwise import LayerwiseCodec
+from qoda.comm import cost
+from qoda.comm.averager import Averager, CommStats  # CommStats: also importable from here, as before
 from qoda.comm.partition import chunk_bounds, chunk_pieces
 from qoda.quant.policy import LayerPlan
 
@@ -59,27 +60,6 @@ def derive_seed(*parts: int) -> int:
         z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
         z ^= z >> 31
     return z
-
-
-@dataclass
-class CommStats:
-    """What one or more aggregation calls cost (bytes are per rank, as the algorithm sends them)."""
-
-    calls: int = 0
-    payload_bits: int = 0  # bits of the encoded vector(s) this rank produced, headers excluded
-    bytes_sent: int = 0
-    bytes_received: int = 0
-    encode_seconds: float = 0.0
-    comm_seconds: float = 0.0
-    decode_seconds: float = 0.0
-
-    def __iadd__(self, other: CommStats) -> CommStats:
-        for k, v in asdict(other).items():
-            setattr(self, k, getattr(self, k) + v)
-        return self
-
-    def as_dict(self) -> dict[str, float]:
-        return asdict(self)
 
 
 def average_payloads(codec: LayerwiseCodec, payloads: Sequence[object], world: int) -> list[torch.Tensor]:
@@ -109,12 +89,18 @@ def allreduce_sum(group: dist.ProcessGroup | None = None):
     return reduce
 
 
+def _charge(st: CommStats, c: cost.ExchangeCost) -> None:
+    """Add the bytes of ``c`` (:mod:`qoda.comm.cost`, the one statement of each protocol's cost)."""
+    st.bytes_sent += int(c.bytes_sent)
+    st.bytes_received += int(c.bytes_received)
+
+
 class AggregationError(RuntimeError):
     """A rank failed during aggregation (reported on every rank)."""
 
 
-class Aggregator:
-    """Average per-layer tensors (plan order) across ``group``, in place.
+class Aggregator(Averager):
+    """Average per-layer tensors (plan order) across ``group``, in place (an :class:`Averager`).
 
     Args:
         plan: the layer plan (types and quantizer settings); identical on every rank.
@@ -128,6 +114,7 @@ class Aggregator:
         self, plan: LayerPlan, mode: Mode | str = Mode.ALLGATHER, group: dist.ProcessGroup | None = None,
         seed: int = 0, check: bool = True,
     ) -> None:  # fmt: skip
+        super().__init__()
         try:
             self.mode = Mode(mode)
         except ValueError:
@@ -137,7 +124,6 @@ class Aggregator:
         self.world = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
         self.seed = int(seed)
-        self.stats = CommStats()
         self._buffer: np.ndarray | None = None  # reused send buffer (allgather), see _send_buffer
         self._message_size = self.codec.message_size()  # fixed by the plan; None for entropy coding
         # NCCL moves CUDA tensors only; codes are packed and decoded on the host either way
@@ -155,6 +141,11 @@ class Aggregator:
                 [chunk_pieces(g.numels, b[c], b[c + 1]) for g, b in zip(self.codec.groups, self.bounds, strict=True)]
                 for c in range(self.world)
             ]
+
+    @property
+    def plan(self) -> LayerPlan:
+        """The plan this aggregator was built with (fixed: adapting levels builds a new aggregator)."""
+        return self.codec.plan
 
     # ------------------------------------------------------------------ set-up
     def _check_consistency(self) -> None:
@@ -205,8 +196,7 @@ class Aggregator:
             t.copy_(flat[offset : offset + t.numel()].view(t.shape))  # any strides
             offset += t.numel()
         st.payload_bits = 8 * wire.numel() * wire.element_size()
-        ring = 2 * (self.world - 1) * wire.numel() * wire.element_size() // self.world
-        st.bytes_sent = st.bytes_received = ring
+        _charge(st, cost.ring_allreduce(self.world, wire.numel() * wire.element_size()))
         st.encode_seconds, st.comm_seconds, st.decode_seconds = t1 - t0, t2 - t1, time.perf_counter() - t2
         return st
 
@@ -277,7 +267,7 @@ class Aggregator:
             raise AggregationError(f"received a damaged payload (nothing was applied) from {'; '.join(bad)}") from None
         self.codec.scatter(acc, tensors, accumulate=False)
         st.payload_bits = msg.code_bits
-        st.bytes_sent = st.bytes_received = (self.world - 1) * (longest + 8)
+        _charge(st, cost.variable_all_gather(self.world, longest))
         st.encode_seconds, st.comm_seconds, st.decode_seconds = t1 - t0, t2 - t1, time.perf_counter() - t2
         return st
 
@@ -295,12 +285,38 @@ class Aggregator:
         raise AggregationError(f"rank {int(flag) - 1} could not decode its phase-1 chunk (see that rank's error)")
 
     def _two_phase(self, tensors: Sequence[torch.Tensor], step: int) -> CommStats:
+        """Two-phase average: a compressed reduce-scatter, then an all-gather of the re-quantized
+        averaged chunks.  On rank ``r`` of ``K``, chunk ``c`` of every group is ``bounds[c]``:
+
+        Phase 1 (:meth:`_phase1`), rank ``r`` ends with the average of chunk ``r``:
+
+        1. quantize chunk ``d`` of the local tensors for every rank ``d`` (seed
+           ``(seed, step, r, 1, d)``); a rank that cannot encode sends sizes of 0;
+        2. all-to-all the message sizes; a size of 0 anywhere makes every rank raise;
+        3. all-to-all the messages;
+        4. decode the ``K`` messages of chunk ``r`` in source-rank order, summing them, and
+           divide by ``K``; a decode failure is reported collectively (one-integer all-reduce)
+           so every rank raises.
+
+        Phase 2 (:meth:`_phase2`), every rank ends with every averaged chunk:
+
+        5. re-quantize the averaged chunk ``r`` (seed ``(seed, step, r, 2)``);
+        6. all-gather the re-quantized chunks (sizes, then padded messages);
+        7. decode chunk ``c`` from rank ``c``'s message and write the result into the tensors.
+        """
         st = CommStats()
-        k, r = self.world, self.rank
+        own_avg = self._phase1(tensors, step, st)
+        self._phase2(own_avg, tensors, step, st)
+        return st
+
+    def _phase1(self, tensors: Sequence[torch.Tensor], step: int, st: CommStats) -> list[torch.Tensor]:
+        """Steps 1-4 of :meth:`_two_phase`: this rank's averaged chunk (one flat per group);
+        phase 1's costs go into ``st``."""
+        k, r, dev = self.world, self.rank, self.wire_device
         t0 = time.perf_counter()
         flats = self.codec.gather(tensors)
 
-        def encode_chunks() -> list:
+        def encode_chunks() -> list:  # 1.
             return [
                 self.codec.encode_flats(
                     self._chunk(flats, d), derive_seed(self.seed, step, r, 1, d), self.pieces[d], tag=d + 1
@@ -308,8 +324,7 @@ class Aggregator:
                 for d in range(k)
             ]
 
-        msgs, err = self._encode_or_empty(encode_chunks)
-        dev = self.wire_device
+        msgs, enc_err = self._encode_or_empty(encode_chunks)
         if msgs is None:  # size 0 to everyone: "this rank failed"
             send = torch.zeros(0, dtype=torch.uint8)
             send_sizes = torch.zeros(k, dtype=torch.int64)
@@ -317,47 +332,58 @@ class Aggregator:
             send = torch.from_numpy(np.concatenate([m.data for m in msgs]))
             send_sizes = torch.tensor([len(m) for m in msgs], dtype=torch.int64)
         t1 = time.perf_counter()
-        recv_sizes = torch.empty(k, dtype=torch.int64, device=dev)
+        recv_sizes = torch.empty(k, dtype=torch.int64, device=dev)  # 2.
         dist.all_to_all_single(recv_sizes, send_sizes.to(dev), group=self.group)
         recv_sizes = recv_sizes.cpu()
         failed = [src for src in range(k) if int(recv_sizes[src]) == 0]
         if failed or msgs is None:
-            why = f"rank {r} could not encode its chunks: {err}" if err else f"rank(s) {failed} could not encode"
-            raise AggregationError(why) from err
-        recv = torch.empty(int(recv_sizes.sum()), dtype=torch.uint8, device=dev)
+            why = f"rank {r} could not encode its chunks: {enc_err}" if enc_err else (
+                f"rank(s) {failed} could not encode")  # fmt: skip
+            raise AggregationError(why) from enc_err
+        recv = torch.empty(int(recv_sizes.sum()), dtype=torch.uint8, device=dev)  # 3.
         dist.all_to_all_single(
             recv, send.to(dev), output_split_sizes=recv_sizes.tolist(), input_split_sizes=send_sizes.tolist(),
             group=self.group,
         )  # fmt: skip
         recv = recv.cpu()
         t2 = time.perf_counter()
-        own = self.pieces[r]
+        own = self.pieces[r]  # 4.
         acc = [torch.zeros(sum(p), dtype=torch.float32) for p in own]
-        err: Exception | None = None
+        dec_err: Exception | None = None
         try:
             for part in recv.split(recv_sizes.tolist()):  # source-rank order
                 self.codec.decode_flats_into(part.numpy(), acc, accumulate=True, pieces=own, tag=r + 1)
         except Exception as e:  # reported collectively below
-            err = e
-        self._collective_failure(err)
+            dec_err = e
+        self._collective_failure(dec_err)
         for a in acc:
             a.mul_(1.0 / k)
         t3 = time.perf_counter()
-        msg2 = self.codec.encode_flats(acc, derive_seed(self.seed, step, r, 2), own, tag=k + 1 + r)
+        st.payload_bits += sum(m.code_bits for d, m in enumerate(msgs) if d != r)
+        sent, received = int(send_sizes.sum()) - len(msgs[r]), int(recv_sizes.sum()) - int(recv_sizes[r])
+        _charge(st, cost.sized_all_to_all(k, sent, received))  # messages and sizes (step 2)
+        st.encode_seconds += t1 - t0
+        st.comm_seconds += t2 - t1
+        st.decode_seconds += t3 - t2
+        return acc
+
+    def _phase2(self, own_avg: list[torch.Tensor], tensors: Sequence[torch.Tensor], step: int, st: CommStats) -> None:
+        """Steps 5-7 of :meth:`_two_phase`: every rank's averaged chunk, written into ``tensors``;
+        phase 2's costs go into ``st``."""
+        k, r = self.world, self.rank
+        t3 = time.perf_counter()
+        msg2 = self.codec.encode_flats(own_avg, derive_seed(self.seed, step, r, 2), self.pieces[r], tag=k + 1 + r)  # 5.
         t4 = time.perf_counter()
-        payloads, longest = self._all_gather_bytes(torch.from_numpy(msg2.data), "averaged chunk")
+        payloads, longest = self._all_gather_bytes(torch.from_numpy(msg2.data), "averaged chunk")  # 6.
         t5 = time.perf_counter()
-        result = [torch.empty(g.numel, dtype=torch.float32) for g in self.codec.groups]
+        result = [torch.empty(g.numel, dtype=torch.float32) for g in self.codec.groups]  # 7.
         for c, p in enumerate(payloads):
             self.codec.decode_flats_into(
                 p.numpy(), self._chunk(result, c), accumulate=False, pieces=self.pieces[c], tag=k + 1 + c
             )
         self.codec.scatter(result, tensors, accumulate=False)
-        st.payload_bits = sum(m.code_bits for d, m in enumerate(msgs) if d != r) + msg2.code_bits
-        sent1 = int(send_sizes.sum()) - len(msgs[r])
-        st.bytes_sent = sent1 + (k - 1) * (longest + 8) + 8 * (k - 1)
-        st.bytes_received = int(recv_sizes.sum()) - int(recv_sizes[r]) + (k - 1) * (longest + 8) + 8 * (k - 1)
-        st.encode_seconds = (t1 - t0) + (t4 - t3)
-        st.comm_seconds = (t2 - t1) + (t5 - t4)
-        st.decode_seconds = (t3 - t2) + (time.perf_counter() - t5)
-        return st
+        st.payload_bits += msg2.code_bits
+        _charge(st, cost.variable_all_gather(k, longest))  # padded messages and their sizes
+        st.encode_seconds += t4 - t3
+        st.comm_seconds += t5 - t4
+        st.decode_seconds += time.perf_counter() - t5

@@ -1,7 +1,7 @@
 """Averagers the benchmarks compare qoda against: PyTorch's PowerSGD and a no-communication floor.
 
-Both follow the optimizers' averager protocol (``average_(tensors, step) -> CommStats``,
-``stats``), so the trainer runs them exactly like :class:`qoda.comm.aggregate.Aggregator`.
+Both implement the averager contract (:class:`qoda.comm.averager.Averager`), so the trainer
+runs them exactly like :class:`qoda.comm.aggregate.Aggregator`; neither has a layer plan.
 
 * :class:`PowerSGDAverager` runs PyTorch's own ``powerSGD_hook`` (Vogels et al. 2019: rank-``r``
   power iteration with error feedback and warm start; vectors travel uncompressed) on one
@@ -24,7 +24,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from qoda.comm.aggregate import CommStats
+from qoda.comm import cost
+from qoda.comm.averager import Averager, CommStats
 
 
 class _Bucket:
@@ -68,7 +69,7 @@ def powersgd_payload_floats(shapes: Sequence[torch.Size], rank: int) -> int:
     return total
 
 
-class PowerSGDAverager:
+class PowerSGDAverager(Averager):
     """Average with PyTorch's PowerSGD hook (error feedback and warm start on)."""
 
     def __init__(
@@ -77,6 +78,7 @@ class PowerSGDAverager:
     ) -> None:  # fmt: skip
         from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook
 
+        super().__init__()
         if rank < 1:
             raise ValueError(f"powersgd_rank: must be >= 1, got {rank}")
         if start_iter < 2:
@@ -90,7 +92,6 @@ class PowerSGDAverager:
         )
         self.numel = sum(s.numel() for s in self.shapes)
         self.compressed_floats = powersgd_payload_floats(self.shapes, rank)
-        self.stats = CommStats()
 
     def average_(self, tensors: Sequence[torch.Tensor], step: int) -> CommStats:
         st = CommStats(calls=1)
@@ -107,7 +108,8 @@ class PowerSGDAverager:
             offset += t.numel()
         floats = self.compressed_floats if compressing else self.numel
         st.payload_bits = 32 * floats
-        st.bytes_sent = st.bytes_received = 2 * (self.world - 1) * 4 * floats // self.world  # ring all-reduces
+        moved = cost.ring_allreduce(self.world, 4 * floats)  # three ring all-reduces, counted as one total
+        st.bytes_sent, st.bytes_received = int(moved.bytes_sent), int(moved.bytes_received)
         # the hook interleaves compression and communication: its whole time counts as communication
         st.encode_seconds, st.comm_seconds, st.decode_seconds = t1 - t0, t2 - t1, time.perf_counter() - t2
         self.stats += st
@@ -118,21 +120,18 @@ class PowerSGDAverager:
         compresses exactly as an uninterrupted one."""
         # the slots PowerSGDState.__getstate__ pickles, without its warning on every save
         hook = {k: getattr(self.state, k) for k in self.state.__slots__ if k != "process_group"}
-        return {"hook": hook, "stats": self.stats.as_dict()}
+        return {**super().state_dict(), "hook": hook}
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         for k, v in sd["hook"].items():
             setattr(self.state, k, v)
-        self.stats = CommStats(**sd["stats"])
+        super().load_state_dict(sd)
 
 
-class LocalAverager:
+class LocalAverager(Averager):
     """No communication: each worker keeps its own gradient (the compute-only bound)."""
 
-    local = True
-
-    def __init__(self) -> None:
-        self.stats = CommStats()
+    communicates = False
 
     def average_(self, tensors: Sequence[torch.Tensor], step: int) -> CommStats:
         st = CommStats(calls=1)

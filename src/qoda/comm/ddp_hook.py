@@ -64,16 +64,10 @@ import torch.distributed as dist
 from torch import nn
 
 from qoda.codec.format import CodecError
-from qoda.comm.aggregate import (
-    AggregationError,
-    Aggregator,
-    CommStats,
-    Mode,
-    allreduce_sum,
-    average_payloads,
-    derive_seed,
-)
-from qoda.quant.adapt import AdaptConfig, LevelAdapter
+from qoda.comm.adaptive import AdaptiveAggregator
+from qoda.comm.aggregate import AggregationError, Aggregator, Mode, average_payloads, derive_seed
+from qoda.comm.averager import CommStats
+from qoda.quant.adapt import AdaptConfig
 from qoda.quant.config import QuantizerConfig
 from qoda.quant.policy import LayerEntry, LayerPlan, LayerPolicy
 
@@ -82,7 +76,7 @@ _OK, _FAILED = 0, 1  # status byte in front of every overlapped message
 
 
 class QodaHookState:
-    """State of :func:`qoda_hook`: settings, counters, per-bucket aggregators (and level adapters).
+    """State of :func:`qoda_hook`: settings, counters, one averager per bucket.
 
     Args:
         model: the model DDP wraps (optional: see *binding*). For backward compatibility a
@@ -180,8 +174,9 @@ class QodaHookState:
     def _init_runtime(self) -> None:
         self._params: dict[int, tuple[str, nn.Module, str]] = {}
         self._rank_of: dict[int, int] = {}  # id(param) -> position in the model (canonical bucket order)
-        self._aggregators: dict[int, tuple[tuple[int, ...], Aggregator]] = {}
-        self._adapters: dict[int, tuple[tuple[int, ...], LevelAdapter]] = {}
+        # per bucket index: (its parameters' ids, its averager): an AdaptiveAggregator with
+        # ``adapt`` (built at the bucket's first call), else an Aggregator (built after warm-up)
+        self._aggregators: dict[int, tuple[tuple[int, ...], Aggregator | AdaptiveAggregator]] = {}
         self._checked = False
         self._lock = threading.Lock()  # stats are updated from gloo's threads (overlap)
         self._pending: list[_TwoPhase] = []  # two-phase overlap: phase 1 in flight, phase 2 due
@@ -206,7 +201,6 @@ class QodaHookState:
         }
         self._rank_of = {id(p): i for i, p in enumerate(model.parameters())}
         self._aggregators = {}
-        self._adapters = {}
 
     def register(self, ddp_model: nn.parallel.DistributedDataParallel) -> nn.parallel.DistributedDataParallel:
         """Bind to ``ddp_model.module`` and register :func:`qoda_hook` on ``ddp_model``; returns it."""
@@ -223,8 +217,9 @@ class QodaHookState:
 
     # ------------------------------------------------------------------ checkpoints
     def _refresh_adapter_states(self) -> None:
-        for idx, (_, adapter) in self._adapters.items():
-            self.adapter_states[idx] = adapter.state_dict()
+        for idx, (_, avg) in self._aggregators.items():
+            if isinstance(avg, AdaptiveAggregator):
+                self.adapter_states[idx] = avg.state_dict()["adapter"]
 
     def state_dict(self) -> dict[str, Any]:
         """Counters, costs and fitted levels/statistics (tensors and plain Python: safe for
@@ -262,8 +257,7 @@ class QodaHookState:
             }
             for i, s in copy.deepcopy(state["adapter_states"]).items()
         }
-        self._aggregators = {}
-        self._adapters = {}  # rebuilt from adapter_states at the next hook call
+        self._aggregators = {}  # rebuilt (adapters from adapter_states) at the next hook call
         self._checked = False  # compare the restored iteration across ranks at the next call
 
     def _settings(self) -> dict[str, Any]:
@@ -326,36 +320,49 @@ class QodaHookState:
         types = {e.type_name for e in entries if e.type_name is not None}
         return LayerPlan(tuple(entries), {t: self.policy.config_for(t) for t in types})
 
-    def adapter_for(self, bucket: dist.GradBucket) -> LevelAdapter:
-        """The level adapter of this bucket (restored from a checkpoint when one was loaded)."""
+    def _averager_for(self, bucket: dist.GradBucket) -> Aggregator | AdaptiveAggregator:
+        """The bucket's averager, rebuilt when DDP rebuilds its buckets (other parameters): with
+        ``adapt`` an :class:`AdaptiveAggregator` (levels and statistics carried over a rebuild,
+        restored from a checkpoint), else an :class:`Aggregator`."""
         params = self._bucket_params(bucket)
         key = tuple(id(p) for p in params)
-        cached = self._adapters.get(bucket.index())
+        index = bucket.index()
+        cached = self._aggregators.get(index)
         if cached is not None and cached[0] == key:
             return cached[1]
-        assert self.adapt is not None
-        plan = self._bucket_plan(params, bucket.index())
-        adapter = LevelAdapter(plan, self.adapt, reduce=allreduce_sum(self.process_group))
-        if cached is not None:  # DDP rebuilt its buckets: keep the levels and statistics gathered so far
-            self.adapter_states[bucket.index()] = cached[1].state_dict()
-        saved = self.adapter_states.get(bucket.index())
-        if saved is not None and (cached is None or set(saved["levels"]) == set(plan.types)):
-            adapter.load_state_dict(saved)
-        self._adapters[bucket.index()] = (key, adapter)
-        return adapter
+        plan = self._bucket_plan(params, index)
+        seed = self.seed ^ (index << 32)
+        avg: Aggregator | AdaptiveAggregator
+        if self.adapt is None:
+            avg = Aggregator(plan, self.mode, self.process_group, seed=seed)
+        else:  # its aggregator is built (and compared across ranks) at the first refresh
+            avg = AdaptiveAggregator(plan, self.mode, self.process_group, seed=seed, adapt=self.adapt, check=False)
+            if cached is not None:  # DDP rebuilt its buckets: keep the levels and statistics gathered so far
+                self.adapter_states[index] = cached[1].state_dict()["adapter"]
+            saved = self.adapter_states.get(index)
+            if saved is not None:
+                try:
+                    avg.load_adapter_state(saved)
+                except ValueError:
+                    if cached is None:  # a checkpoint written for another model or bucket layout
+                        raise
+                    # a rebuilt bucket holding other tensors or types starts its statistics afresh
+        self._aggregators[index] = (key, avg)
+        return avg
+
+    def adaptive_for(self, bucket: dist.GradBucket) -> AdaptiveAggregator:
+        """The bucket's :class:`AdaptiveAggregator` (``adapt`` only)."""
+        avg = self._averager_for(bucket)
+        if not isinstance(avg, AdaptiveAggregator):
+            raise RuntimeError("adaptive_for: this hook state has no adapt settings")
+        return avg
 
     def aggregator_for(self, bucket: dist.GradBucket) -> Aggregator:
-        """The aggregator of this bucket (rebuilt when DDP rebuilds its buckets or levels change)."""
-        params = self._bucket_params(bucket)
-        key = tuple(id(p) for p in params)
-        plan = self.adapter_for(bucket).plan if self.adapt is not None else None
-        cached = self._aggregators.get(bucket.index())
-        if cached is not None and cached[0] == key and (plan is None or cached[1].codec.plan is plan):
-            return cached[1]
-        plan = plan or self._bucket_plan(params, bucket.index())
-        agg = Aggregator(plan, self.mode, self.process_group, seed=self.seed ^ (bucket.index() << 32))
-        self._aggregators[bucket.index()] = (key, agg)
-        return agg
+        """The aggregator that averages this bucket now.  With ``adapt``: the bucket's
+        :class:`AdaptiveAggregator` re-fits its levels first when due (collective: once per
+        bucket and iteration, from the hook body) and hands over the aggregator of its levels."""
+        avg = self._averager_for(bucket)
+        return avg.refresh(self.iter) if isinstance(avg, AdaptiveAggregator) else avg
 
     def _add_stats(self, agg: Aggregator, st: CommStats) -> None:
         st.calls = 1
@@ -409,11 +416,14 @@ def qoda_hook(state: QodaHookState, bucket: dist.GradBucket) -> torch.futures.Fu
     """Average the bucket's gradients across ranks with layer-wise quantization.
 
     1. At the first call in a process: settings are compared across ranks.
-    2. During warm-up (``state.iter < start_iter``): fp32 all-reduce of the bucket.
-    3. Otherwise: the bucket's per-parameter gradient views are averaged by the bucket's
-       :class:`Aggregator`: in the body (a completed future), or with ``overlap`` by an
-       asynchronous exchange whose future decodes and averages.
-    4. The iteration counter advances after the last bucket.
+    2. With ``adapt``: the bucket's :class:`AdaptiveAggregator` observes its gradients (from
+       the first iteration on, warm-up included).
+    3. During warm-up (``state.iter < start_iter``): fp32 all-reduce of the bucket.
+    4. Otherwise: the bucket's per-parameter gradient views are averaged by the bucket's
+       :class:`Aggregator` (with ``adapt``: the one its adaptive averager holds after re-fitting
+       when due): in the body (a completed future), or with ``overlap`` by an asynchronous
+       exchange whose future decodes and averages.
+    5. The iteration counter advances after the last bucket.
     """
     buffer = bucket.buffer()
     group = state.process_group
@@ -421,15 +431,12 @@ def qoda_hook(state: QodaHookState, bucket: dist.GradBucket) -> torch.futures.Fu
         if not state._checked:
             state._check(bucket)
         if state.adapt is not None:  # statistics of the local gradients (no communication)
-            state.adapter_for(bucket).observe(state.iter, state.bucket_gradients(bucket))
+            state.adaptive_for(bucket).observe(state.bucket_gradients(bucket), state.iter)
         if state.iter < state.start_iter:
             buffer.div_(dist.get_world_size(group))
             fut = dist.all_reduce(buffer, group=group, async_op=True).get_future()
             return fut.then(lambda f: f.value()[0])
-        if state.adapt is not None:  # identical levels on every rank: all-reduced statistics
-            adapter = state.adapter_for(bucket)
-            adapter.refit(state.iter, force=adapter.fits == 0)
-        agg = state.aggregator_for(bucket)
+        agg = state.aggregator_for(bucket)  # adapt: identical levels on every rank (all-reduced statistics)
         grads = state.bucket_gradients(bucket)
         if state.overlap and agg.mode is Mode.ALLGATHER:
             return _allgather_async(state, agg, grads, buffer, state.iter)

@@ -26,17 +26,12 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 
-from qoda.comm.aggregate import CommStats
-
-
-class Averager(Protocol):
-    stats: CommStats
-
-    def average_(self, tensors: Sequence[torch.Tensor], step: int) -> CommStats: ...
+from qoda.comm.averager import Averager, CommStats
+from qoda.quant.policy import LayerPlan
 
 
 @dataclass
@@ -48,10 +43,13 @@ class _Started:
     error: BaseException | None = None
 
 
-class OverlappedAverager:
+class OverlappedAverager(Averager):
     """Average tensor ``parts`` (index lists into the full list, in order) with one averager each."""
 
+    starts_parts = True
+
     def __init__(self, parts: Sequence[Sequence[int]], averagers: Sequence[Averager], names: Sequence[str]) -> None:
+        super().__init__()
         if not (len(parts) == len(averagers) == len(names)) or not parts:
             raise ValueError("parts, averagers and names: one of each per part, at least one part")
         flat = [i for p in parts for i in p]
@@ -60,8 +58,23 @@ class OverlappedAverager:
         self.parts = [list(p) for p in parts]
         self.averagers = list(averagers)
         self.names = list(names)
-        self.stats = CommStats()
         self._started: dict[int, _Started] = {}
+
+    @property
+    def plan(self) -> LayerPlan | None:
+        """The parts' plans side by side (each entry at its tensor's index), or ``None`` if a
+        part has no plan.  A type may appear in several parts only with the same settings
+        (fitted levels are per part: the parts' types must then be disjoint)."""
+        plans = [p for p in (a.plan for a in self.averagers) if p is not None]
+        if len(plans) < len(self.averagers):
+            return None
+        by_index, configs = {}, {}
+        for name, idx, p in zip(self.names, self.parts, plans, strict=True):
+            by_index.update(zip(idx, p.entries, strict=True))
+            for t, c in p.configs.items():
+                if configs.setdefault(t, c) != c:
+                    raise ValueError(f"plan: type {t!r} has other settings in part {name!r} than in an earlier part")
+        return LayerPlan(tuple(by_index[i] for i in range(len(by_index))), configs)
 
     def start(self, part: int, tensors: Sequence[torch.Tensor], step: int) -> None:
         """Begin averaging ``part`` (its tensors, in part order; copied) for exchange ``step``."""
@@ -109,16 +122,12 @@ class OverlappedAverager:
         return st
 
     def state_dict(self) -> dict[str, Any]:
-        parts = [a.state_dict() if hasattr(a, "state_dict") else {"stats": a.stats.as_dict()} for a in self.averagers]
-        return {"parts": parts, "stats": self.stats.as_dict()}
+        return {**super().state_dict(), "parts": [a.state_dict() for a in self.averagers]}
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         for a, s in zip(self.averagers, sd["parts"], strict=True):
-            if hasattr(a, "load_state_dict"):
-                a.load_state_dict(s)
-            else:
-                a.stats = CommStats(**s["stats"])
-        self.stats = CommStats(**sd["stats"])
+            a.load_state_dict(s)
+        super().load_state_dict(sd)
 
 
 def _named(error: BaseException, where: str) -> BaseException:

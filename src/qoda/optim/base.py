@@ -5,24 +5,21 @@ of *its own player's loss*, so the concatenated grads are the VI operator
 ``V = (grad_theta L_theta, grad_phi L_phi)`` and every optimizer *descends* along it.  For a
 zero-sum game ``min_theta max_phi L`` the second player's loss is ``-L``.
 
-Communication: an optional ``averager`` (anything with ``average_(tensors, step) -> stats``,
-e.g. :class:`qoda.comm.aggregate.Aggregator`) averages the dual vector across workers in
-place; each call is one *exchange*.  Optimizers count oracle calls, exchanges and bits sent
+Communication: an optional ``averager`` (the contract :class:`qoda.comm.averager.Averager`,
+re-exported here; e.g. :class:`qoda.comm.aggregate.Aggregator`) averages the dual vector across
+workers in place; each call is one *exchange*.  Optimizers count oracle calls, exchanges and bits sent
 in their param group (so the counts live in ``state_dict()``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from torch.optim import Optimizer
 
-
-class Averager(Protocol):
-    def average_(self, tensors: list[torch.Tensor], step: int) -> Any: ...
-
+from qoda.comm.averager import Averager
 
 COUNTERS = ("oracle_calls", "exchanges", "bits_sent")
 
@@ -131,7 +128,7 @@ class VIOptimizer(Optimizer):
         self.group["oracle_calls"] += 1
         if self.averager is not None:
             stats = self.averager.average_(grads, self.group["exchanges"])
-            self.group["bits_sent"] += int(getattr(stats, "payload_bits", 0))
+            self.group["bits_sent"] += int(stats.payload_bits)
         self.group["exchanges"] += 1
         return grads
 

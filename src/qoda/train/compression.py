@@ -9,6 +9,12 @@ layers their own levels (``generator.conv``, ``critic.linear``, ...): the two pl
 gradients have different statistics; ``module_class`` shares them across players;
 ``per_layer`` gives every tensor its own levels.  Tensors under 1,024 coordinates and 1-D
 tensors (biases, norm scales) travel uncompressed, as the policy's defaults say.
+
+``bit_allocation`` (``auto``: ``dp`` for ``layerwise_adaptive``, else ``uniform``): ``uniform``
+quantizes every compressed tensor at ``bits``; ``dp`` makes
+``bits`` an average budget over all coordinates (headers, norms and uncompressed tensors
+counted) and gives every tensor its own width, chosen at each re-fit by dynamic programming on
+the all-reduced statistics (:mod:`qoda.quant.allocation`); levels are fitted per (type, width).
 """
 
 from __future__ import annotations
@@ -18,15 +24,18 @@ from dataclasses import replace
 import torch.distributed as dist
 from torch import nn
 
+from qoda.codec.layerwise import fixed_message_bits
 from qoda.comm.adaptive import AdaptiveAggregator
 from qoda.comm.aggregate import Aggregator, Mode
+from qoda.comm.averager import Averager
 from qoda.comm.baselines import PowerSGDAverager
 from qoda.comm.overlap import OverlappedAverager
 from qoda.quant.adapt import AdaptConfig, RefitSchedule
+from qoda.quant.allocation import WIDTHS, allocate_plan
 from qoda.quant.config import Norm, QuantizerConfig
 from qoda.quant.policy import LayerEntry, LayerPlan, LayerPolicy
 from qoda.train.compressions import COMPRESSIONS, Transport
-from qoda.train.config import TrainConfig
+from qoda.train.config import ConfigError, TrainConfig
 
 
 def quantizer_config(cfg: TrainConfig) -> QuantizerConfig:
@@ -34,8 +43,10 @@ def quantizer_config(cfg: TrainConfig) -> QuantizerConfig:
     if norm == "auto":
         norm = "linf" if cfg.adaptive else "l2"
     exponential = COMPRESSIONS[cfg.compression].levels == "exponential"
-    base = QuantizerConfig.nuqsgd(cfg.bits, cfg.bucket_size) if exponential else (
-        QuantizerConfig.qsgd(cfg.bits, cfg.bucket_size))  # fmt: skip
+    # with bit allocation the widths (and levels) come from the allocation; the base width is a placeholder
+    bits = int(cfg.bits) if cfg.allocation == "uniform" else min(WIDTHS)
+    base = QuantizerConfig.nuqsgd(bits, cfg.bucket_size) if exponential else (
+        QuantizerConfig.qsgd(bits, cfg.bucket_size))  # fmt: skip
     return replace(base, norm=Norm(norm))
 
 
@@ -50,6 +61,15 @@ def _prefix_types(plan: LayerPlan) -> LayerPlan:
     return LayerPlan(tuple(entries), configs)
 
 
+def adapt_config(cfg: TrainConfig) -> AdaptConfig:
+    """Re-fit schedule and bit allocation of the adaptive compressions."""
+    dp = cfg.allocation == "dp"
+    return AdaptConfig(
+        schedule=RefitSchedule(tuple(cfg.refit_steps), cfg.refit_every), allocation=cfg.allocation,
+        budget=float(cfg.bits) if dp else None,
+    )  # fmt: skip
+
+
 def layer_plan(cfg: TrainConfig, players: nn.Module) -> LayerPlan:
     """The layer plan over both players' parameters (``players`` = ModuleDict generator/critic)."""
     qc = quantizer_config(cfg)
@@ -61,9 +81,7 @@ def layer_plan(cfg: TrainConfig, players: nn.Module) -> LayerPlan:
     return LayerPolicy.global_(qc).plan(players)
 
 
-def build_averager(
-    cfg: TrainConfig, players: nn.Module, group: dist.ProcessGroup | None = None
-) -> Aggregator | AdaptiveAggregator | PowerSGDAverager | OverlappedAverager:
+def build_averager(cfg: TrainConfig, players: nn.Module, group: dist.ProcessGroup | None = None) -> Averager:
     """The averager of ``cfg.compression`` over ``group`` (checks the settings across ranks).
 
     With ``cfg.overlap`` each player gets its own averager on its own new process group
@@ -82,9 +100,7 @@ def build_averager(
     return _single(cfg, players, group, cfg.seed)
 
 
-def _single(
-    cfg: TrainConfig, players: nn.Module, group: dist.ProcessGroup | None, seed: int
-) -> Aggregator | AdaptiveAggregator | PowerSGDAverager:
+def _single(cfg: TrainConfig, players: nn.Module, group: dist.ProcessGroup | None, seed: int) -> Averager:
     transport = COMPRESSIONS[cfg.compression].transport
     if transport is Transport.POWERSGD:
         shapes = [p.shape for p in players.parameters()]
@@ -95,6 +111,24 @@ def _single(
     if transport is Transport.FP16:
         return Aggregator(plan, Mode.FP16, group, seed=seed)
     if cfg.adaptive:
-        adapt = AdaptConfig(schedule=RefitSchedule(tuple(cfg.refit_steps), cfg.refit_every))
-        return AdaptiveAggregator(plan, cfg.mode, group, seed=seed, adapt=adapt)
+        cfg = resolve_allocation(cfg, plan)
+        return AdaptiveAggregator(plan if cfg.allocation == "dp" else layer_plan(cfg, players), cfg.mode, group,
+                                  seed=seed, adapt=adapt_config(cfg))  # fmt: skip
     return Aggregator(plan, cfg.mode, group, seed=seed)
+
+
+def resolve_allocation(cfg: TrainConfig, plan: LayerPlan) -> TrainConfig:
+    """``cfg`` with ``bit_allocation = 'auto'`` made explicit for ``plan``: ``dp`` when the budget
+    ``bits`` can hold the plan (every tensor at 2 bits plus norms, headers and float32 tensors),
+    else ``uniform`` at ``bits`` (a small model whose float32 biases alone exceed the budget; an
+    integer ``bits`` only).  An explicit ``dp`` whose budget is too small raises, naming ``bits``.
+    Deterministic in the plan, so every rank resolves alike."""
+    if cfg.allocation != "dp":
+        return cfg
+    try:
+        allocate_plan(plan, {}, float(cfg.bits), message_bits=fixed_message_bits)
+    except ValueError as e:
+        if cfg.bit_allocation == "auto" and float(cfg.bits).is_integer():
+            return cfg.replace(bit_allocation="uniform", bits=int(cfg.bits))
+        raise ConfigError(f"bits: {str(e).removeprefix('budget: ')}") from None
+    return cfg.replace(bit_allocation="dp")

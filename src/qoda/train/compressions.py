@@ -43,7 +43,7 @@ class CompressionSpec:
     def adaptive(self) -> bool:
         return self.levels == "fitted"
 
-    def wire_bits(self, bits: int) -> int | None:
+    def wire_bits(self, bits: float) -> float | None:
         """Bits per coordinate on the wire: ``bits`` when quantized, 32/16 for the all-reduces,
         ``None`` for PowerSGD (its size depends on the rank and the shapes, not on a width)."""
         return {Transport.FP32: 32, Transport.FP16: 16, Transport.POWERSGD: None}.get(self.transport, bits)

@@ -28,6 +28,9 @@ LAYER_TYPES = ("player_class", "module_class", "per_layer")
 MODELS = ("dcgan", "resnet")
 NORMS = ("group", "batch", "none")
 QUANT_NORMS = ("auto", "l2", "linf")
+BIT_ALLOCATIONS = ("auto", "uniform", "dp")
+# Values of options added later, for checkpoints written before they existed (the behaviour then).
+LEGACY_DEFAULTS = {"bit_allocation": "uniform"}
 
 # Fields that may differ between a checkpoint and the run resuming it.
 RESUMABLE = frozenset({"steps", "out", "resume", "log_every", "eval_every", "checkpoint_every", "sample_every",
@@ -65,7 +68,8 @@ class TrainConfig:
     seed: int = 0
     # ---- compression
     compression: str = "layerwise_adaptive"
-    bits: int = 4
+    bits: float = 4  # uniform: the width of every compressed tensor; dp: the average budget (2.5 is fine)
+    bit_allocation: str = "auto"  # dp: per-tensor widths by DP under the bits budget; auto: dp for layer-wise
     bucket_size: int = 1024
     quant_norm: str = "auto"  # auto: L-inf for adaptive levels, L2 for QSGD/NUQSGD
     layer_types: str = "player_class"
@@ -168,8 +172,22 @@ class TrainConfig:
             raise ConfigError(f"ema: must be in [0, 1), got {self.ema!r}")
         if len(self.betas) != 2 or not all(isinstance(b, int | float) and 0.0 <= b < 1.0 for b in self.betas):
             raise ConfigError(f"betas: two numbers in [0, 1), got {self.betas!r}")
-        if not isinstance(self.bits, int) or not 1 <= self.bits <= 8:
-            raise ConfigError(f"bits: must be an integer in 1..8, got {self.bits!r}")
+        one_of("bit_allocation", BIT_ALLOCATIONS)
+        if self.allocation == "dp":
+            if not self.adaptive:
+                raise ConfigError(
+                    f"bit_allocation: 'dp' fits levels per width, which needs fitted levels (compression "
+                    f"{' or '.join(n for n, s in COMPRESSIONS.items() if s.adaptive)}); got {self.compression!r}"
+                )
+            b = self.bits
+            if not isinstance(b, int | float) or isinstance(b, bool) or not (b == b) or not 2 < b <= 8:
+                raise ConfigError(
+                    f"bits: must be a number in (2, 8], got {b!r} (with bit allocation dp, the average bits per "
+                    "coordinate; bit_allocation = 'uniform' for one width)"
+                )
+        elif not isinstance(self.bits, int) or isinstance(self.bits, bool) or not 1 <= self.bits <= 8:
+            raise ConfigError(f"bits: must be an integer in 1..8, got {self.bits!r} (fractional budgets need "
+                              "bit_allocation = 'dp')")  # fmt: skip
         if any(not isinstance(s, int) or s < 0 for s in self.refit_steps):
             raise ConfigError(f"refit_steps: non-negative integers, got {self.refit_steps!r}")
         if self.width % 4 or (self.model == "resnet" and self.width % 8):
@@ -228,7 +246,9 @@ class TrainConfig:
     def trajectory_diff(self, other: dict[str, Any]) -> list[str]:
         """Names of trajectory fields whose values differ from ``other`` (a :meth:`to_dict`)."""
         mine = self.to_dict()
-        return sorted(k for k in mine if k not in RESUMABLE and mine[k] != other.get(k))
+        # options added since the checkpoint was written: what the code did then
+        defaults = {**{f.name: f.default for f in fields(self)}, **LEGACY_DEFAULTS}
+        return sorted(k for k in mine if k not in RESUMABLE and mine[k] != other.get(k, defaults[k]))
 
     @property
     def quantized(self) -> bool:
@@ -239,6 +259,16 @@ class TrainConfig:
         return COMPRESSIONS[self.compression].adaptive
 
     @property
-    def wire_bits(self) -> int | None:
-        """Bits per coordinate on the wire (``None`` for PowerSGD), from the compression registry."""
+    def allocation(self) -> str:
+        """The bit allocation in effect: ``bit_allocation``, with ``auto`` = ``dp`` for the layer-wise
+        adaptive compressions (registry flags ``layerwise`` and ``adaptive``), else ``uniform``."""
+        if self.bit_allocation != "auto":
+            return self.bit_allocation
+        spec = COMPRESSIONS.get(self.compression)
+        return "dp" if spec is not None and spec.layerwise and spec.adaptive else "uniform"
+
+    @property
+    def wire_bits(self) -> float | None:
+        """Bits per coordinate of the codes (``None`` for PowerSGD), from the compression registry; with
+        ``bit_allocation = 'dp'`` the average budget (every bit on the wire counted)."""
         return COMPRESSIONS[self.compression].wire_bits(self.bits)

@@ -40,7 +40,11 @@ REPORT_UNITS: dict[str, str] = {
     "encode_seconds": "s per iteration in quantization and encoding, second-half mean",
     "comm_seconds": "s per iteration in collectives, second-half mean",
     "decode_seconds": "s per iteration in decoding and accumulation, second-half mean",
-    "quant_variance": "E||Q(g)-g||^2 / ||g||^2 (dimensionless), second-half mean",
+    "quant_variance": "exact E||Q(g)-g||^2 / ||g||^2 of rank 0's gradient before the exchange, under the plan in "
+    "use (dimensionless), mean over the log steps of the second half",
+    "widths": "bits per coordinate of each compressed tensor at the end (others travel as float32)",
+    "wire_bits_per_coordinate": "bits of one whole message of the final plan (codes, bucket norms, headers, "
+    "uncompressed tensors) per coordinate; 32 without quantization",
     "skipped_steps": "iterations dropped by nonfinite = skip",
     "step": "iterations",
 }

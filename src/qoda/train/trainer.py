@@ -33,16 +33,16 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from qoda.comm.adaptive import AdaptiveAggregator
-from qoda.comm.aggregate import CommStats, derive_seed
-from qoda.comm.overlap import OverlappedAverager
+from qoda.codec.layerwise import fixed_message_bits
+from qoda.comm.aggregate import derive_seed
+from qoda.comm.averager import Averager
 from qoda.data.images import ImageDataset, load_dataset
 from qoda.data.sampler import ShardSampler
 from qoda.eval.features import build_extractor
 from qoda.eval.fid import FIDEvaluator
 from qoda.gan.models import LATENT, DCGANCritic, DCGANGenerator, ResNetCritic, ResNetGenerator
 from qoda.optim import OPTIMIZERS, create_optimizer
-from qoda.optim.base import Averager, TwoCallOptimizer, VIOptimizer
+from qoda.optim.base import TwoCallOptimizer, VIOptimizer
 from qoda.quant.policy import LayerPlan
 from qoda.quant.variance import plan_variance
 from qoda.train import checkpoint
@@ -103,13 +103,22 @@ def _optimizer_kwargs(cfg: TrainConfig) -> dict[str, Any]:
     return {}
 
 
-def _plan_of(averager: Any) -> LayerPlan:
+def _plan_of(averager: Averager) -> LayerPlan:
     """The current layer plan (levels included) of a quantizing averager."""
-    if isinstance(averager, OverlappedAverager):  # players' plans side by side (their types are disjoint)
-        plans = [_plan_of(a) for a in averager.averagers]
-        configs = {t: c for p in plans for t, c in p.configs.items()}
-        return LayerPlan(tuple(e for p in plans for e in p.entries), configs)
-    return averager.plan if isinstance(averager, AdaptiveAggregator) else averager.codec.plan
+    plan = averager.plan
+    if plan is None:
+        raise TypeError(f"{type(averager).__name__} does not quantize with a layer plan")
+    return plan
+
+
+def plan_summary(plan: LayerPlan | None, numel: int) -> dict[str, Any]:
+    """Bits per coordinate of every compressed tensor (``widths``; absent tensors travel as float32)
+    and of one whole message of ``plan`` (``wire_bits_per_coordinate``: codes, norms, headers and
+    uncompressed tensors, fixed-width size); fp32 for an averager without a plan."""
+    if plan is None:
+        return {"widths": {}, "wire_bits_per_coordinate": 32.0}
+    widths = {e.name: plan.configs[e.type_name].bits for e in plan.entries if e.type_name is not None}
+    return {"widths": widths, "wire_bits_per_coordinate": fixed_message_bits(plan) / max(numel, 1)}
 
 
 def quantization_variance(params: list[torch.Tensor], plan: LayerPlan) -> float:
@@ -158,7 +167,7 @@ class Trainer:
         self.players = nn.ModuleDict({"generator": self.generator, "critic": self.critic})
         self.ema = copy.deepcopy(self.generator).requires_grad_(False)
         self.ema_updates = 0  # number of EMA updates so far (the warm-up's t; checkpointed)
-        self.averager = averager if averager is not None else build_averager(cfg, self.players)
+        self.averager: Averager = averager if averager is not None else build_averager(cfg, self.players)
         groups = [
             {"params": list(self.generator.parameters()), "lr": cfg.lr_g},
             {"params": list(self.critic.parameters()), "lr": cfg.lr_d},
@@ -173,6 +182,7 @@ class Trainer:
         )
         self.step = 0
         self.skipped = 0  # iterations dropped by nonfinite = "skip"
+        self.quant_variance: float | None = None  # at the last log step, on the local gradient before the exchange
         self.elapsed = 0.0  # training seconds before this process (resume)
         self.history: list[dict[str, float]] = []
         self.evals: list[dict[str, Any]] = []
@@ -197,12 +207,11 @@ class Trainer:
         }
 
     def _rank_state(self) -> dict[str, Any]:
-        avg = self.averager
         return {
             "rng": self.rng.get_state(),
             "torch_rng": torch.random.get_rng_state(),
             "counters": self.optimizer.counters,
-            "averager": avg.state_dict() if hasattr(avg, "state_dict") else {"stats": avg.stats.as_dict()},
+            "averager": self.averager.state_dict(),
         }
 
     def save_checkpoint(self) -> None:
@@ -222,10 +231,7 @@ class Trainer:
         self.skipped = int(common.get("skipped", 0))
         self.rng.set_state(mine["rng"])
         torch.random.set_rng_state(mine["torch_rng"])
-        if hasattr(self.averager, "state_dict"):
-            self.averager.load_state_dict(mine["averager"])
-        else:
-            self.averager.stats = CommStats(**mine["averager"]["stats"])
+        self.averager.load_state_dict(mine["averager"])
 
     # ------------------------------------------------------------------ one iteration
     def _oracle(self, update_generator: bool, call: int) -> Any:
@@ -233,7 +239,7 @@ class Trainer:
         idx = self.sampler.batch(self.step * calls + call)
         z = torch.randn(len(idx), LATENT, generator=self.rng).to(self.device)  # CPU stream on any device
         start = None
-        if isinstance(self.averager, OverlappedAverager):  # average the generator's part during the critic's
+        if self.averager.starts_parts:  # average the generator's part (part 0) during the critic's
 
             def start(grads: list[torch.Tensor]) -> None:
                 self.averager.start(0, grads, self.optimizer.group["exchanges"])
@@ -261,14 +267,19 @@ class Trainer:
             self._check_finite()
             self.optimizer.extrapolation()
         losses = self._oracle(update_g, 1 if isinstance(self.optimizer, TwoCallOptimizer) else 0)
+        measuring = 0.0
         if self._check_finite():
+            if cfg.quantized and ((self.step + 1) % cfg.log_every == 0 or self.step + 1 == cfg.steps):
+                t_q = time.perf_counter()  # on this worker's gradient, before the exchange averages it in place
+                self.quant_variance = quantization_variance(list(self.players.parameters()), self.averager.plan)
+                measuring = time.perf_counter() - t_q
             self.optimizer.step()
         else:
             skipped = True
             self.skipped += 1
         update_ema(self.ema, self.generator, cfg.ema, self.ema_updates)
         self.ema_updates += 1
-        seconds = time.perf_counter() - t0
+        seconds = time.perf_counter() - t0 - measuring
         after = self.averager.stats
         comm = {k: getattr(after, k) - getattr(before, k) for k in ("payload_bits", "encode_seconds",
                                                                   "comm_seconds", "decode_seconds")}  # fmt: skip
@@ -298,7 +309,7 @@ class Trainer:
         """Collective: are every worker's gradients finite?  One small all-reduce, so that all
         workers take the same decision (policy ``nonfinite``) and none waits for another."""
         finite = torch.stack([torch.isfinite(p.grad).all() for p in self.players.parameters()]).all()
-        if getattr(self.averager, "local", False):  # no communication at all (compute-only bound)
+        if not self.averager.communicates:  # no communication at all (compute-only bound)
             if bool(finite):
                 return True
             raise NonFiniteGradientError(f"step {self.step}: non-finite (NaN/Inf) gradients on rank {self.rank}")
@@ -422,7 +433,6 @@ def _run(
             from tqdm import tqdm
 
             bar = tqdm(total=cfg.steps, initial=trainer.step, desc="qoda train", unit="step", dynamic_ncols=True)
-    params = list(trainer.players.parameters())
     session_start = time.perf_counter()
     base_elapsed = trainer.elapsed
     window: list[dict[str, float]] = []
@@ -436,9 +446,8 @@ def _run(
             if s % cfg.log_every == 0 or s == cfg.steps:
                 mean = {k: sum(r[k] for r in window) / len(window) for k in rec}
                 mean["step"], mean["seconds"] = s, trainer.elapsed
-                if cfg.quantized:
-                    plan = _plan_of(trainer.averager)
-                    mean["quant_variance"] = quantization_variance(params, plan)
+                if cfg.quantized and trainer.quant_variance is not None:
+                    mean["quant_variance"] = trainer.quant_variance
                 window = []
                 trainer.history.append(mean)
                 if writer is not None:
@@ -447,6 +456,11 @@ def _run(
                               "quant_variance"):  # fmt: skip
                         if k in mean:
                             writer.add_scalar(f"train/{k}", mean[k], s)
+                    if cfg.quantized:  # the current widths (they change at re-fits with bit allocation)
+                        summary = plan_summary(trainer.averager.plan, trainer.numel)
+                        writer.add_scalar("quant/wire_bits_per_coordinate", summary["wire_bits_per_coordinate"], s)
+                        for name, bits in summary["widths"].items():
+                            writer.add_scalar(f"quant/width/{name}", bits, s)
                     for player, group in zip(("g", "d"), trainer.optimizer.param_groups, strict=False):
                         writer.add_scalar(f"train/lr_{player}", group["lr"], s)
                     writer.add_scalar("train/ema_decay", ema_decay(cfg.ema, trainer.ema_updates - 1), s)
@@ -546,6 +560,7 @@ def build_report(trainer: Trainer, world: int) -> dict[str, Any]:
         "levels": {t: list(c.levels.values) for t, c in _plan_of(trainer.averager).configs.items()}
         if cfg.quantized
         else {},
+        **plan_summary(trainer.averager.plan if cfg.quantized else None, trainer.numel),
         "allocator": allocator(),
         "units": dict(REPORT_UNITS),
         "samples": {"ema": "samples/final.png", "raw": "samples/final_raw.png"},

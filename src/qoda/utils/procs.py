@@ -38,6 +38,10 @@ def _entry(fn, rank, world, port, pg_timeout, queue, args):
     except BaseException as e:  # reported to the parent
         queue.put((rank, "error", f"{type(e).__name__}: {e}\n{traceback.format_exc()}", time.time()))
     finally:
+        # flush the report to the pipe now: a library that aborts the interpreter at exit (seen once
+        # in 8 runs with PyTorch's PowerSGD state: "Resource deadlock avoided") must not lose it
+        queue.close()
+        queue.join_thread()
         if dist.is_initialized():
             dist.destroy_process_group()
 

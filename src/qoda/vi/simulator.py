@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from qoda.codec.layerwise import LayerwiseCodec
-from qoda.comm.aggregate import CommStats, average_payloads, derive_seed
+from qoda.comm.aggregate import average_payloads, derive_seed
+from qoda.comm.averager import Averager, CommStats
 from qoda.optim import OPTIMIZERS, create_optimizer
 from qoda.optim.base import TwoCallOptimizer
 from qoda.quant.config import QuantizerConfig
@@ -36,39 +37,55 @@ DEFAULT_HYPER: dict[str, dict[str, float]] = {
 }
 
 
-class ExactAverager:
-    """Unquantized mean of the workers' dual vectors (rank order), 32 bits per coordinate on the wire."""
+class ExactAverager(Averager):
+    """Unquantized mean of the workers' dual vectors (rank order), 32 bits per coordinate on the wire.
+
+    In-process: ``worker_grads`` (every worker's tensors, set before each call) are averaged;
+    the tensors given to :meth:`average_` only receive the result."""
 
     def __init__(self, world: int) -> None:
+        super().__init__()
         self.world = world
         self.worker_grads: list[list[torch.Tensor]] = []
 
-    def average_(self, tensors: list[torch.Tensor], step: int) -> CommStats:
+    def average_(self, tensors: Sequence[torch.Tensor], step: int) -> CommStats:
         for i, t in enumerate(tensors):
             acc = torch.zeros_like(t)
             for g in self.worker_grads:
                 acc += g[i]
             t.copy_(acc / self.world)
-        return CommStats(payload_bits=32 * sum(t.numel() for t in tensors))
+        st = CommStats(calls=1, payload_bits=32 * sum(t.numel() for t in tensors))
+        self.stats += st
+        return st
 
 
-class SimulatedAverager:
-    """Quantized mean of the workers' dual vectors, as :class:`qoda.comm.aggregate.Aggregator` (allgather)."""
+class SimulatedAverager(Averager):
+    """Quantized mean of the workers' dual vectors, as :class:`qoda.comm.aggregate.Aggregator` (allgather).
+
+    In-process, like :class:`ExactAverager`: ``worker_grads`` are quantized (seeds
+    ``(seed, step, worker)``) and averaged into the tensors given to :meth:`average_`."""
 
     def __init__(self, plan: LayerPlan, world: int, seed: int = 0) -> None:
+        super().__init__()
         self.codec = LayerwiseCodec(plan)
         self.world = world
         self.seed = seed
         self.worker_grads: list[list[torch.Tensor]] = []
 
-    def average_(self, tensors: list[torch.Tensor], step: int) -> CommStats:
+    @property
+    def plan(self) -> LayerPlan:
+        return self.codec.plan
+
+    def average_(self, tensors: Sequence[torch.Tensor], step: int) -> CommStats:
         msgs = [
             self.codec.encode_flats(self.codec.gather(g), derive_seed(self.seed, step, k))
             for k, g in enumerate(self.worker_grads)
         ]
         acc = average_payloads(self.codec, [m.data for m in msgs], self.world)
         self.codec.scatter(acc, tensors, accumulate=False)
-        return CommStats(payload_bits=msgs[0].code_bits, bytes_sent=len(msgs[0]))
+        st = CommStats(calls=1, payload_bits=msgs[0].code_bits, bytes_sent=len(msgs[0]))
+        self.stats += st
+        return st
 
 
 def layerwise_plan(blocks: Sequence[int], bits: int, bucket_size: int = 1024) -> LayerPlan:
@@ -118,7 +135,7 @@ def fitted_slope(ts: Sequence[int], gaps: Sequence[float], start_fraction: float
 
 
 def simulate(
-    cfg: RunConfig, problem: VIProblem | None = None, averager: object | None = None, rank: int | None = None
+    cfg: RunConfig, problem: VIProblem | None = None, averager: Averager | None = None, rank: int | None = None
 ) -> dict:
     """Run one method on one problem with ``cfg.workers`` simulated workers; return the history.
 
