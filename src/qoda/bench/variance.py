@@ -145,11 +145,14 @@ def _dp_plan(snap: Snapshot, budget_bits: int, coding: Coding, cache: dict) -> L
     key = (snap.model, "per_tensor_stats")
     if key not in cache:
         cache[key] = plan_statistics(base, snap.fit_grads, per_tensor=True)
-    try:
-        alloc = allocate_plan(base, cache[key], budget_bits, DP_BITS, message_bits=fixed_message_bits)
-    except ValueError:  # the budget cannot hold every tensor at 2 bits plus norms and headers (budget 2)
-        return None
-    return _with_levels(alloc.plan, {}, coding)
+    plan_key = (snap.model, "dp_plan", budget_bits)  # one allocation per budget, for both codings
+    if plan_key not in cache:
+        try:
+            alloc = allocate_plan(base, cache[key], budget_bits, DP_BITS, message_bits=fixed_message_bits)
+            cache[plan_key] = alloc.plan
+        except ValueError:  # the budget cannot hold every tensor at 2 bits plus norms and headers (budget 2)
+            cache[plan_key] = None
+    return None if cache[plan_key] is None else _with_levels(cache[plan_key], {}, coding)
 
 
 def measure(plan: LayerPlan, grads: list[torch.Tensor], seed: int) -> tuple[float, float]:
