@@ -412,84 +412,38 @@ def _run(
     cfg: TrainConfig, rank: int, world: int, data: ImageDataset | None = None,
     on_step: Callable[[int], None] | None = None,
 ) -> dict[str, Any] | None:  # fmt: skip
+    """The training loop of one worker: 1. build (and resume) the trainer; 2. rank 0 opens its
+    outputs; 3. per step: train, log, evaluate, sample, checkpoint; 4. a failed collective becomes
+    one :class:`WorkerLostError` line; 5. rank 0 writes the report, samples and curves."""
     out = Path(cfg.out)
-    trainer = Trainer(cfg, rank, world, data)
+    trainer = Trainer(cfg, rank, world, data)  # 1.
     if cfg.resume and checkpoint.latest(out) is not None:
         trainer.load_checkpoint()
     if on_step is not None:
         on_step(trainer.step)
-    writer = None
-    bar = None
     lead = rank == 0
-    if lead:
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_json({**cfg.to_dict(), "world": world, "dataset_description": trainer.data.description},
-                          out / "config.json")  # fmt: skip
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(str(out / "tensorboard"), purge_step=trainer.step if trainer.step else None)
-        log_config(writer, cfg, world, trainer.data.description, trainer.step)
-        if cfg.progress:
-            from tqdm import tqdm
-
-            bar = tqdm(total=cfg.steps, initial=trainer.step, desc="qoda train", unit="step", dynamic_ncols=True)
+    writer, bar = _open_outputs(trainer, world) if lead else (None, None)  # 2.
     session_start = time.perf_counter()
     base_elapsed = trainer.elapsed
     window: list[dict[str, float]] = []
     try:
-        while trainer.step < cfg.steps:
+        while trainer.step < cfg.steps:  # 3.
             rec = trainer.train_step()
             trainer.elapsed = base_elapsed + (time.perf_counter() - session_start)
             rec["seconds"] = trainer.elapsed
             window.append(rec)
             s = trainer.step
             if s % cfg.log_every == 0 or s == cfg.steps:
-                mean = {k: sum(r[k] for r in window) / len(window) for k in rec}
-                mean["step"], mean["seconds"] = s, trainer.elapsed
-                if cfg.quantized and trainer.quant_variance is not None:
-                    mean["quant_variance"] = trainer.quant_variance
+                _log_window(trainer, window, writer, bar)
                 window = []
-                trainer.history.append(mean)
-                if writer is not None:
-                    for k in ("loss_d", "loss_g", "wasserstein", "penalty", "bits", "compression_ratio",
-                              "step_seconds", "compute_seconds", "encode_seconds", "comm_seconds", "decode_seconds",
-                              "quant_variance"):  # fmt: skip
-                        if k in mean:
-                            writer.add_scalar(f"train/{k}", mean[k], s)
-                    if cfg.quantized:  # the current widths (they change at re-fits with bit allocation)
-                        summary = plan_summary(trainer.averager.plan, trainer.numel)
-                        writer.add_scalar("quant/wire_bits_per_coordinate", summary["wire_bits_per_coordinate"], s)
-                        for name, bits in summary["widths"].items():
-                            writer.add_scalar(f"quant/width/{name}", bits, s)
-                    for player, group in zip(("g", "d"), trainer.optimizer.param_groups, strict=False):
-                        writer.add_scalar(f"train/lr_{player}", group["lr"], s)
-                    writer.add_scalar("train/ema_decay", ema_decay(cfg.ema, trainer.ema_updates - 1), s)
-                if bar is not None:
-                    bar.set_postfix(W=f"{mean['wasserstein']:.3f}", bits=f"{mean['bits'] / 1e6:.2f}M",
-                                    ratio=f"{mean['compression_ratio']:.1f}x", s_step=f"{mean['step_seconds']:.3f}",
-                                    refresh=False)  # fmt: skip
-            if s % cfg.eval_every == 0 or s == cfg.steps:
-                row = trainer.evaluate()
-                if writer is not None:
-                    writer.add_scalar("eval/fid_ema", row["fid"], s)
-                    writer.add_scalar("eval/fid_raw", row["fid_raw"], s)
-                if bar is not None:
-                    bar.write(f"step {s}: FID {row['fid']:.2f} EMA, {row['fid_raw']:.2f} raw ({row['fid_extractor']}, "
-                              f"{row['fid_samples']} samples)")  # fmt: skip
-            if lead and (s % cfg.sample_every == 0 or s == cfg.steps):
-                grids = trainer.write_samples(f"step-{s:07d}")
-                if writer is not None:
-                    for kind, grid in grids.items():
-                        writer.add_image(f"samples/{kind}", grid, s)  # CHW float in [0, 1]
-            if s % cfg.checkpoint_every == 0 or s == cfg.steps:
-                trainer.save_checkpoint()
+            _evaluate_sample_save(trainer, lead, writer, bar)
             if bar is not None:
                 bar.update(1)
             if on_step is not None:
                 on_step(s)
         if writer is not None:
             log_config_end(writer, trainer.step)
-    except RuntimeError as e:
+    except RuntimeError as e:  # 4.
         if world > 1 and _is_transport_failure(e):
             ptr = checkpoint.latest(out)
             last = f"step {ptr['step']}" if ptr else "none yet"
@@ -508,12 +462,78 @@ def _run(
         trainer.evaluate()
     if not lead:
         return None
-    report = build_report(trainer, world)
+    report = build_report(trainer, world)  # 5.
     trainer.write_samples("final")
     title = f"{cfg.optimizer} / {cfg.compression} ({cfg.bits} bits) / {world} workers / {trainer.data.name}"
     plot_curves(trainer.history, trainer.evals, out / "curves.png", title)
     atomic_write_json(report, out / "report.json")
     return report
+
+
+def _open_outputs(trainer: Trainer, world: int) -> tuple[Any, Any]:
+    """Rank 0's run folder: the resolved config, the TensorBoard writer (config and hparams
+    logged) and, with ``progress``, the tqdm bar."""
+    cfg, out = trainer.cfg, Path(trainer.cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json({**cfg.to_dict(), "world": world, "dataset_description": trainer.data.description},
+                      out / "config.json")  # fmt: skip
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(out / "tensorboard"), purge_step=trainer.step if trainer.step else None)
+    log_config(writer, cfg, world, trainer.data.description, trainer.step)
+    bar = None
+    if cfg.progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.steps, initial=trainer.step, desc="qoda train", unit="step", dynamic_ncols=True)
+    return writer, bar
+
+
+def _log_window(trainer: Trainer, window: list[dict[str, float]], writer: Any, bar: Any) -> None:
+    """The mean of the steps since the last log into the history, TensorBoard and the bar."""
+    cfg, s = trainer.cfg, trainer.step
+    mean = {k: sum(r[k] for r in window) / len(window) for k in window[-1]}
+    mean["step"], mean["seconds"] = s, trainer.elapsed
+    if cfg.quantized and trainer.quant_variance is not None:
+        mean["quant_variance"] = trainer.quant_variance
+    trainer.history.append(mean)
+    if writer is not None:
+        for k in ("loss_d", "loss_g", "wasserstein", "penalty", "bits", "compression_ratio", "step_seconds",
+                  "compute_seconds", "encode_seconds", "comm_seconds", "decode_seconds", "quant_variance"):  # fmt: skip
+            if k in mean:
+                writer.add_scalar(f"train/{k}", mean[k], s)
+        if cfg.quantized:  # the current widths (they change at re-fits with bit allocation)
+            summary = plan_summary(trainer.averager.plan, trainer.numel)
+            writer.add_scalar("quant/wire_bits_per_coordinate", summary["wire_bits_per_coordinate"], s)
+            for name, bits in summary["widths"].items():
+                writer.add_scalar(f"quant/width/{name}", bits, s)
+        for player, group in zip(("g", "d"), trainer.optimizer.param_groups, strict=False):
+            writer.add_scalar(f"train/lr_{player}", group["lr"], s)
+        writer.add_scalar("train/ema_decay", ema_decay(cfg.ema, trainer.ema_updates - 1), s)
+    if bar is not None:
+        bar.set_postfix(W=f"{mean['wasserstein']:.3f}", bits=f"{mean['bits'] / 1e6:.2f}M",
+                        ratio=f"{mean['compression_ratio']:.1f}x", s_step=f"{mean['step_seconds']:.3f}",
+                        refresh=False)  # fmt: skip
+
+
+def _evaluate_sample_save(trainer: Trainer, lead: bool, writer: Any, bar: Any) -> None:
+    """FID (every worker, together), sample grids (rank 0) and checkpoints, each on its cadence."""
+    cfg, s = trainer.cfg, trainer.step
+    if s % cfg.eval_every == 0 or s == cfg.steps:
+        row = trainer.evaluate()
+        if writer is not None:
+            writer.add_scalar("eval/fid_ema", row["fid"], s)
+            writer.add_scalar("eval/fid_raw", row["fid_raw"], s)
+        if bar is not None:
+            bar.write(f"step {s}: FID {row['fid']:.2f} EMA, {row['fid_raw']:.2f} raw ({row['fid_extractor']}, "
+                      f"{row['fid_samples']} samples)")  # fmt: skip
+    if lead and (s % cfg.sample_every == 0 or s == cfg.steps):
+        grids = trainer.write_samples(f"step-{s:07d}")
+        if writer is not None:
+            for kind, grid in grids.items():
+                writer.add_image(f"samples/{kind}", grid, s)  # CHW float in [0, 1]
+    if s % cfg.checkpoint_every == 0 or s == cfg.steps:
+        trainer.save_checkpoint()
 
 
 def build_report(trainer: Trainer, world: int) -> dict[str, Any]:
