@@ -365,6 +365,16 @@ def _write_bench(res: dict, path: Path, fmt, plot) -> None:
     print(f"\nwrote {path}, {path.with_suffix('.md')} and {path.with_suffix('.png')}")
 
 
+def _print_bench(table: str, res: dict, path: Path | None) -> None:
+    """The table printed; the results written to ``path`` (JSON) when given."""
+    print(table)
+    if path:
+        from qoda.bench.codec import write_json
+
+        write_json(res, path)
+        print(f"\nwrote {path}")
+
+
 def _codec_parser(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentParser:
     c = sub.add_parser(name, help="quantize+encode / decode throughput vs memcpy, 1 thread")
     c.add_argument("--numel", type=_positive_int("numel"), default=1 << 24, help="floats (default 16M)")
@@ -375,13 +385,10 @@ def _codec_parser(sub: argparse._SubParsersAction, name: str) -> argparse.Argume
 
 
 def _bench_codec(args: argparse.Namespace) -> int:
-    from qoda.bench.codec import format_codec, run_codec_bench, write_json
+    from qoda.bench.codec import format_codec, run_codec_bench
 
     res = run_codec_bench(args.numel, args.repeats, args.bucket_size)
-    print(format_codec(res))
-    if args.json:
-        write_json(res, args.json)
-        print(f"\nwrote {args.json}")
+    _print_bench(format_codec(res), res, args.json)
     return 0
 
 
@@ -485,12 +492,7 @@ def _bench_comm(args: argparse.Namespace) -> int:
         )
     except NetnsUnavailable as e:
         raise Unavailable(f"qoda bench comm cannot run here: {e}") from None
-    print(format_comm(res))
-    if args.json:
-        from qoda.bench.codec import write_json
-
-        write_json(res, args.json)
-        print(f"\nwrote {args.json}")
+    _print_bench(format_comm(res), res, args.json)
     return 0
 
 

@@ -20,7 +20,6 @@ resumed run quantizes with exactly the levels and noise of an uninterrupted one.
 
 from __future__ import annotations
 
-import zlib
 from collections.abc import Sequence
 from dataclasses import fields
 from typing import Any
@@ -29,7 +28,7 @@ import torch
 import torch.distributed as dist
 
 from qoda.codec.layerwise import fixed_message_bits
-from qoda.comm.aggregate import AggregationError, Aggregator, Mode, allreduce_sum
+from qoda.comm.aggregate import AggregationError, Aggregator, Mode, allreduce_sum, compare_across_ranks
 from qoda.comm.averager import Averager, CommStats
 from qoda.quant.adapt import AdaptConfig, LevelAdapter
 from qoda.quant.policy import LayerPlan
@@ -39,13 +38,7 @@ def check_adapt_settings(adapt: AdaptConfig, group: dist.ProcessGroup | None = N
     """Compare ``adapt``'s fields across the ranks of ``group`` (one small all-gather); raise
     :class:`AggregationError` on every rank naming the fields that differ (``budget``, ``widths``,
     ``allocation``, ...): each would give the ranks other levels or widths."""
-    names = [f.name for f in fields(adapt)]
-    mine = torch.tensor([zlib.crc32(repr(getattr(adapt, n)).encode()) for n in names], dtype=torch.int64)
-    if dist.get_backend(group) == "nccl":
-        mine = mine.cuda()
-    everyone = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(everyone, mine, group=group)
-    differ = [n for i, n in enumerate(names) if len({int(e[i]) for e in everyone}) > 1]
+    differ, _ = compare_across_ranks({f.name: getattr(adapt, f.name) for f in fields(adapt)}, group)
     if differ:
         raise AggregationError(
             f"adaptive settings differ across ranks: {', '.join(differ)} (this rank: "

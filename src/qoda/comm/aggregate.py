@@ -24,7 +24,8 @@ aggregator is built (plan fingerprint, mode, world size).
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+import zlib
+from collections.abc import Mapping, Sequence
 from enum import StrEnum
 
 import numpy as np
@@ -93,6 +94,22 @@ def _charge(st: CommStats, c: cost.ExchangeCost) -> None:
     """Add the bytes of ``c`` (:mod:`qoda.comm.cost`, the one statement of each protocol's cost)."""
     st.bytes_sent += int(c.bytes_sent)
     st.bytes_received += int(c.bytes_received)
+
+
+def compare_across_ranks(
+    values: Mapping[str, object], group: dist.ProcessGroup | None = None
+) -> tuple[list[str], list[list[int]]]:
+    """Compare settings across the ranks of ``group`` with one small all-gather of the CRC-32 of
+    each value's ``str``: the names whose values differ between ranks, and every rank's digests
+    (in ``values``' order).  Every rank must pass the same names in the same order."""
+    mine = torch.tensor([zlib.crc32(str(v).encode()) for v in values.values()], dtype=torch.int64)
+    if dist.get_backend(group) == "nccl":  # NCCL moves CUDA tensors only
+        mine = mine.to(torch.device("cuda", torch.cuda.current_device()))
+    everyone = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(everyone, mine, group=group)
+    digests = [e.cpu().tolist() for e in everyone]
+    differ = [name for i, name in enumerate(values) if len({d[i] for d in digests}) > 1]
+    return differ, digests
 
 
 class AggregationError(RuntimeError):

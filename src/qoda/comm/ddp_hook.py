@@ -65,7 +65,14 @@ from torch import nn
 
 from qoda.codec.format import CodecError
 from qoda.comm.adaptive import AdaptiveAggregator
-from qoda.comm.aggregate import AggregationError, Aggregator, Mode, average_payloads, derive_seed
+from qoda.comm.aggregate import (
+    AggregationError,
+    Aggregator,
+    Mode,
+    average_payloads,
+    compare_across_ranks,
+    derive_seed,
+)
 from qoda.comm.averager import CommStats
 from qoda.quant.adapt import AdaptConfig
 from qoda.quant.config import QuantizerConfig
@@ -384,25 +391,13 @@ class QodaHookState:
             "adapt": s["adapt"], "policy": s["policy"], "iteration": self.iter,
             "binding": "bad" if binding else "ok",
         }  # fmt: skip
-        mine = torch.tensor([zlib.crc32(str(v).encode()) for v in fields.values()], dtype=torch.int64)
-        dev = (
-            torch.device("cuda", torch.cuda.current_device())
-            if dist.get_backend(self.process_group) == "nccl"
-            else None
-        )
-        mine = mine.to(dev) if dev is not None else mine
-        world = dist.get_world_size(self.process_group)
-        everyone = [torch.empty_like(mine) for _ in range(world)]
-        dist.all_gather(everyone, mine, group=self.process_group)
-        everyone = [e.cpu() for e in everyone]
+        differ, everyone = compare_across_ranks(fields, self.process_group)
         self._checked = True
-        names = list(fields)
-        bad_binding = [r for r, e in enumerate(everyone) if int(e[-1]) != zlib.crc32(b"ok")]
+        bad_binding = [r for r, e in enumerate(everyone) if e[-1] != zlib.crc32(b"ok")]
         if bad_binding:
             if binding:
                 raise AggregationError(f"qoda hook: {binding}")
             raise AggregationError(f"qoda hook: rank(s) {bad_binding} are bound to a model that does not match DDP's")
-        differ = [names[i] for i in range(len(names)) if len({int(e[i]) for e in everyone}) > 1]
         if differ:
             raise AggregationError(
                 f"qoda hook settings differ across ranks: {', '.join(differ)} (this rank: "

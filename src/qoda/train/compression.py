@@ -111,9 +111,10 @@ def _single(cfg: TrainConfig, players: nn.Module, group: dist.ProcessGroup | Non
     if transport is Transport.FP16:
         return Aggregator(plan, Mode.FP16, group, seed=seed)
     if cfg.adaptive:
-        cfg = resolve_allocation(cfg, plan)
-        return AdaptiveAggregator(plan if cfg.allocation == "dp" else layer_plan(cfg, players), cfg.mode, group,
-                                  seed=seed, adapt=adapt_config(cfg))  # fmt: skip
+        resolved = resolve_allocation(cfg, plan)
+        if resolved.allocation != cfg.allocation:  # auto fell back to one width: the plan's widths change
+            cfg, plan = resolved, layer_plan(resolved, players)
+        return AdaptiveAggregator(plan, cfg.mode, group, seed=seed, adapt=adapt_config(resolved))
     return Aggregator(plan, cfg.mode, group, seed=seed)
 
 
