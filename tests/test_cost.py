@@ -39,16 +39,36 @@ def _inputs(rank, step, shapes):
     return [torch.randn(s, generator=g) * (1 + rank) for s in shapes]
 
 
+def _counting(calls):
+    """Wrap torch.distributed's collectives so that each call is counted in ``calls[0]``."""
+    import torch.distributed as dist
+
+    for name in ("all_gather", "all_to_all_single", "all_reduce", "broadcast", "all_gather_into_tensor"):
+        fn = getattr(dist, name)
+
+        def counted(*a, fn=fn, **k):
+            calls[0] += 1
+            return fn(*a, **k)
+
+        setattr(dist, name, counted)
+
+
 def _worker(rank, world):
     from qoda.comm.aggregate import Aggregator
     from qoda.comm.baselines import PowerSGDAverager
 
     plan = _plan()
     shapes = [e.shape for e in plan.entries]
-    out, pieces = {}, None
+    out, pieces = {"collectives": {}}, None
+    calls = [0]
+    _counting(calls)
     for mode in MODES:
         agg = Aggregator(plan, mode, seed=3)
-        out[mode] = [agg.average_(_inputs(rank, s, shapes), s).as_dict() for s in range(STEPS)]
+        out[mode], out["collectives"][mode] = [], []
+        for s in range(STEPS):
+            calls[0] = 0
+            out[mode].append(agg.average_(_inputs(rank, s, shapes), s).as_dict())
+            out["collectives"][mode].append(calls[0])
         if mode == "two_phase":
             pieces = agg.pieces
     ps = PowerSGDAverager(shapes, rank=1, start_iter=POWERSGD_START, seed=0)
@@ -72,8 +92,13 @@ def test_predicted_bytes_equal_the_averagers_accounting(world):
     # the ranks of two-phase differ (uneven chunks), and the model's terms are what the table says
     tp = [cost.exchange_cost("two_phase", world, plan, rank=r) for r in range(world)]
     assert len({c.bytes_sent for c in tp}) > 1
-    assert all(c.collectives == 5 and c.latency_terms == 5 * (world - 1) for c in tp)
-    assert all(c.size_bytes == 2 * 8 * (world - 1) for c in tp)
+    assert all(c.collectives == 2 and c.latency_terms == 2 * (world - 1) for c in tp)
+    assert all(c.size_bytes == 0 for c in tp)
+    # the collectives the averagers really issued (counted on the processes) are the model's
+    for measured, _ in results:
+        for mode in MODES:
+            want = cost.exchange_cost(mode, world, plan).collectives
+            assert measured["collectives"][mode] == [want] * STEPS, mode
 
 
 def test_costs_per_mode():
@@ -85,9 +110,19 @@ def test_costs_per_mode():
     assert cost.exchange_cost("fp32", k, plan) == cost.ExchangeCost(6 * n, 6 * n, 0, 1, 6)
     assert cost.exchange_cost("fp16", k, plan).bytes_sent == 3 * n
     ag = cost.exchange_cost("allgather", k, plan)
-    assert ag == cost.ExchangeCost(3 * (m + 8), 3 * (m + 8), 3 * 8, 2, 6)
+    # fixed width: one all-gather, no size exchange (every size is known from the plan)
+    assert ag == cost.ExchangeCost(3 * m, 3 * m, 0, 1, 3)
     assert cost.allgather_message_bytes(k, ag.bytes_sent) == m
-    assert ag.payload_bytes == 3 * m and ag.seconds(1e-4, 1e6) == pytest.approx(6e-4 + 3 * m / 1e6)
+    assert ag.payload_bytes == 3 * m and ag.seconds(1e-4, 1e6) == pytest.approx(3e-4 + 3 * m / 1e6)
+    # entropy coding: sizes first (one more all-gather, K-1 more latency terms)
+    sized = cost.allgather(k, m, sized=True)
+    assert sized == cost.ExchangeCost(3 * (m + 8), 3 * (m + 8), 3 * 8, 2, 6)
+    assert cost.allgather_message_bytes(k, sized.bytes_sent, sized=True) == m
+    # two-phase: one all-to-all and one all-gather, 2(K-1) latency terms (4(K-1) with entropy coding)
+    tp = cost.exchange_cost("two_phase", k, plan)
+    assert (tp.collectives, tp.latency_terms, tp.size_bytes) == (2, 2 * (k - 1), 0)
+    tps = cost.two_phase(k, [m / k] * k, sized=True)
+    assert (tps.collectives, tps.latency_terms, tps.size_bytes) == (4, 4 * (k - 1), 2 * (k - 1) * 8)
     ps = cost.exchange_cost("powersgd", k, plan)
     assert ps.collectives == 3 and ps.latency_terms == 18
     assert cost.exchange_cost("powersgd", k, plan, compressing=False) == cost.exchange_cost("fp32", k, plan)
@@ -106,6 +141,6 @@ def test_two_phase_even_split_moves_twice_the_chunk_share():
     m, k = 1000.0, 5
     c = cost.two_phase(k, [m / k] * k)
     assert c.payload_bytes == pytest.approx(2 * (k - 1) / k * m)
-    assert c.bytes_sent == c.bytes_received == pytest.approx(2 * (k - 1) / k * m + 16 * (k - 1))
+    assert c.bytes_sent == c.bytes_received == pytest.approx(2 * (k - 1) / k * m)
     with pytest.raises(ValueError, match="chunk sizes"):
         cost.two_phase(k, [1.0] * (k - 1))

@@ -501,7 +501,10 @@ def _e2e_parser(sub: argparse._SubParsersAction, name: str) -> argparse.Argument
     e.add_argument("--workers", type=_positive_int("workers"), nargs="+", default=[2, 4])
     e.add_argument("--bandwidth-mbit", type=_positive_int("bandwidth-mbit"), nargs="+", default=[1000, 300, 100])
     e.add_argument("--configs", nargs="+", default=None, help="default: all (see qoda.bench.e2e.CONFIGS)")
-    e.add_argument("--steps", type=_positive_int("steps"), default=12, help="timed steps per configuration")
+    e.add_argument("--steps", type=_positive_int("steps"), default=30,
+                   help="timed steps per configuration, over all rounds (at least this many)")  # fmt: skip
+    e.add_argument("--rounds", type=_positive_int("rounds"), default=6,
+                   help="interleaved rounds: each times ceil(steps / rounds) steps of every configuration")  # fmt: skip
     e.add_argument("--warmup", type=_positive_int("warmup"), default=3)
     e.add_argument("--batch", type=_positive_int("batch"), default=64, help="per worker (trainer default 64)")
     e.add_argument("--max-seconds", type=_positive_int("max-seconds"), default=5400, help="run-time bound")
@@ -522,7 +525,7 @@ def _bench_e2e(args: argparse.Namespace) -> int:
     try:
         res = run_e2e_bench(
             tuple(args.workers), tuple(float(b) for b in args.bandwidth_mbit), configs, args.steps, args.warmup,
-            args.batch, args.max_seconds, args.quality,
+            args.batch, args.max_seconds, args.quality, rounds=args.rounds,
         )  # fmt: skip
     except NetnsUnavailable as e:
         raise Unavailable(f"qoda bench e2e cannot run here: {e}") from None

@@ -3,26 +3,52 @@
 Every (workers, bandwidth) setting builds fresh network namespaces (:mod:`qoda.bench.netns`:
 one per worker, veth pairs to a bridge, ``tc tbf`` on both ends of every link) and starts one
 process per worker inside them.  The processes form one gloo group over those addresses and
-run, one after the other, the same WGAN-GP training iterations (the trainer's default model and
-data, :meth:`qoda.train.trainer.Trainer.train_step`) under every configuration of
-:data:`CONFIGS`.  A step's time is the slowest rank's (barrier before, max-reduce after); the
-figure is the median over the timed steps.  The split into compute, encode, communication and
-decode is rank 0's, from the averager's own clocks.
+run the same WGAN-GP training iterations (the trainer's default model and data,
+:meth:`qoda.train.trainer.Trainer.train_step`) under every configuration of :data:`CONFIGS`.
+
+**Interleaved rounds.**  A shared 2-core VM drifts by 30% within minutes, so timing one
+configuration after another compares configurations measured under different loads.  The
+configurations are therefore interleaved: ``rounds`` rounds, each timing a block of
+``ceil(steps / rounds)`` steps of every configuration, the order rotated by one per round
+(A B C, B C A, C A B, ...: :func:`round_orders`), so a drift hits all of them alike and none is
+always timed first.  Design: one launch per setting, as before, and inside it one
+:class:`~qoda.train.trainer.Trainer` per configuration, built once (same order on every rank:
+the overlapped ones create their process groups then) and warmed up once, then reused by every
+round.  Switching configuration costs nothing but the cache; the alternatives (processes or
+namespaces per round or per configuration) would repeat the ~10 s of process start, group
+set-up and warm-up per block, and a fresh trainer would re-fit its levels at step 0 every round.
+
+A step's time is the slowest rank's (barrier before, max-reduce after).  Per configuration the
+row holds the median step over all timed steps and its interquartile range, and each round's
+block median.  Every ratio (over ``fp32``, the compute-only bound of the family, vs PowerSGD)
+is computed per round from the two block medians, then summarised over the rounds: median,
+interquartile range and min-max (:func:`summarise`).  The split into compute, encode,
+communication and decode is rank 0's, from the averager's own clocks (medians over all steps).
 
 Baselines, stated plainly (the README repeats this):
 
 * ``fp32`` is what data-parallel GAN training runs today: simultaneous Adam (one gradient
   exchange per iteration, the same oracle work per iteration as QODA) with an uncompressed
   fp32 all-reduce.  ``fp16`` and ``powersgd`` compress that same baseline (PyTorch's fp16 cast
-  and PowerSGD hook).  ``speedup_vs_fp32`` is over this baseline.
+  and PowerSGD hook).  ``speedup_vs_fp32`` is over this baseline; ``speedup_vs_powersgd`` is
+  PowerSGD's step over the row's (above 1: faster than PowerSGD), when PowerSGD was run.
 * ``extragradient_fp32`` (ExtraAdam, fp32) and ``qgenx_8bit`` (Q-GenX, global adaptive 8-bit:
   the published baseline) need two oracle calls *and* two exchanges per iteration.
 * ``*_overlap`` rows average the generator's gradient on a background thread (own process
   group) while the critic's gradient is computed (:mod:`qoda.comm.overlap`), as DDP overlaps
   its buckets with the backward pass; ``fp32_overlap`` is that fairer baseline.
+* ``*_entropy_*`` rows: the QODA layer-wise configurations with the level indices rANS-coded
+  (``QuantizerConfig.coding = "entropy"``; data-dependent message sizes).  The trainer has no
+  coding option, so this benchmark builds that averager itself (:func:`entropy_averager`: the
+  trainer's own plan, bit allocation and re-fit schedule, with every quantized type entropy-coded).
 * ``compute_only`` is the same processes and steps with no communication at all
   (:class:`~qoda.comm.baselines.LocalAverager`); ``compute_only_2call`` the same for the
   two-call methods.  ``compute_only_seconds`` of a row is the bound of its own family.
+
+PowerSGD rows also carry ``powersgd_compress_seconds``: the hook alone (error feedback, the
+P/Q matmuls, orthogonalisation, decompression) timed on every rank at once, each on a group of
+its own (no network), on this model's gradient shapes: the pure compression compute, under
+the setting's CPU contention (read by ``qoda bench scaling``).
 
 Time to a target FID is an estimate: the iterations the optimizer needed to reach the target
 in ``benchmarks/quality.json`` (same optimizer and compression, 2 workers, 1,500 iterations)
@@ -32,32 +58,39 @@ times the step time measured here.  Rows without such a run have ``null``.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
+import math
 import os
 import statistics
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 DEFAULT_WORKERS = (2, 4)
 DEFAULT_RATES_MBIT = (1000.0, 300.0, 100.0)
+DEFAULT_STEPS = 30  # timed steps per configuration, in all rounds
+DEFAULT_ROUNDS = 6
 TARGET_FID = 200.0
+PSGD_CALIBRATION_CALLS = 20
 
 
 @dataclass(frozen=True)
 class BenchConfig:
-    """One row family: trainer options, and whether it communicates at all."""
+    """One row family: trainer options, whether it communicates at all, and the coding of the
+    quantized indices (``entropy``: built by :func:`entropy_averager`)."""
 
     name: str
     options: dict[str, Any] = field(default_factory=dict)
     local: bool = False  # compute-only: no communication
     label: str = ""
+    coding: str = "fixed"
 
 
+_LW4 = {"optimizer": "qoda", "compression": "layerwise_adaptive", "bits": 4}
 CONFIGS: tuple[BenchConfig, ...] = (
     BenchConfig("compute_only", {"optimizer": "qoda", "compression": "none"}, True,
                 "no communication, one-call methods (lower bound)"),
@@ -72,23 +105,28 @@ CONFIGS: tuple[BenchConfig, ...] = (
     BenchConfig("qgenx_8bit", {"optimizer": "qgenx", "compression": "global_adaptive", "bits": 8},
                 label="Q-GenX, global adaptive 8-bit (2 exchanges)"),
     BenchConfig("qoda_fp32", {"optimizer": "qoda", "compression": "none"}, label="QODA, fp32"),
-    BenchConfig("qoda_lw4_allgather", {"optimizer": "qoda", "compression": "layerwise_adaptive", "bits": 4,
-                                       "mode": "allgather"}, label="QODA, layer-wise 4-bit, allgather"),
-    BenchConfig("qoda_lw4_two_phase", {"optimizer": "qoda", "compression": "layerwise_adaptive", "bits": 4,
-                                       "mode": "two_phase"}, label="QODA, layer-wise 4-bit, two-phase"),
+    BenchConfig("qoda_lw4_allgather", {**_LW4, "mode": "allgather"}, label="QODA, layer-wise 4-bit, allgather"),
+    BenchConfig("qoda_lw4_two_phase", {**_LW4, "mode": "two_phase"}, label="QODA, layer-wise 4-bit, two-phase"),
+    # the same with the level indices entropy-coded (rANS; data-dependent sizes)
+    BenchConfig("qoda_lw4_entropy_allgather", {**_LW4, "mode": "allgather"},
+                label="QODA, layer-wise 4-bit, entropy-coded, allgather", coding="entropy"),
+    BenchConfig("qoda_lw4_entropy_two_phase", {**_LW4, "mode": "two_phase"},
+                label="QODA, layer-wise 4-bit, entropy-coded, two-phase", coding="entropy"),
     # the same with the generator's exchange overlapped with the critic's backward (qoda.comm.overlap)
     BenchConfig("fp32_overlap", {"optimizer": "adam", "compression": "none", "overlap": True},
                 label="Adam, fp32 all-reduce, overlapped"),
     BenchConfig("powersgd_overlap", {"optimizer": "adam", "compression": "powersgd", "powersgd_rank": 1,
                                      "overlap": True}, label="Adam, PowerSGD rank 1, overlapped"),
-    BenchConfig("qoda_lw4_allgather_overlap", {"optimizer": "qoda", "compression": "layerwise_adaptive", "bits": 4,
-                                               "mode": "allgather", "overlap": True},
+    BenchConfig("qoda_lw4_allgather_overlap", {**_LW4, "mode": "allgather", "overlap": True},
                 label="QODA, layer-wise 4-bit, allgather, overlapped"),
-    BenchConfig("qoda_lw4_two_phase_overlap", {"optimizer": "qoda", "compression": "layerwise_adaptive", "bits": 4,
-                                               "mode": "two_phase", "overlap": True},
+    BenchConfig("qoda_lw4_two_phase_overlap", {**_LW4, "mode": "two_phase", "overlap": True},
                 label="QODA, layer-wise 4-bit, two-phase, overlapped"),
 )  # fmt: skip
 CONFIG_NAMES = tuple(c.name for c in CONFIGS)
+
+
+def config(name: str) -> BenchConfig:
+    return next(c for c in CONFIGS if c.name == name)
 
 
 def calls_of(name: str) -> int:
@@ -96,67 +134,159 @@ def calls_of(name: str) -> int:
     from qoda.optim.factory import OPTIMIZERS
     from qoda.train.config import TrainConfig
 
-    opts = next(c for c in CONFIGS if c.name == name).options
-    return OPTIMIZERS[opts.get("optimizer", TrainConfig.optimizer)].calls_per_iteration
+    return OPTIMIZERS[config(name).options.get("optimizer", TrainConfig.optimizer)].calls_per_iteration
 
 
 def compute_bound_of(name: str) -> str:
     return "compute_only_2call" if calls_of(name) == 2 else "compute_only"
 
 
-# ---------------------------------------------------------------------------- one worker
-def _measure(
-    bc: BenchConfig, rank: int, world: int, data: Any, steps: int, warmup: int, batch: int, out: str
-) -> dict[str, Any]:
-    import torch
-    import torch.distributed as dist
+# ---------------------------------------------------------------------------- statistics
+def round_orders(names: Sequence[str], rounds: int) -> list[list[str]]:
+    """The configurations of every round: round ``r`` is ``names`` rotated left by ``r`` (mod its
+    length), so each configuration takes every position once per ``len(names)`` rounds."""
+    n = len(names)
+    return [[names[(r + i) % n] for i in range(n)] for r in range(rounds)] if n else [[] for _ in range(rounds)]
 
+
+def steps_per_round(steps: int, rounds: int) -> int:
+    """Block length: ``ceil(steps / rounds)``, so at least ``steps`` are timed in all."""
+    return -(-steps // rounds)
+
+
+def quartiles(xs: Sequence[float]) -> tuple[float, float, float]:
+    """(Q1, median, Q3), linear interpolation between order statistics (numpy's default:
+    ``Q(p) = x_(1 + p (n - 1))`` on the sorted sample)."""
+    if not xs:
+        raise ValueError("quartiles: empty sample")
+    s = sorted(xs)
+
+    def q(p: float) -> float:
+        h = p * (len(s) - 1)
+        lo = math.floor(h)
+        return s[lo] + (h - lo) * (s[min(lo + 1, len(s) - 1)] - s[lo])
+
+    return q(0.25), q(0.5), q(0.75)
+
+
+def summarise(xs: Sequence[float]) -> dict[str, Any]:
+    """Median, interquartile range and min-max of ``xs`` (per-round ratios, or step times)."""
+    q1, med, q3 = quartiles(xs)
+    return {"median": med, "iqr": [q1, q3], "range": [min(xs), max(xs)], "n": len(xs)}
+
+
+def round_ratios(num: Sequence[float], den: Sequence[float]) -> list[float]:
+    """Per round ``num[r] / den[r]`` over the rounds both have (a stopped run may have fewer)."""
+    return [a / b for a, b in zip(num, den, strict=False) if b > 0]
+
+
+# ---------------------------------------------------------------------------- one worker
+def entropy_averager(cfg: Any, channels: int) -> Any:
+    """The averager :func:`qoda.train.compression.build_averager` builds for ``cfg`` (a layer-wise
+    adaptive compression, no overlap), with every quantized type's indices entropy-coded: the
+    same plan, bit allocation (widths budgeted at their fixed-width size, an upper bound) and
+    re-fit schedule; re-fits keep the coding.  Collective (compares the settings across ranks)."""
+    from torch import nn
+
+    from qoda.comm.adaptive import AdaptiveAggregator
+    from qoda.quant.config import Coding
+    from qoda.quant.policy import LayerPlan
+    from qoda.train.compression import adapt_config, layer_plan, resolve_allocation
+    from qoda.train.trainer import build_models
+
+    if not cfg.adaptive or cfg.overlap:
+        raise ValueError("entropy_averager: needs an adaptive compression without overlap")
+    generator, critic = build_models(cfg, channels)  # names and shapes only: the plan's input
+    players = nn.ModuleDict({"generator": generator, "critic": critic})
+    plan = layer_plan(cfg, players)
+    resolved = resolve_allocation(cfg, plan)
+    if resolved.allocation != cfg.allocation:
+        plan = layer_plan(resolved, players)
+    plan = LayerPlan(plan.entries, {t: replace(c, coding=Coding.ENTROPY) for t, c in plan.configs.items()})
+    return AdaptiveAggregator(plan, cfg.mode, None, seed=cfg.seed, adapt=adapt_config(resolved))
+
+
+def _trainer(bc: BenchConfig, rank: int, world: int, data: Any, batch: int, out: str) -> Any:
     from qoda.comm.baselines import LocalAverager
     from qoda.train.config import TrainConfig
     from qoda.train.trainer import Trainer
 
     cfg = TrainConfig(**bc.options, batch_size=batch, steps=10**9, progress=False, out=out, workers=world)
-    trainer = Trainer(cfg, rank, world, data, averager=LocalAverager() if bc.local else None)
-    times, recs = [], []
-    for step in range(warmup + steps):
-        if step == warmup:  # costs per exchange over the timed steps only (PowerSGD starts uncompressed)
-            before = copy.copy(trainer.averager.stats)
-        dist.barrier()
-        t = time.perf_counter()
-        rec = trainer.train_step()
-        elapsed = torch.tensor([time.perf_counter() - t], dtype=torch.float64)
-        dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
-        if step >= warmup:
+    averager = LocalAverager() if bc.local else entropy_averager(cfg, data.channels) if bc.coding == "entropy" else None
+    return Trainer(cfg, rank, world, data, averager=averager)
+
+
+_COSTS = ("calls", "bytes_sent", "payload_bits")
+
+
+class _Timed:
+    """One configuration's trainer and what its timed blocks measured."""
+
+    def __init__(self, bc: BenchConfig, trainer: Any) -> None:
+        self.bc, self.trainer = bc, trainer
+        self.times: list[float] = []
+        self.rounds: list[float] = []  # block medians
+        self.recs: list[dict[str, float]] = []
+        self.costs = dict.fromkeys(_COSTS, 0.0)  # over the timed steps only (PowerSGD starts uncompressed)
+
+    def block(self, steps: int) -> None:
+        import torch
+        import torch.distributed as dist
+
+        before = self.trainer.averager.stats.as_dict()
+        times = []
+        for _ in range(steps):
+            dist.barrier()
+            t = time.perf_counter()
+            rec = self.trainer.train_step()
+            elapsed = torch.tensor([time.perf_counter() - t], dtype=torch.float64)
+            dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
             times.append(float(elapsed))
-            recs.append(rec)
-    after = trainer.averager.stats
-    calls = max(1, after.calls - before.calls)
+            self.recs.append(rec)
+        after = self.trainer.averager.stats.as_dict()
+        for k in _COSTS:
+            self.costs[k] += after[k] - before[k]
+        self.times += times
+        self.rounds.append(statistics.median(times))
 
-    def med(k: str) -> float:
-        return statistics.median(r[k] for r in recs)
+    def row(self, world: int, batch: int, steps_per_round: int) -> dict[str, Any]:
+        bc, cfg = self.bc, self.trainer.cfg
+        calls = max(1.0, self.costs["calls"])
+        q1, med, q3 = quartiles(self.times)
 
-    return {
-        "config": bc.name,
-        "label": bc.label,
-        "optimizer": cfg.optimizer,
-        "compression": "compute_only" if bc.local else cfg.compression,
-        "overlap": cfg.overlap,
-        "bits": cfg.wire_bits or 32,  # PowerSGD: recorded as 32 (its payload is counted in bytes)
-        "mode": cfg.mode if cfg.quantized else "allreduce",
-        "exchanges_per_step": 0 if bc.local else calls_of(bc.name),
-        "workers": world,
-        "steps": steps,
-        "batch_per_worker": batch,
-        "parameters": trainer.numel,
-        "step_seconds": statistics.median(times),
-        "step_seconds_all": times,
-        "compute_seconds": med("compute_seconds"),
-        "encode_seconds": med("encode_seconds"),
-        "comm_seconds": med("comm_seconds"),
-        "decode_seconds": med("decode_seconds"),
-        "bytes_sent_per_exchange": (after.bytes_sent - before.bytes_sent) / calls,
-        "payload_bits_per_exchange": (after.payload_bits - before.payload_bits) / calls,
-    }
+        def med_of(k: str) -> float:
+            return statistics.median(r[k] for r in self.recs)
+
+        return {
+            "config": bc.name,
+            "label": bc.label,
+            "optimizer": cfg.optimizer,
+            "compression": "compute_only" if bc.local else cfg.compression,
+            "coding": bc.coding if cfg.quantized and not bc.local else None,
+            "overlap": cfg.overlap,
+            "bits": cfg.wire_bits or 32,  # PowerSGD: recorded as 32 (its payload is counted in bytes)
+            "mode": cfg.mode if cfg.quantized else "allreduce",
+            "exchanges_per_step": 0 if bc.local else calls_of(bc.name),
+            "workers": world,
+            "steps": len(self.times),
+            "rounds": len(self.rounds),
+            "steps_per_round": steps_per_round,
+            "batch_per_worker": batch,
+            "parameters": self.trainer.numel,
+            "step_seconds": med,
+            "step_seconds_iqr": [q1, q3],
+            "round_step_seconds": self.rounds,
+            "step_seconds_all": self.times,
+            "compute_seconds": med_of("compute_seconds"),
+            "encode_seconds": med_of("encode_seconds"),
+            "comm_seconds": med_of("comm_seconds"),
+            "decode_seconds": med_of("decode_seconds"),
+            "bytes_sent_per_exchange": self.costs["bytes_sent"] / calls,
+            "payload_bits_per_exchange": self.costs["payload_bits"] / calls,
+            # code bits of one rank's message per coordinate (two-phase: its K-1 chunks and its
+            # averaged chunk, about one message); headers and size messages excluded
+            "payload_bits_per_coordinate": self.costs["payload_bits"] / calls / self.trainer.numel,
+        }
 
 
 def _latency(reps: int = 30) -> float:
@@ -174,21 +304,58 @@ def _latency(reps: int = 30) -> float:
     return statistics.median(times)
 
 
+def _powersgd_compress_seconds(trainer: Any, rank: int, world: int, calls: int = PSGD_CALIBRATION_CALLS) -> float:
+    """Median seconds of PyTorch's PowerSGD hook on this model's gradient shapes, every rank at
+    once on a group of its own (no network: the compression compute under this CPU contention)."""
+    import torch
+    import torch.distributed as dist
+
+    from qoda.comm.baselines import PowerSGDAverager
+
+    solo = [dist.new_group([r]) for r in range(world)]  # collective: every rank creates every group
+    shapes = [p.shape for p in trainer.players.parameters()]
+    avg = PowerSGDAverager(shapes, trainer.cfg.powersgd_rank, 2, solo[rank], seed=rank)
+    g = torch.Generator().manual_seed(rank)
+    grads = [torch.randn(s, generator=g) for s in shapes]
+    times = []
+    for step in range(2 + calls):  # the first two exchanges are uncompressed (start_iter 2)
+        ts = [x.clone() for x in grads]
+        dist.barrier()
+        t = time.perf_counter()
+        avg.average_(ts, step)
+        if step >= 2:
+            times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
 def worker_main(a: argparse.Namespace) -> None:
     from qoda.bench.netns import join_group, leave_group
     from qoda.data.images import load_dataset
 
     join_group(a)
     data = load_dataset("mnist")
-    rows: list[dict[str, Any]] = []
-    lat = _latency()
+    per_round = steps_per_round(a.steps, a.rounds)
     with tempfile.TemporaryDirectory() as tmp:
-        for name in a.configs:
-            bc = next(c for c in CONFIGS if c.name == name)
-            row = _measure(bc, a.rank, a.world, data, a.steps, a.warmup, a.batch, tmp)
-            row.update(bandwidth_mbit=a.rate, allreduce_latency_seconds=lat)
-            rows.append(row)
-            if a.rank == 0:
+        timed = {name: _Timed(config(name), _trainer(config(name), a.rank, a.world, data, a.batch, tmp))
+                 for name in a.configs}  # fmt: skip
+        for t in timed.values():  # warm-up, once per configuration
+            for _ in range(a.warmup):
+                t.trainer.train_step()
+        psgd = {name: _powersgd_compress_seconds(t.trainer, a.rank, a.world)
+                for name, t in timed.items() if t.trainer.cfg.compression == "powersgd"}  # fmt: skip
+        lats = []
+        for order in round_orders(list(a.configs), a.rounds):
+            lats.append(_latency())
+            for name in order:
+                timed[name].block(per_round)
+            rows = []
+            for name, t in timed.items():
+                row = t.row(a.world, a.batch, per_round)
+                row.update(bandwidth_mbit=a.rate, allreduce_latency_seconds=statistics.median(lats))
+                if name in psgd:
+                    row["powersgd_compress_seconds"] = psgd[name]
+                rows.append(row)
+            if a.rank == 0:  # after every round: a stopped setting keeps the rounds it finished
                 Path(a.out).write_text(json.dumps(rows))
     leave_group()
 
@@ -198,14 +365,16 @@ def run_e2e_bench(
     workers: tuple[int, ...] = DEFAULT_WORKERS,
     rates_mbit: tuple[float, ...] = DEFAULT_RATES_MBIT,
     configs: tuple[str, ...] = CONFIG_NAMES,
-    steps: int = 12,
+    steps: int = DEFAULT_STEPS,
     warmup: int = 3,
     batch: int = 64,
     max_seconds: float = 3600,
     quality: Path | None = Path("benchmarks/quality.json"),
-    log=print,
+    log: Callable[[str], None] = print,
+    rounds: int = DEFAULT_ROUNDS,
 ) -> dict[str, Any]:
-    """Every (workers, rate) setting in fresh namespaces; returns the result document."""
+    """Every (workers, rate) setting in fresh namespaces, the configurations interleaved in
+    ``rounds`` rounds of ``ceil(steps / rounds)`` timed steps each; returns the result document."""
     from qoda.bench.netns import run_sweep
     from qoda.utils.system import allocator
 
@@ -214,9 +383,11 @@ def run_e2e_bench(
         raise ValueError(f"configs: unknown {unknown}; known: {', '.join(CONFIG_NAMES)}")
     needed = {"fp32", *(compute_bound_of(c) for c in configs)}  # the reference rows of every ratio
     configs = tuple(c for c in CONFIG_NAMES if c in needed or c in configs)
-    if steps < 1 or warmup < 0 or batch < 1:
-        raise ValueError("steps and batch must be >= 1, warmup >= 0")
-    args = ["--steps", str(steps), "--warmup", str(warmup), "--batch", str(batch), "--configs", *configs]
+    if steps < 1 or warmup < 0 or batch < 1 or rounds < 1:
+        raise ValueError("steps, rounds and batch must be >= 1, warmup >= 0")
+    rounds = min(rounds, steps)
+    args = ["--steps", str(steps), "--rounds", str(rounds), "--warmup", str(warmup), "--batch", str(batch),
+            "--configs", *configs]  # fmt: skip
     rows, skipped = run_sweep("qoda.bench.e2e", workers, rates_mbit, args, max_seconds=max_seconds,
                               setting_seconds=60, log=log)  # fmt: skip
     add_ratios(rows, _fid_steps(quality))
@@ -225,7 +396,10 @@ def run_e2e_bench(
         "links": "network namespaces + veth + bridge, tc tbf on both ends of each link",
         "model": "qoda train defaults: DCGAN width 64 on MNIST 32x32, WGAN-GP",
         "batch_per_worker": batch,
-        "steps": steps,
+        "steps": steps_per_round(steps, rounds) * rounds,
+        "rounds": rounds,
+        "steps_per_round": steps_per_round(steps, rounds),
+        "order": "interleaved: every round times a block of every configuration, the order rotated by one per round",
         "warmup": warmup,
         "threads_per_worker": 1,
         "cores": os.cpu_count(),
@@ -248,9 +422,24 @@ def _fid_steps(quality: Path | None) -> dict[tuple[str, str], int]:
     return found
 
 
+def rounds_of(row: dict[str, Any]) -> list[float]:
+    """A row's per-round block medians (a file from before the rounds: its one median)."""
+    return list(row.get("round_step_seconds") or [row["step_seconds"]])
+
+
+#: ratio key -> (reference config or None for the family bound, True if reference / row)
+RATIOS: dict[str, tuple[str | None, bool]] = {
+    "speedup_vs_fp32": ("fp32", True),
+    "ratio_to_compute_only": (None, False),
+    "speedup_vs_powersgd": ("powersgd", True),
+}
+
+
 def add_ratios(rows: list[dict[str, Any]], fid_steps: dict[tuple[str, str], int] | None = None) -> None:
-    """Per row: the compute-only bound of its family, speed-up over fp32, ratio to the bound,
-    and the estimated seconds to the target FID."""
+    """Per row: the compute-only bound of its family, and every ratio of :data:`RATIOS` per round
+    (``fp32 / row``, ``row / bound``, ``powersgd / row``), summarised over the rounds: ``<key>``
+    the median, ``<key>_iqr``, ``<key>_range`` and ``<key>_rounds``; ``None`` without the
+    reference row.  Also the communication share of the step and the seconds to the target FID."""
 
     def find(name: str, r: dict[str, Any]) -> dict[str, Any] | None:
         return next(
@@ -260,29 +449,53 @@ def add_ratios(rows: list[dict[str, Any]], fid_steps: dict[tuple[str, str], int]
         )  # fmt: skip
 
     for r in rows:
-        base, bound = find("fp32", r), find(compute_bound_of(r["config"]), r)
+        bound = find(compute_bound_of(r["config"]), r)
         r["compute_only_seconds"] = bound["step_seconds"] if bound else None
-        r["speedup_vs_fp32"] = base["step_seconds"] / r["step_seconds"] if base else None
-        r["ratio_to_compute_only"] = r["step_seconds"] / bound["step_seconds"] if bound else None
+        for key, (ref_name, ref_over_row) in RATIOS.items():
+            ref = find(ref_name or compute_bound_of(r["config"]), r)
+            per = (round_ratios(rounds_of(ref), rounds_of(r)) if ref_over_row else
+                   round_ratios(rounds_of(r), rounds_of(ref))) if ref else []  # fmt: skip
+            s = summarise(per) if per else None
+            r[key] = s["median"] if s else None
+            r[f"{key}_iqr"], r[f"{key}_range"] = (s["iqr"], s["range"]) if s else (None, None)
+            r[f"{key}_rounds"] = per if s else None
         r["comm_share_of_step"] = 1.0 - r["compute_seconds"] / r["step_seconds"] if r["step_seconds"] else None
         n = (fid_steps or {}).get((r["optimizer"], r["compression"]))
         r["seconds_to_target_fid"] = n * r["step_seconds"] if n and r["compression"] != "compute_only" else None
 
 
+def fmt_spread(value: float | None, spread: Sequence[float] | None, unit: str = "x", digits: int = 2) -> str:
+    """``1.23x (IQR 1.15-1.31)``; the value alone without a spread, empty without a value."""
+    if value is None:
+        return ""
+    v = f"{value:.{digits}f}{unit}"
+    if not spread or spread[0] == spread[1] == value:
+        return v
+    return f"{v} (IQR {spread[0]:.{digits}f}-{spread[1]:.{digits}f})"
+
+
 def format_e2e(res: dict[str, Any]) -> str:
+    rounds = res.get("rounds", 1)
     lines = [
-        f"{res['model']}, batch {res['batch_per_worker']} per worker, median of {res['steps']} steps, "
-        f"1 thread per worker on {res['cores']} cores, allocator: {res['allocator']}",
+        f"{res['model']}, batch {res['batch_per_worker']} per worker, {res['steps']} timed steps per configuration"
+        + (f" in {rounds} interleaved rounds of {res.get('steps_per_round')} (order rotated per round)"
+           if rounds > 1 else "")
+        + f", 1 thread per worker on {res['cores']} cores, allocator: {res['allocator']}",
         "",
-        "| workers | Mbit/s | config | step s | compute | encode | comm | decode | vs fp32 | / compute-only |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
+        "step s: median over all timed steps (IQR of the steps); ratios: median over the rounds of the "
+        "per-round ratio of block medians (IQR over the rounds)",
+        "",
+        "| workers | Mbit/s | config | step s | compute | encode | comm | decode | vs fp32 | / compute-only "
+        "| vs PowerSGD |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]  # fmt: skip
     for r in res["rows"]:
-        sp, rc = r.get("speedup_vs_fp32"), r.get("ratio_to_compute_only")
+        ratios = [fmt_spread(r.get(k), r.get(f"{k}_iqr")) for k in RATIOS]
         lines.append(
-            f"| {r['workers']} | {r['bandwidth_mbit']:g} | {r['config']} | {r['step_seconds']:.3f} | "
+            f"| {r['workers']} | {r['bandwidth_mbit']:g} | {r['config']} | "
+            f"{fmt_spread(r['step_seconds'], r.get('step_seconds_iqr'), '', 3)} | "
             f"{r['compute_seconds']:.3f} | {r['encode_seconds']:.4f} | {r['comm_seconds']:.3f} | "
-            f"{r['decode_seconds']:.4f} | {'' if sp is None else f'{sp:.2f}x'} | {'' if rc is None else f'{rc:.2f}x'} |"
+            f"{r['decode_seconds']:.4f} | " + " | ".join(ratios) + " |"
         )
     for s in res.get("skipped", []):
         lines.append(f"\nskipped: {s}")
@@ -290,7 +503,7 @@ def format_e2e(res: dict[str, Any]) -> str:
 
 
 def plot_e2e(res: dict[str, Any], path: Path) -> None:
-    """Speed-up over fp32 against bandwidth, one panel per worker count."""
+    """Speed-up over fp32 against bandwidth, one panel per worker count (bars: IQR over rounds)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -301,11 +514,15 @@ def plot_e2e(res: dict[str, Any], path: Path) -> None:
     colors = plt.get_cmap("tab20").colors
     for ax, k in zip(axes[0], ks, strict=True):
         for i, name in enumerate(CONFIG_NAMES):
-            pts = sorted((r["bandwidth_mbit"], r["speedup_vs_fp32"]) for r in res["rows"]
+            pts = sorted((r["bandwidth_mbit"], r["speedup_vs_fp32"], *(r.get("speedup_vs_fp32_iqr") or
+                          [r["speedup_vs_fp32"]] * 2)) for r in res["rows"]
                          if r["workers"] == k and r["config"] == name and r.get("speedup_vs_fp32"))  # fmt: skip
             if pts:
+                x, y, lo, hi = zip(*pts, strict=True)
                 style = "--" if name.startswith("compute") else (":" if name.endswith("overlap") else "-")
-                ax.plot(*zip(*pts, strict=True), marker="o", label=name, ls=style, color=colors[i % len(colors)])
+                err = [[a - b for a, b in zip(y, lo, strict=True)], [b - a for a, b in zip(y, hi, strict=True)]]
+                ax.errorbar(x, y, yerr=err, marker="o", label=name, ls=style, color=colors[i % len(colors)],
+                            capsize=2)  # fmt: skip
         ax.set_xscale("log")
         ax.set_xlabel("link bandwidth (Mbit/s, tc tbf)")
         ax.set_ylabel("step speed-up over Adam fp32 all-reduce")
@@ -324,6 +541,7 @@ def _worker_args(argv: list[str]) -> argparse.Namespace:
     p = worker_parser()
     p.add_argument("--warmup", type=int, required=True)
     p.add_argument("--batch", type=int, required=True)
+    p.add_argument("--rounds", type=int, default=1)
     p.add_argument("--configs", nargs="+", required=True)
     return p.parse_args(argv)
 

@@ -65,10 +65,11 @@ HEADER_FIELDS = tuple(name for name, _ in fmt.HEADER_LAYOUT)
 SEGMENT_FIELDS = fmt.FIELDS
 # rewritable fields of the ``segment_header`` mutation (everything but magic and the CRC)
 _SEGMENT_FIELDS = tuple(SEGMENT_FIELDS[f] for f in HEADER_FIELDS[1:-1])
-# The message header as documented in qoda.codec.layerwise: magic (4), version (1), 3 zero bytes,
-# segment count (u32 at 8), tag (u32 at 12), one u64 length per segment from 16, then a CRC-32.
+# The message header as documented in qoda.codec.layerwise: magic (4), version (1), status (1),
+# 2 zero bytes, segment count (u32 at 8), tag (u32 at 12), origin (u32 at 16), one u64 length per
+# segment from 20, then a CRC-32.
 # corpus() checks this layout against the codec's own unpack_message on every message it builds.
-MSG_COUNT, MSG_TAG, MSG_LENGTHS = 8, 12, 16
+MSG_COUNT, MSG_TAG, MSG_LENGTHS = 8, 12, 20
 
 
 def _get(buf: np.ndarray, off: int, code: str) -> int:

@@ -4,15 +4,24 @@ A message is the unit a worker sends per round:
 
     offset size field
     0      4    magic b"QODM"
-    4      1    version (1)
-    5      3    zero
+    4      1    version (2; version 1 had no status and no origin)
+    5      1    status (:class:`MessageStatus`): 0 ok; 1 the origin rank could not encode (NaN/Inf
+                input, norm overflow, ...); 2 the origin rank could not decode what it received
+    6      2    zero
     8      4    number of segments S
     12     4    tag: CRC-32 of the plan fingerprint (the receiver checks it: same layers,
                 types and settings), mixed with the chunk index in two-phase aggregation
-    16     8*S  byte length of each segment
+    16     4    origin: the rank whose failure a failed message reports (0 when ok)
+    20     8*S  byte length of each segment (0 in a failed message)
     ..     4    CRC-32 of everything above
-    ..          the segments: one per type in plan order (each with its own header and CRC),
-                then one raw float32 segment for the uncompressed layers (if any)
+    ..          ok: the segments, one per type in plan order (each with its own header and
+                CRC), then one raw float32 segment for the uncompressed layers (if any);
+                failed: u32 n, n bytes of UTF-8 error text, u32 CRC-32 of the text, zero padding
+
+A failed message has the size the receivers expect (:func:`failure_message`), so a rank that
+cannot encode still takes part in every collective and every receiver raises
+:class:`SenderFailed` naming the origin: failures travel in the payload, with no extra
+collective (the status field replaces version 1's failure all-reduce and zero-size messages).
 
 Each type's coordinates form an independent stream with its own levels and, for entropy
 coding, its own frequency table ("protocol 1" of the reference, section 2.2).  Seeds of the
@@ -25,6 +34,7 @@ import struct
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from enum import IntEnum
 
 import numpy as np
 import torch
@@ -35,9 +45,27 @@ from qoda.quant.config import Coding, QuantizerConfig
 from qoda.quant.policy import LayerPlan
 
 MAGIC = b"QODM"
-VERSION = 1
-_HEAD = struct.Struct("<4sB3xII")
+VERSION = 2
+_HEAD = struct.Struct("<4sBB2xIII")
 _DTYPE_OFFSET = FIELDS["dtype"][0]  # of the segment header
+_TEXT = struct.Struct("<I")
+
+
+class MessageStatus(IntEnum):
+    """The status field of a message (offset 5)."""
+
+    OK = 0
+    ENCODE_FAILED = 1  # the origin rank could not encode its tensors
+    DECODE_FAILED = 2  # the origin rank could not decode a message it received
+
+
+class SenderFailed(CodecError):
+    """A well-formed message that reports a failure on rank ``origin`` (see :class:`MessageStatus`)."""
+
+    def __init__(self, status: MessageStatus, origin: int, text: str) -> None:
+        self.status, self.origin, self.text = status, origin, text
+        what = "could not encode" if status is MessageStatus.ENCODE_FAILED else "could not decode what it received"
+        super().__init__(f"rank {origin} {what}: {text}")
 
 
 def fixed_message_bits(plan: LayerPlan) -> int:
@@ -55,8 +83,15 @@ def segment_seed(seed: int, index: int) -> int:
     return (seed * 0x100000001B3 + index * 0x9E3779B1 + 1) & 0xFFFFFFFFFFFFFFFF
 
 
-def _message_head(lengths: Sequence[int], tag: int) -> bytes:
-    head = _HEAD.pack(MAGIC, VERSION, len(lengths), tag & 0xFFFFFFFF)
+def message_head_size(n_segments: int) -> int:
+    """Bytes of a message header with ``n_segments`` segments (CRC included)."""
+    return _HEAD.size + 8 * n_segments + 4
+
+
+def _message_head(
+    lengths: Sequence[int], tag: int, status: MessageStatus = MessageStatus.OK, origin: int = 0
+) -> bytes:
+    head = _HEAD.pack(MAGIC, VERSION, int(status), len(lengths), tag & 0xFFFFFFFF, origin & 0xFFFFFFFF)
     head += struct.pack(f"<{len(lengths)}Q", *lengths)
     return head + struct.pack("<I", zlib.crc32(head))
 
@@ -73,22 +108,81 @@ def pack_message(segments: Sequence[Encoded], tag: int) -> np.ndarray:
     return np.concatenate([np.frombuffer(head, dtype=np.uint8), *(s.data for s in segments)])
 
 
+def failure_message(
+    n_segments: int, tag: int, status: MessageStatus, origin: int, text: str, size: int | None = None,
+    out: np.ndarray | None = None,
+) -> np.ndarray:  # fmt: skip
+    """A message reporting that rank ``origin`` failed (``status``), ``size`` bytes long (the size
+    the receivers expect; ``None``: as short as the text allows).  The text is cut to fit."""
+    if status is MessageStatus.OK:
+        raise ValueError("status: a failure message needs a failure status")
+    head = _message_head([0] * n_segments, tag, status, origin)
+    room = None if size is None else size - len(head) - 2 * _TEXT.size
+    if room is not None and room < 0:
+        raise ValueError(f"size: {size} bytes cannot hold a failure message of {n_segments} segments")
+    raw = text.encode("utf-8", "replace")
+    if room is not None and len(raw) > room:
+        raw = raw[:room].decode("utf-8", "ignore").encode()  # cut on a character boundary
+    body = _TEXT.pack(len(raw)) + raw + _TEXT.pack(zlib.crc32(raw))
+    total = len(head) + len(body) if size is None else size
+    buf = np.zeros(total, dtype=np.uint8) if out is None else out[:total]
+    if out is not None:
+        buf[:] = 0
+    buf[: len(head)] = np.frombuffer(head, dtype=np.uint8)
+    buf[len(head) : len(head) + len(body)] = np.frombuffer(body, dtype=np.uint8)
+    return buf
+
+
+def _failure_text(buf: np.ndarray, end: int) -> str:
+    if buf.size < end + 2 * _TEXT.size:
+        return "(no reason: the message is truncated)"
+    (n,) = _TEXT.unpack_from(buf[end : end + 4].tobytes())
+    if buf.size < end + 8 + n:
+        return "(no reason: the message is truncated)"
+    raw = buf[end + 4 : end + 4 + n].tobytes()
+    (crc,) = _TEXT.unpack_from(buf[end + 4 + n : end + 8 + n].tobytes())
+    return raw.decode("utf-8", "replace") if zlib.crc32(raw) == crc else "(its reason was damaged in transit)"
+
+
+def message_status(payload: object) -> tuple[MessageStatus, int] | None:
+    """``(status, origin)`` of a message whose header is intact, else ``None`` (no other checks)."""
+    buf = as_bytes_array(payload)
+    if buf.size < _HEAD.size + 4:
+        return None
+    magic, version, status, n_seg, _, origin = _HEAD.unpack_from(buf[: _HEAD.size].tobytes())
+    end = message_head_size(n_seg)
+    if magic != MAGIC or version != VERSION or buf.size < end or status not in MessageStatus._value2member_map_:
+        return None
+    (crc,) = struct.unpack_from("<I", buf[end - 4 : end].tobytes())
+    return (MessageStatus(status), origin) if zlib.crc32(buf[: end - 4]) == crc else None
+
+
 def unpack_message(payload: object, n_segments: int, tag: int) -> list[np.ndarray]:
-    """Validate a message header against the receiver's expectations; return the segments."""
+    """Validate a message header against the receiver's expectations; return the segments.
+
+    Raises :class:`SenderFailed` for a well-formed failure message (checked before the tag: a
+    failure report wins over a settings mismatch), :class:`CodecError` for anything else."""
     buf = as_bytes_array(payload)
     if buf.size < _HEAD.size + 4:
         raise CodecError(f"message truncated: {buf.size} bytes")
-    magic, version, n_seg, got_tag = _HEAD.unpack_from(buf[: _HEAD.size].tobytes())
+    magic, version, status, n_seg, got_tag, origin = _HEAD.unpack_from(buf[: _HEAD.size].tobytes())
     if magic != MAGIC:
         raise CodecError(f"message: bad magic {magic!r}, expected {MAGIC!r}")
     if version != VERSION:
-        raise CodecError(f"message: version {version}, this build reads version {VERSION}")
-    end = _HEAD.size + 8 * n_seg + 4
+        raise CodecError(
+            f"message: wire format version {version}, this build reads version {VERSION} "
+            "(every rank must run the same qoda release)"
+        )
+    end = message_head_size(n_seg)
     if n_seg != n_segments or buf.size < end:
         raise CodecError(f"message: {n_seg} segments, this receiver expects {n_segments} (or truncated)")
     (crc,) = struct.unpack_from("<I", buf[end - 4 : end].tobytes())
     if zlib.crc32(buf[: end - 4]) != crc:
         raise CodecError("message corrupted: header CRC mismatch")
+    if status != MessageStatus.OK:
+        if status not in MessageStatus._value2member_map_:
+            raise CodecError(f"message: unknown status {status}")
+        raise SenderFailed(MessageStatus(status), origin, _failure_text(buf, end))
     if got_tag != tag & 0xFFFFFFFF:
         raise CodecError(
             "message was encoded with a different layer plan (layers, shapes, types or quantizer "
@@ -177,7 +271,7 @@ class LayerwiseCodec:
 
     def message_size(self, pieces: Sequence[Sequence[int]] | None = None) -> int | None:
         """Exact byte size of a message (``None`` if a group is entropy-coded: data-dependent)."""
-        total = _HEAD.size + 8 * len(self.groups) + 4
+        total = message_head_size(len(self.groups))
         for k, g in enumerate(self.groups):
             numels = g.numels if pieces is None else pieces[k]
             if g.config is None:
@@ -213,7 +307,7 @@ class LayerwiseCodec:
             if out.dtype != np.uint8 or out.ndim != 1 or out.size < size:
                 raise ValueError(f"out: need a 1-D uint8 array of at least {size} bytes")
             buf = out[:size]
-        pos = _HEAD.size + 8 * len(self.groups) + 4
+        pos = message_head_size(len(self.groups))
         segs: list[Encoded] = []
         for k, (g, flat) in enumerate(zip(self.groups, flats, strict=True)):
             numels = g.numels if pieces is None else pieces[k]

@@ -12,21 +12,23 @@ mode       collectives, in order                                             byt
 fp32/fp16  ring all-reduce of the vector (``B = 4n`` / ``2n``)               2(K-1)B//K   2(K-1)
 powersgd   3 ring all-reduces (whole tensors, ``P``, ``Q``) of ``f`` floats  2(K-1)4f//K  6(K-1)
            (before ``start_iter``: one ring all-reduce of the vector, as fp32)
-allgather  all-gather of the sizes, all-gather of the messages padded to     (K-1)(m+S)   2(K-1)
-           the longest ``m``
-two_phase  all-to-all of the sizes, all-to-all of the chunk messages, the    see below    5(K-1)
-           failure flag (one-int all-reduce, not charged), all-gather of
-           the sizes, all-gather of the averaged chunks padded to the
-           longest ``a``
+allgather  all-gather of the messages (fixed width: all ``m`` bytes, known    (K-1)m       K-1
+           from the plan; entropy coding: sizes all-gathered first, then
+           the messages padded to the longest ``m``: ``+(K-1)S``, ``+K-1``)
+two_phase  all-to-all of the chunk messages, all-gather of the averaged      see below    2(K-1)
+           chunks padded to the longest ``a`` (entropy coding: a size
+           all-to-all and a size all-gather first: ``+2(K-1)S``, ``+2(K-1)``)
 =========  ================================================================  ===========  =======
 
+Failures travel in the payload (a status field of wire format 2, :mod:`qoda.comm.protocol`),
+so no protocol has a failure collective.
+
 Two-phase, rank ``r``, chunk ``c``'s message ``m_c`` bytes (the same from every rank with
-fixed-width coding): sent ``sum_{c != r} m_c + (K-1) S + (K-1)(a + S)``, received
-``(K-1) m_r + (K-1) S + (K-1)(a + S)``, with ``a = max_c m_c`` for fixed-width coding.
+fixed-width coding): sent ``sum_{c != r} m_c + (K-1) a``, received ``(K-1) m_r + (K-1) a``, with
+``a = max_c m_c`` for fixed-width coding (plus ``2(K-1) S`` each way with entropy coding).
 
 Latency terms count sequential message latencies (``alpha`` in the model): ``K-1`` per all-gather
-and all-to-all (ring / pairwise steps), ``2(K-1)`` per ring all-reduce.  Two-phase's failure flag
-is counted as ``K-1``, as in the published scaling figures (a ring all-reduce elsewhere is ``2(K-1)``).
+and all-to-all (ring / pairwise steps), ``2(K-1)`` per ring all-reduce.
 
 Message sizes come from the plan for fixed-width coding (:meth:`LayerwiseCodec.message_size`;
 two-phase chunks from :mod:`qoda.comm.partition`, see :func:`two_phase_pieces`), or are given
@@ -85,26 +87,25 @@ def ring_allreduce(k: int, nbytes: float, collectives: int = 1) -> ExchangeCost:
     return ExchangeCost(moved, moved, 0, collectives, 2 * (k - 1) * collectives)
 
 
-def _all_gather(k: int, nbytes: float, sizes: bool = False) -> ExchangeCost:
+def all_gather(k: int, nbytes: float, sized: bool = False) -> ExchangeCost:
+    """An all-gather of ``nbytes`` per rank (messages padded to the longest); ``sized``: their sizes
+    all-gathered first (data-dependent sizes)."""
     moved = (k - 1) * nbytes
-    return ExchangeCost(moved, moved, moved if sizes else 0, 1, k - 1)
+    data = ExchangeCost(moved, moved, 0, 1, k - 1)
+    if not sized:
+        return data
+    s = (k - 1) * SIZE_BYTES
+    return ExchangeCost(s, s, s, 1, k - 1) + data
 
 
-def _all_to_all(k: int, sent: float, received: float, sizes: bool = False) -> ExchangeCost:
-    return ExchangeCost(sent, received, sent if sizes else 0, 1, k - 1)
-
-
-def variable_all_gather(k: int, message_bytes: float) -> ExchangeCost:
-    """Sizes first, then every message padded to the longest (``message_bytes``), as gloo requires."""
-    return _all_gather(k, SIZE_BYTES, sizes=True) + _all_gather(k, message_bytes)
-
-
-def sized_all_to_all(k: int, sent: float, received: float) -> ExchangeCost:
-    """Sizes first (one per peer), then the messages: ``sent`` / ``received`` bytes to / from the
-    ``K-1`` peers (two-phase's phase 1)."""
-    sizes = (k - 1) * SIZE_BYTES
-    return _all_to_all(k, sizes, sizes, sizes=True) + _all_to_all(k, sent, received)
-
+def all_to_all(k: int, sent: float, received: float, sized: bool = False) -> ExchangeCost:
+    """An all-to-all: ``sent`` / ``received`` bytes to / from the ``K-1`` peers; ``sized``: one size
+    per peer exchanged first."""
+    data = ExchangeCost(sent, received, 0, 1, k - 1)
+    if not sized:
+        return data
+    s = (k - 1) * SIZE_BYTES
+    return ExchangeCost(s, s, s, 1, k - 1) + data
 
 
 # ---------------------------------------------------------------------------- modes
@@ -122,35 +123,30 @@ def powersgd(k: int, floats: float) -> ExchangeCost:
     return ring_allreduce(k, 4 * floats, collectives=3)
 
 
-def allgather(k: int, message_bytes: float | Sequence[float]) -> ExchangeCost:
-    """``message_bytes``: every rank's message (one number if all are equal, as with fixed width)."""
+def allgather(k: int, message_bytes: float | Sequence[float], sized: bool = False) -> ExchangeCost:
+    """``message_bytes``: every rank's message (one number if all are equal, as with fixed width);
+    ``sized``: entropy coding (sizes exchanged first)."""
     longest = max(message_bytes) if isinstance(message_bytes, Sequence) else message_bytes
-    return variable_all_gather(k, longest)
+    return all_gather(k, longest, sized)
 
 
 def two_phase(
-    k: int, chunk_bytes: Sequence[float], rank: int = 0, averaged_bytes: Sequence[float] | None = None
-) -> ExchangeCost:
+    k: int, chunk_bytes: Sequence[float], rank: int = 0, averaged_bytes: Sequence[float] | None = None,
+    sized: bool = False,
+) -> ExchangeCost:  # fmt: skip
     """Rank ``rank``'s cost; ``chunk_bytes[c]``: the phase-1 message of chunk ``c`` (the same from
     every rank), ``averaged_bytes[c]``: the phase-2 message of chunk ``c`` (default: ``chunk_bytes``,
-    as with fixed width)."""
+    as with fixed width); ``sized``: entropy coding (sizes exchanged first in both phases)."""
     if len(chunk_bytes) != k or not 0 <= rank < k:
         raise ValueError(f"two_phase: need {k} chunk sizes and a rank in [0, {k}), got {len(chunk_bytes)} and {rank}")
     averaged = chunk_bytes if averaged_bytes is None else averaged_bytes
     sent = sum(b for c, b in enumerate(chunk_bytes) if c != rank)
-    return sized_all_to_all(k, sent, (k - 1) * chunk_bytes[rank]) + failure_flag(k) + variable_all_gather(
-        k, max(averaged)
-    )
+    return all_to_all(k, sent, (k - 1) * chunk_bytes[rank], sized) + all_gather(k, max(averaged), sized)
 
 
-def failure_flag(k: int) -> ExchangeCost:
-    """Two-phase's failure flag: a one-integer all-reduce, not charged in bytes by the averager."""
-    return ExchangeCost(collectives=1, latency_terms=k - 1)
-
-
-def allgather_message_bytes(k: int, bytes_sent: float) -> float:
+def allgather_message_bytes(k: int, bytes_sent: float, sized: bool = False) -> float:
     """The message size behind an allgather exchange's ``bytes_sent`` (inverse of :func:`allgather`)."""
-    return bytes_sent / (k - 1) - SIZE_BYTES
+    return bytes_sent / (k - 1) - (SIZE_BYTES if sized else 0)
 
 
 # ---------------------------------------------------------------------------- from a plan

@@ -53,9 +53,8 @@ aggregator (plan fingerprint).
 
 import copy
 import threading
-import time
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -63,23 +62,15 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from qoda.codec.format import CodecError
 from qoda.comm.adaptive import AdaptiveAggregator
-from qoda.comm.aggregate import (
-    AggregationError,
-    Aggregator,
-    Mode,
-    average_payloads,
-    compare_across_ranks,
-    derive_seed,
-)
+from qoda.comm.aggregate import AggregationError, Aggregator, Mode, compare_across_ranks
 from qoda.comm.averager import CommStats
+from qoda.comm.protocol import AllgatherExchange, TwoPhaseExchange
 from qoda.quant.adapt import AdaptConfig
 from qoda.quant.config import QuantizerConfig
 from qoda.quant.policy import LayerEntry, LayerPlan, LayerPolicy
 
 STATE_DICT_VERSION = 1
-_OK, _FAILED = 0, 1  # status byte in front of every overlapped message
 
 
 class QodaHookState:
@@ -454,81 +445,21 @@ def qoda_hook(state: QodaHookState, bucket: dist.GradBucket) -> torch.futures.Fu
 
 
 # ---------------------------------------------------------------------------- overlapped exchanges
-def _encode(fn: Callable[[], Any]) -> tuple[Any, Exception | None]:
-    try:
-        return fn(), None
-    except Exception as e:  # told to the others through the status byte / a size of 0
-        return None, e
-
-
-def _framed(data: np.ndarray | None, width: int, dev: torch.device) -> torch.Tensor:
-    """``[status, payload, zero padding]`` of ``width + 1`` bytes; ``data=None``: failed."""
-    out = torch.zeros(width + 1, dtype=torch.uint8)
-    if data is None:
-        out[0] = _FAILED
-    else:
-        out[1 : 1 + data.size] = torch.from_numpy(data)
-    return out.to(dev)
-
-
-def _gather_sizes(agg: Aggregator, n: int) -> list[int]:
-    """Blocking all-gather of one size per rank (entropy coding: sizes depend on the data)."""
-    size = torch.tensor([n], dtype=torch.int64, device=agg.wire_device)
-    sizes = [torch.empty_like(size) for _ in range(agg.world)]
-    dist.all_gather(sizes, size, group=agg.group)
-    return [int(s) for s in sizes]
-
-
+# The protocols themselves live in qoda.comm.protocol (one implementation, shared with the
+# synchronous Aggregator): here they are only issued from hook bodies and finished in futures.
 def _allgather_async(
     state: QodaHookState, agg: Aggregator, grads: Sequence[torch.Tensor], buffer: torch.Tensor, step: int
 ) -> torch.futures.Future[torch.Tensor]:
-    codec, k, r = agg.codec, agg.world, agg.rank
-    t0 = time.perf_counter()
-    msg, err = _encode(lambda: codec.encode_flats(codec.gather(grads), derive_seed(agg.seed, step, r)))
-    fixed = codec.message_size()
-    if fixed is not None:
-        width, sizes = fixed, [fixed] * k
-    else:  # entropy coding: sizes first (blocking); 0 means "this rank failed", as in the sync path
-        sizes = _gather_sizes(agg, 0 if msg is None else len(msg))
-        failed = [q for q, n in enumerate(sizes) if n == 0]
-        if failed:
-            if err is not None:
-                raise AggregationError(f"rank {r} could not encode its gradients: {err}") from err
-            raise AggregationError(f"rank(s) {failed} could not encode their gradients (see their errors)")
-        width = max(sizes)
-    send = _framed(None if msg is None else msg.data, width, agg.wire_device)
-    outs = [torch.empty_like(send) for _ in range(k)]
-    t1 = time.perf_counter()
-    fut = dist.all_gather(outs, send, group=agg.group, async_op=True).get_future()
+    ex = AllgatherExchange(agg, grads, step)
+    ex.start()
+    assert ex.work is not None
 
     def finish(f: torch.futures.Future) -> torch.Tensor:
         f.value()  # re-raises a failed collective
-        t2 = time.perf_counter()
-        got = [o.cpu() for o in outs]
-        failed = [q for q, o in enumerate(got) if int(o[0]) != _OK]
-        if failed:
-            if err is not None:
-                raise AggregationError(f"rank {r} could not encode its gradients: {err}") from err
-            raise AggregationError(f"rank(s) {failed} could not encode their gradients (see their errors)")
-        arrays = [o[1 : 1 + n].numpy() for o, n in zip(got, sizes, strict=True)]
-        try:
-            acc = average_payloads(codec, arrays, k)
-        except CodecError:
-            bad = []
-            for q, a in enumerate(arrays):
-                try:
-                    codec.decode(a)
-                except CodecError as e:
-                    bad.append(f"rank {q}: {e}")
-            raise AggregationError(f"received a damaged payload (nothing was applied) from {'; '.join(bad)}") from None
-        codec.scatter(acc, grads, accumulate=False)
-        st = CommStats(payload_bits=msg.code_bits, encode_seconds=t1 - t0, comm_seconds=t2 - t1)
-        st.bytes_sent = st.bytes_received = (k - 1) * (width + 1) + (0 if fixed is not None else 8 * (k - 1))
-        st.decode_seconds = time.perf_counter() - t2
-        state._add_stats(agg, st)
+        state._add_stats(agg, ex.finish())
         return buffer
 
-    return fut.then(finish)
+    return ex.work.get_future().then(finish)
 
 
 class _TwoPhase:
@@ -537,121 +468,28 @@ class _TwoPhase:
     def __init__(
         self, state: QodaHookState, agg: Aggregator, grads: Sequence[torch.Tensor], buffer: torch.Tensor, step: int
     ) -> None:
-        self.state, self.agg, self.grads, self.buffer, self.step = state, agg, list(grads), buffer, step
+        self.state, self.agg, self.buffer = state, agg, buffer
+        self.exchange = TwoPhaseExchange(agg, grads, step)
         self.result: torch.futures.Future[torch.Tensor] = torch.futures.Future()  # what DDP waits for
-        self.st = CommStats()
 
-    # ---- phase 1: chunk d to rank d, each framed as [status, message]; issued asynchronously
     def start_phase1(self) -> None:
-        agg, st = self.agg, self.st
-        codec, k, r, dev, group = agg.codec, agg.world, agg.rank, agg.wire_device, agg.group
-        t0 = time.perf_counter()
-        flats = codec.gather(self.grads)
-        self.msgs, self.err = _encode(lambda: [
-            codec.encode_flats(agg._chunk(flats, d), derive_seed(agg.seed, self.step, r, 1, d), agg.pieces[d],
-                               tag=d + 1)
-            for d in range(k)
-        ])  # fmt: skip
-        sizes = [codec.message_size(agg.pieces[d]) for d in range(k)]
-        self.sized_by_plan = all(n is not None for n in sizes)
-        if self.sized_by_plan:
-            self.send_sizes = [n + 1 for n in sizes]
-            self.recv_sizes = [sizes[r] + 1] * k
-        else:  # entropy coding: sizes first (blocking); 0 means "this rank failed", as in the sync path
-            ss = torch.tensor([0] * k if self.msgs is None else [len(m) + 1 for m in self.msgs], dtype=torch.int64)
-            rs = torch.empty(k, dtype=torch.int64, device=dev)
-            dist.all_to_all_single(rs, ss.to(dev), group=group)
-            self.send_sizes, self.recv_sizes = ss.tolist(), rs.cpu().tolist()
-            st.bytes_sent += 8 * (k - 1)
-            st.bytes_received += 8 * (k - 1)
-        cpu = torch.device("cpu")
-        send = torch.cat([
-            _framed(None if self.msgs is None else self.msgs[d].data, self.send_sizes[d] - 1, cpu) for d in range(k)
-        ]).to(dev)  # fmt: skip
-        self.recv = torch.empty(sum(self.recv_sizes), dtype=torch.uint8, device=dev)
-        self.t1 = time.perf_counter()
-        st.encode_seconds += self.t1 - t0
-        self.work1 = dist.all_to_all_single(
-            self.recv, send, output_split_sizes=self.recv_sizes, input_split_sizes=self.send_sizes, group=group,
-            async_op=True,
-        )  # fmt: skip
+        self.exchange.start_phase1()
 
-    # ---- phase 2 (from the body of the next bucket, or of this one if it is the last)
     def start_phase2(self) -> None:
-        agg, st = self.agg, self.st
-        codec, k, r, dev, group = agg.codec, agg.world, agg.rank, agg.wire_device, agg.group
-        self.work1.wait()
-        parts = self.recv.cpu().split(self.recv_sizes)
-        t2 = time.perf_counter()
-        st.comm_seconds += t2 - self.t1  # in flight since phase 1 was issued
-        # a rank that could not encode flags every chunk it sends (status byte or size 0): every
-        # rank sees the same flags, so every rank skips phase 2 of this bucket and fails it
-        failed = [q for q, (p, n) in enumerate(zip(parts, self.recv_sizes, strict=True)) if n == 0 or int(p[0])]
-        if failed:
-            if self.err is not None:
-                why = AggregationError(f"rank {r} could not encode its chunks: {self.err}")
-            else:
-                why = AggregationError(f"rank(s) {failed} could not encode their chunks (see their errors)")
-            self.result.set_exception(why)
-            return
-        own = agg.pieces[r]
-        acc = [torch.zeros(sum(p), dtype=torch.float32) for p in own]
-        dec_err: Exception | None = None
-        try:
-            for p in parts:  # source-rank order, as the synchronous path
-                codec.decode_flats_into(p[1:].numpy(), acc, accumulate=True, pieces=own, tag=r + 1)
-        except Exception as e:  # told to the others in phase 2
-            dec_err = e
-        for a in acc:
-            a.mul_(1.0 / k)
-        t3 = time.perf_counter()
-        msg2 = None
-        if dec_err is None:
-            msg2, dec_err = _encode(
-                lambda: codec.encode_flats(acc, derive_seed(agg.seed, self.step, r, 2), own, tag=k + 1 + r)
-            )
-        sizes2 = [codec.message_size(agg.pieces[c]) for c in range(k)]
-        if not self.sized_by_plan:
-            sizes2 = _gather_sizes(agg, 0 if msg2 is None else len(msg2))
-            st.bytes_sent += 8 * (k - 1)
-            st.bytes_received += 8 * (k - 1)
-        width = max(sizes2)
-        send2 = _framed(None if msg2 is None else msg2.data, width, dev)
-        outs = [torch.empty_like(send2) for _ in range(k)]
-        t4 = time.perf_counter()
-        st.decode_seconds += t3 - t2
-        st.encode_seconds += t4 - t3
-        fut = dist.all_gather(outs, send2, group=group, async_op=True).get_future()
+        """From the body of the next bucket (or of this one if it is the last)."""
+        self.exchange.start_phase2()
+        assert self.exchange.work2 is not None
 
         def finish(f: torch.futures.Future) -> None:
             try:
                 f.value()
-                t5 = time.perf_counter()
-                got = [o.cpu() for o in outs]
-                bad = [q for q, (o, n) in enumerate(zip(got, sizes2, strict=True)) if n == 0 or int(o[0]) != _OK]
-                if bad:
-                    if dec_err is not None:
-                        raise AggregationError(f"rank {r} could not average its phase-1 chunk: {dec_err}") from dec_err
-                    raise AggregationError(f"rank(s) {bad} could not average their phase-1 chunk (see their errors)")
-                result = [torch.empty(g.numel, dtype=torch.float32) for g in codec.groups]
-                for c, (o, n) in enumerate(zip(got, sizes2, strict=True)):
-                    codec.decode_flats_into(
-                        o[1 : 1 + n].numpy(), agg._chunk(result, c), accumulate=False, pieces=agg.pieces[c],
-                        tag=k + 1 + c,
-                    )  # fmt: skip
-                codec.scatter(result, self.grads, accumulate=False)
-                st.payload_bits = sum(m.code_bits for d, m in enumerate(self.msgs) if d != r) + msg2.code_bits
-                st.bytes_sent += sum(self.send_sizes) - self.send_sizes[r] + (k - 1) * (width + 1)
-                st.bytes_received += sum(self.recv_sizes) - self.recv_sizes[r] + (k - 1) * (width + 1)
-                st.comm_seconds += t5 - t4
-                st.decode_seconds += time.perf_counter() - t5
-                self.state._add_stats(agg, st)
+                self.state._add_stats(self.agg, self.exchange.finish())
             except Exception as e:
                 self.result.set_exception(e)
                 return
             self.result.set_result(self.buffer)
 
-        fut.add_done_callback(finish)
+        self.exchange.work2.get_future().add_done_callback(finish)
 
     def fail(self, error: Exception) -> None:
         if not self.result.done():
