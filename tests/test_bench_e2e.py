@@ -454,13 +454,16 @@ def test_entropy_message_from_two_phase_rows_only():
 
 def _entropy_worker(rank, world):
     import torch
+    from torch import nn
 
-    from qoda.bench.e2e import config, entropy_averager
+    from qoda.bench.e2e import config
     from qoda.quant.config import Coding
+    from qoda.train.compression import build_averager
     from qoda.train.config import TrainConfig
+    from qoda.train.trainer import build_models
 
     cfg = TrainConfig(**config("qoda_lw4_entropy_two_phase").options, workers=world)
-    avg = entropy_averager(cfg, channels=1)
+    avg = build_averager(cfg, nn.ModuleDict(dict(zip(("generator", "critic"), build_models(cfg, 1), strict=True))))
     shapes = [e.shape for e in avg.plan.entries]
     g = torch.Generator().manual_seed(rank)
     st = avg.average_([torch.randn(s, generator=g) for s in shapes], 0)
@@ -468,6 +471,6 @@ def _entropy_worker(rank, world):
     return codings == {Coding.ENTROPY}, st.payload_bits / sum(torch.Size(s).numel() for s in shapes)
 
 
-def test_entropy_averager_codes_every_quantized_type():
+def test_the_trainers_entropy_coding_codes_every_quantized_type():
     for entropy, bits in values(run(_entropy_worker, 2, timeout=120)):
         assert entropy and 0 < bits < 4.5

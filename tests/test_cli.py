@@ -31,6 +31,13 @@ def test_bench_codec_json(tmp_path):
     assert all(r["encode_gbps"] > 0 and r["decode_gbps"] > 0 for r in res["rows"])
 
 
+def test_bench_entropy_json(tmp_path):
+    path = tmp_path / "entropy.json"
+    assert main(["bench", "entropy", "--numel", "20000", "--repeats", "1", "--json", str(path)]) == 0
+    res = json.loads(path.read_text())
+    assert res["rows"] and all(r["encode_gbps"] > 0 for r in res["rows"])
+
+
 @pytest.mark.parametrize(
     ("argv", "field"),
     [

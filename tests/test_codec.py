@@ -318,15 +318,12 @@ def test_entropy_segment_of_one_repeated_code_round_trips(name, cfg):
 
 def test_rans_single_symbol_stream_is_the_initial_state():
     """With f = M the coding step is the identity: no words, final state L, for any length."""
-    freq = np.zeros(6, dtype=np.int64)
-    freq[2] = rans.M
-    cum, slot_code = rans.tables(freq)
-    codes = np.full(100_000, 2, dtype=np.int32)
-    words = np.empty(codes.size + 1, dtype=np.uint32)
-    first, state = rans.encode(codes, freq, cum, words)
-    assert first == words.size and state == rans.L
+    codes = np.full(100_001, 2, dtype=np.int32)
+    freq, states, words = rans.encode_codes(codes, 6)
+    assert freq[2] == rans.M and words.size == 0 and (states == rans.L).all()
     back = np.empty_like(codes)
-    assert rans.decode(words[first:], state, freq, cum, slot_code, back) == rans.OK
+    dummy = np.zeros(1, dtype=np.uint32)
+    assert rans.decode(dummy, 0, states, *rans.decoder_tables(freq), back) == rans.OK
     assert np.array_equal(back, codes)
 
 

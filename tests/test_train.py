@@ -200,6 +200,7 @@ def test_config_errors_name_the_field(tmp_path):
         ({"lr_g": -1.0}, "lr_g"), ({"ema": 1.0}, "ema"), ({"mode": "fp32"}, "mode"), ({"steps": 0}, "steps"),
         ({"dataset": "cifar10"}, "data_root"), ({"betas": (0.5,)}, "betas"), ({"fid_samples": 1}, "fid_samples"),
         ({"batch_size": 2.5}, "batch_size"), ({"width": 6}, "width"), ({"device": "tpu"}, "device"),
+        ({"coding": "huffman"}, "coding"),
     ]  # fmt: skip
     for kw, field in cases:
         with pytest.raises(ConfigError, match=f"^{field}"):

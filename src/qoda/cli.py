@@ -58,6 +58,9 @@ TRAIN_HELP = {
     "bit_allocation": "uniform = every compressed tensor at --bits; dp = per-tensor widths (2..8) chosen by dynamic "
     "programming to minimise the quantization variance under the --bits budget (adaptive compressions); auto = dp "
     "for layerwise_adaptive, uniform otherwise",
+    "coding": "wire coding of the quantized level indices: fixed = fixed width (message sizes known from the plan: "
+    "no size exchange); entropy = rANS entropy coding (smaller messages, sizes exchanged first); with "
+    "--bit-allocation dp the budget bounds the fixed-width size",
     "bucket_size": "coordinates per quantization bucket (one norm each)",
     "quant_norm": "bucket norm: auto = L-inf for adaptive levels, L2 for qsgd/nuqsgd",
     "layer_types": "layer-wise types: per (player, layer kind), per layer kind, or per layer",
@@ -101,7 +104,8 @@ def train_choices() -> dict[str, tuple[str, ...]]:
         "dataset": tuple(DATASETS), "model": c.MODELS, "norm": c.NORMS, "optimizer": c.OPTIMIZER_CHOICES,
         "qoda_precondition": ("adam", "none"), "qoda_scope": ("global", "coordinate"),
         "qoda_rate": ("separated", "single"), "nonfinite": ("raise", "skip"), "compression": tuple(c.COMPRESSIONS),
-        "quant_norm": c.QUANT_NORMS, "bit_allocation": c.BIT_ALLOCATIONS, "layer_types": c.LAYER_TYPES,
+        "quant_norm": c.QUANT_NORMS, "bit_allocation": c.BIT_ALLOCATIONS, "coding": c.CODINGS,
+        "layer_types": c.LAYER_TYPES,
         "mode": ("allgather", "two_phase"),
         "fid_extractor": tuple(EXTRACTORS), "device": ("auto", "cpu", "cuda"),
     }  # fmt: skip
@@ -392,6 +396,23 @@ def _bench_codec(args: argparse.Namespace) -> int:
     return 0
 
 
+def _entropy_parser(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentParser:
+    c = sub.add_parser(name, help="rANS coders side by side (qoda's, the previous one, constriction if installed)")
+    c.add_argument("--numel", type=_positive_int("numel"), default=1 << 24, help="floats (default 16M)")
+    c.add_argument("--bits", type=_positive_int("bits"), default=4, help="QSGD width of the coded levels")
+    c.add_argument("--repeats", type=_positive_int("repeats"), default=5)
+    c.add_argument("--json", type=Path, default=None, help="write results to this JSON file")
+    return c
+
+
+def _bench_entropy(args: argparse.Namespace) -> int:
+    from qoda.bench.entropy import format_entropy, run_entropy_bench
+
+    res = run_entropy_bench(args.numel, args.bits, args.repeats)
+    _print_bench(format_entropy(res), res, args.json)
+    return 0
+
+
 def _variance_parser(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentParser:
     va = sub.add_parser(name, help="normalised variance vs measured bits on WGAN and transformer gradients")
     va.add_argument("--budgets", type=_positive_int("budgets"), nargs="+", default=[2, 3, 4, 5, 6, 8])
@@ -566,6 +587,7 @@ COMMANDS: dict[str, tuple[AddParser, Handler]] = {
 #: ``qoda bench <benchmark>``: the same
 BENCHMARKS: dict[str, tuple[AddParser, Handler]] = {
     "codec": (_codec_parser, _bench_codec),
+    "entropy": (_entropy_parser, _bench_entropy),
     "variance": (_variance_parser, _bench_variance),
     "quality": (_quality_parser, _bench_quality),
     "faults": (_faults_parser, _bench_faults),

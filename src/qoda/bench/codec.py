@@ -9,6 +9,12 @@ steps); ``encode_fresh_buffer`` allocates the message on every call, which with 
 malloc means an ``mmap`` and a page fault per fresh 4 KiB page for large messages (the
 allocator is recorded in every report: ``LD_PRELOAD`` of tcmalloc/jemalloc changes it).
 Decoding accumulates into a preallocated float32 buffer.
+
+The ``model`` rows time whole layer-wise messages of the default ``qoda train`` model (the
+DCGAN pair on MNIST, its layer plan with the default per-tensor bit allocation and levels
+fitted to synthetic gradients of the right shapes): one allgather message, and the ``K = 4``
+two-phase chunk messages (their encode / decode times summed, so the GB/s cover the same
+floats).  Their ratio to the 16M-float 4-bit row is the cost of many small segments.
 """
 
 from __future__ import annotations
@@ -38,6 +44,74 @@ def _best(fn: Callable[[], object], repeats: int) -> float:
         fn()
         best = min(best, time.perf_counter() - t)
     return best
+
+
+def default_model_codec(seed: int = 0):  # type: ignore[no-untyped-def]
+    """``(LayerwiseCodec, group buffers)`` of the default ``qoda train`` configuration: its models,
+    its layer plan after the first re-fit (per-tensor widths, fitted levels) on synthetic
+    gradients (normal, a different scale per tensor)."""
+    from torch import nn
+
+    from qoda.codec.layerwise import LayerwiseCodec, fixed_message_bits
+    from qoda.quant.adapt import LevelAdapter
+    from qoda.train.compression import adapt_config, layer_plan, resolve_allocation
+    from qoda.train.config import TrainConfig
+    from qoda.train.trainer import build_models
+
+    cfg = TrainConfig()
+    torch.manual_seed(seed)
+    generator, critic = build_models(cfg, 1)  # MNIST: one channel
+    players = nn.ModuleDict({"generator": generator, "critic": critic})
+    base = layer_plan(cfg, players)
+    adapter = LevelAdapter(base, adapt_config(resolve_allocation(cfg, base)), message_bits=fixed_message_bits)
+    g = torch.Generator().manual_seed(seed)
+    grads = [torch.randn(p.shape, generator=g) * 10.0 ** -(1 + i % 3) for i, p in enumerate(players.parameters())]
+    adapter.observe(0, grads)
+    adapter.refit(0, force=True)
+    codec = LayerwiseCodec(adapter.plan)
+    return codec, codec.gather(grads)
+
+
+def model_message_rows(repeats: int, seed: int = 0, k: int = 4) -> list[dict]:
+    """Encode / decode+accumulate GB/s of the default model's allgather message and of its
+    ``k`` two-phase chunk messages (see the module docstring)."""
+    from qoda.comm.partition import chunk_bounds, chunk_pieces
+
+    codec, flats = default_model_codec(seed)
+    numel = sum(f.numel() for f in flats)
+    gb = 4 * numel / 1e9
+    size = codec.message_size()
+    assert size is not None
+    buf = np.empty(size, dtype=np.uint8)
+    msg = codec.encode_flats(flats, seed, out=buf).data.copy()
+    acc = [torch.zeros_like(f) for f in flats]
+    te = _best(lambda: codec.encode_flats(flats, seed, out=buf), repeats)
+    td = _best(lambda: codec.decode_flats_into(msg, acc, accumulate=True), repeats)
+    segments = len(codec.groups)
+    rows = [{"message": "allgather", "numel": numel, "segments": segments, "encode_gbps": gb / te,
+             "decode_gbps": gb / td, "bits_per_coord": 8 * size / numel}]  # fmt: skip
+    bounds = [chunk_bounds(g.numels, None if g.config is None else g.config.bucket_size, k) for g in codec.groups]
+    pieces = [[chunk_pieces(g.numels, b[c], b[c + 1]) for g, b in zip(codec.groups, bounds, strict=True)]
+              for c in range(k)]  # fmt: skip
+    chunks = [[f[b[c] : b[c + 1]] for f, b in zip(flats, bounds, strict=True)] for c in range(k)]
+    sizes = [codec.message_size(p) for p in pieces]
+    bufs = [np.empty(n or 0, dtype=np.uint8) for n in sizes]
+    msgs = [codec.encode_flats(chunks[c], seed, pieces[c], tag=c + 1).data.copy() for c in range(k)]
+    accs = [[torch.zeros_like(x) for x in chunk] for chunk in chunks]
+
+    def encode_all() -> None:
+        for c in range(k):
+            codec.encode_flats(chunks[c], seed, pieces[c], tag=c + 1, out=bufs[c])
+
+    def decode_all() -> None:
+        for c in range(k):
+            codec.decode_flats_into(msgs[c], accs[c], accumulate=True, pieces=pieces[c], tag=c + 1)
+
+    te, td = _best(encode_all, repeats), _best(decode_all, repeats)
+    rows.append({"message": f"two_phase K={k} chunks", "numel": numel, "segments": segments * k,
+                 "encode_gbps": gb / te, "decode_gbps": gb / td,
+                 "bits_per_coord": 8 * sum(m.size for m in msgs) / numel})  # fmt: skip
+    return rows
 
 
 def eager_qsgd(x: torch.Tensor, s: int, bucket: int) -> torch.Tensor:
@@ -92,6 +166,12 @@ def run_codec_bench(numel: int = 1 << 24, repeats: int = 5, bucket_size: int = 1
         r["encode_vs_memcpy"] = r["encode_gbps"] / memcpy
         r["decode_vs_memcpy"] = r["decode_gbps"] / memcpy
     main = next(r for r in rows if r["coding"] == "fixed" and r["bits"] == 4)
+    model_rows = model_message_rows(max(repeats, 10), seed)
+    for r in model_rows:
+        r["encode_vs_16m"] = r["encode_gbps"] / main["encode_gbps"]
+        r["decode_vs_16m"] = r["decode_gbps"] / main["decode_gbps"]
+        r["encode_vs_memcpy"] = r["encode_gbps"] / memcpy
+        r["decode_vs_memcpy"] = r["decode_gbps"] / memcpy
     return {
         "benchmark": "codec",
         "numel": numel,
@@ -113,6 +193,7 @@ def run_codec_bench(numel: int = 1 << 24, repeats: int = 5, bucket_size: int = 1
         "encode_speedup_vs_eager": main["encode_gbps"] / eager_enc,
         "decode_speedup_vs_eager": main["decode_gbps"] / eager_dec,
         "rows": rows,
+        "model_rows": model_rows,
     }
 
 
@@ -130,6 +211,18 @@ def format_codec(res: dict) -> str:
         lines.append(
             f"| {r['coding']} | {r['bits']} | {r['encode_gbps']:.3f} | {r['decode_gbps']:.3f} | "
             f"{r['encode_vs_memcpy']:.3f} | {r['decode_vs_memcpy']:.3f} | {r['bits_per_coord']:.3f} |"
+        )
+    lines += [
+        "",
+        "default training model (DCGAN/MNIST, bit-allocated plan, fitted levels): whole messages",
+        "",
+        "| message | floats | segments | encode GB/s | decode GB/s | encode/16M-4b | decode/16M-4b | bits/coord |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in res.get("model_rows", []):
+        lines.append(
+            f"| {r['message']} | {r['numel']:,} | {r['segments']} | {r['encode_gbps']:.3f} | {r['decode_gbps']:.3f} | "
+            f"{r['encode_vs_16m']:.3f} | {r['decode_vs_16m']:.3f} | {r['bits_per_coord']:.3f} |"
         )
     lines.append(
         f"\n4-bit fixed: encode {res['encode_vs_memcpy']:.3f}x memcpy into a reused buffer, "

@@ -38,9 +38,7 @@ Baselines, stated plainly (the README repeats this):
   group) while the critic's gradient is computed (:mod:`qoda.comm.overlap`), as DDP overlaps
   its buckets with the backward pass; ``fp32_overlap`` is that fairer baseline.
 * ``*_entropy_*`` rows: the QODA layer-wise configurations with the level indices rANS-coded
-  (``QuantizerConfig.coding = "entropy"``; data-dependent message sizes).  The trainer has no
-  coding option, so this benchmark builds that averager itself (:func:`entropy_averager`: the
-  trainer's own plan, bit allocation and re-fit schedule, with every quantized type entropy-coded).
+  (the trainer's ``coding = "entropy"``, ``--coding entropy``; data-dependent message sizes).
 * ``compute_only`` is the same processes and steps with no communication at all
   (:class:`~qoda.comm.baselines.LocalAverager`); ``compute_only_2call`` the same for the
   two-call methods.  ``compute_only_seconds`` of a row is the bound of its own family.
@@ -66,7 +64,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -80,14 +78,12 @@ PSGD_CALIBRATION_CALLS = 20
 
 @dataclass(frozen=True)
 class BenchConfig:
-    """One row family: trainer options, whether it communicates at all, and the coding of the
-    quantized indices (``entropy``: built by :func:`entropy_averager`)."""
+    """One row family: trainer options and whether it communicates at all."""
 
     name: str
     options: dict[str, Any] = field(default_factory=dict)
     local: bool = False  # compute-only: no communication
     label: str = ""
-    coding: str = "fixed"
 
 
 _LW4 = {"optimizer": "qoda", "compression": "layerwise_adaptive", "bits": 4}
@@ -108,10 +104,10 @@ CONFIGS: tuple[BenchConfig, ...] = (
     BenchConfig("qoda_lw4_allgather", {**_LW4, "mode": "allgather"}, label="QODA, layer-wise 4-bit, allgather"),
     BenchConfig("qoda_lw4_two_phase", {**_LW4, "mode": "two_phase"}, label="QODA, layer-wise 4-bit, two-phase"),
     # the same with the level indices entropy-coded (rANS; data-dependent sizes)
-    BenchConfig("qoda_lw4_entropy_allgather", {**_LW4, "mode": "allgather"},
-                label="QODA, layer-wise 4-bit, entropy-coded, allgather", coding="entropy"),
-    BenchConfig("qoda_lw4_entropy_two_phase", {**_LW4, "mode": "two_phase"},
-                label="QODA, layer-wise 4-bit, entropy-coded, two-phase", coding="entropy"),
+    BenchConfig("qoda_lw4_entropy_allgather", {**_LW4, "mode": "allgather", "coding": "entropy"},
+                label="QODA, layer-wise 4-bit, entropy-coded, allgather"),
+    BenchConfig("qoda_lw4_entropy_two_phase", {**_LW4, "mode": "two_phase", "coding": "entropy"},
+                label="QODA, layer-wise 4-bit, entropy-coded, two-phase"),
     # the same with the generator's exchange overlapped with the critic's backward (qoda.comm.overlap)
     BenchConfig("fp32_overlap", {"optimizer": "adam", "compression": "none", "overlap": True},
                 label="Adam, fp32 all-reduce, overlapped"),
@@ -121,6 +117,12 @@ CONFIGS: tuple[BenchConfig, ...] = (
                 label="QODA, layer-wise 4-bit, allgather, overlapped"),
     BenchConfig("qoda_lw4_two_phase_overlap", {**_LW4, "mode": "two_phase", "overlap": True},
                 label="QODA, layer-wise 4-bit, two-phase, overlapped"),
+    BenchConfig("qoda_lw4_entropy_allgather_overlap",
+                {**_LW4, "mode": "allgather", "coding": "entropy", "overlap": True},
+                label="QODA, layer-wise 4-bit, entropy-coded, allgather, overlapped"),
+    BenchConfig("qoda_lw4_entropy_two_phase_overlap",
+                {**_LW4, "mode": "two_phase", "coding": "entropy", "overlap": True},
+                label="QODA, layer-wise 4-bit, entropy-coded, two-phase, overlapped"),
 )  # fmt: skip
 CONFIG_NAMES = tuple(c.name for c in CONFIGS)
 
@@ -181,38 +183,13 @@ def round_ratios(num: Sequence[float], den: Sequence[float]) -> list[float]:
 
 
 # ---------------------------------------------------------------------------- one worker
-def entropy_averager(cfg: Any, channels: int) -> Any:
-    """The averager :func:`qoda.train.compression.build_averager` builds for ``cfg`` (a layer-wise
-    adaptive compression, no overlap), with every quantized type's indices entropy-coded: the
-    same plan, bit allocation (widths budgeted at their fixed-width size, an upper bound) and
-    re-fit schedule; re-fits keep the coding.  Collective (compares the settings across ranks)."""
-    from torch import nn
-
-    from qoda.comm.adaptive import AdaptiveAggregator
-    from qoda.quant.config import Coding
-    from qoda.quant.policy import LayerPlan
-    from qoda.train.compression import adapt_config, layer_plan, resolve_allocation
-    from qoda.train.trainer import build_models
-
-    if not cfg.adaptive or cfg.overlap:
-        raise ValueError("entropy_averager: needs an adaptive compression without overlap")
-    generator, critic = build_models(cfg, channels)  # names and shapes only: the plan's input
-    players = nn.ModuleDict({"generator": generator, "critic": critic})
-    plan = layer_plan(cfg, players)
-    resolved = resolve_allocation(cfg, plan)
-    if resolved.allocation != cfg.allocation:
-        plan = layer_plan(resolved, players)
-    plan = LayerPlan(plan.entries, {t: replace(c, coding=Coding.ENTROPY) for t, c in plan.configs.items()})
-    return AdaptiveAggregator(plan, cfg.mode, None, seed=cfg.seed, adapt=adapt_config(resolved))
-
-
 def _trainer(bc: BenchConfig, rank: int, world: int, data: Any, batch: int, out: str) -> Any:
     from qoda.comm.baselines import LocalAverager
     from qoda.train.config import TrainConfig
     from qoda.train.trainer import Trainer
 
     cfg = TrainConfig(**bc.options, batch_size=batch, steps=10**9, progress=False, out=out, workers=world)
-    averager = LocalAverager() if bc.local else entropy_averager(cfg, data.channels) if bc.coding == "entropy" else None
+    averager = LocalAverager() if bc.local else None
     return Trainer(cfg, rank, world, data, averager=averager)
 
 
@@ -262,7 +239,7 @@ class _Timed:
             "label": bc.label,
             "optimizer": cfg.optimizer,
             "compression": "compute_only" if bc.local else cfg.compression,
-            "coding": bc.coding if cfg.quantized and not bc.local else None,
+            "coding": cfg.coding if cfg.quantized and not bc.local else None,
             "overlap": cfg.overlap,
             "bits": cfg.wire_bits or 32,  # PowerSGD: recorded as 32 (its payload is counted in bytes)
             "mode": cfg.mode if cfg.quantized else "allreduce",

@@ -292,14 +292,14 @@ def entropy_amplification(numel: int = 1 << 24) -> dict[str, Any]:
 
     rANS spends no bits on a symbol that holds the whole frequency mass, so such a segment is a header,
     its layer size, one zero norm per bucket (``MAX_BUCKET_SIZE`` coordinates), the frequency table and
-    the state: its size does not bound ``numel``.  :func:`qoda.codec.segment.decode` without expected
+    the final states: its size does not bound ``numel``.  :func:`qoda.codec.segment.decode` without expected
     layer sizes (the message decoder always passes them) allocates in proportion to ``numel``.
     """
     cfg = QuantizerConfig.qsgd(4, MAX_BUCKET_SIZE, coding=Coding.ENTROPY)
     freq = np.zeros(2 * cfg.levels.num_levels, dtype=np.uint16)
     freq[0] = rans.M
     parts = [np.array([numel], np.uint64), np.zeros(-(-numel // MAX_BUCKET_SIZE), np.float32), freq,
-             np.array([rans.L], np.uint64)]  # fmt: skip
+             np.full(rans.num_states(numel), rans.L, np.uint64)]  # fmt: skip
     header = fmt.Header(fmt.WireCoding.ENTROPY, 0, torch.float32, cfg.bits, cfg.levels.num_levels,
                         MAX_BUCKET_SIZE, cfg.levels.level_set_id, 1, numel, sum(p.nbytes for p in parts))  # fmt: skip
     payload = header.pack(parts)

@@ -39,6 +39,7 @@ from enum import IntEnum
 import numpy as np
 import torch
 
+from qoda.codec import fused
 from qoda.codec.format import DTYPE_CODES, FIELDS, HEADER_SIZE, CodecError, as_bytes_array
 from qoda.codec.segment import Encoded, decode_into, encode_raw, encode_tensor, fixed_segment_header
 from qoda.quant.config import Coding, QuantizerConfig
@@ -247,6 +248,7 @@ class LayerwiseCodec:
             groups.append(Group("", None, raw, tuple(numels[i] for i in raw)))
         self.groups: tuple[Group, ...] = tuple(groups)
         self.plan_id = zlib.crc32(plan.fingerprint().encode())
+        self._layouts: dict[tuple[tuple[int, ...], ...] | None, fused.MessageLayout | None] = {}
 
     @property
     def types(self) -> tuple[str, ...]:
@@ -295,9 +297,48 @@ class LayerwiseCodec:
 
         With fixed-width (or raw) groups every segment is encoded in place into one buffer:
         ``out`` if given (reused across steps by the aggregator; the message is then a view of
-        it, valid until the next call), else a fresh one.  Entropy-coded groups are encoded
-        separately and concatenated.
+        it, valid until the next call), else a fresh one - by one kernel call for the whole
+        message (:mod:`qoda.codec.fused`) when the groups are CPU float32 buffers of at most
+        8-bit codes.  Entropy-coded groups are encoded separately and concatenated.
         """
+        layout = self._layout(pieces)
+        if layout is not None:
+            buf = self._message_buffer(layout.size, out)
+            if fused.encode_into(layout, flats, seed, buf):
+                _frame_message(buf, layout.lengths, self.plan_id ^ tag)
+                seg_bits = {g.name: b for g, b in zip(self.groups, layout.segment_bits, strict=True)}
+                return EncodedMessage(buf, layout.bits, seg_bits, layout.framing_bits)
+        return self.encode_flats_reference(flats, seed, pieces, tag, out)
+
+    def _layout(self, pieces: Sequence[Sequence[int]] | None) -> fused.MessageLayout | None:
+        """The fused layout of a message with ``pieces`` (built once per pieces, then cached)."""
+        key = None if pieces is None else tuple(tuple(int(n) for n in p) for p in pieces)
+        if key not in self._layouts:
+            configs = [g.config for g in self.groups]
+            sizes = [g.numels for g in self.groups] if key is None else key
+            if len(sizes) != len(configs):
+                return None
+            self._layouts[key] = fused.build_layout(configs, sizes, message_head_size(len(self.groups)))
+        return self._layouts[key]
+
+    @staticmethod
+    def _message_buffer(size: int, out: np.ndarray | None) -> np.ndarray:
+        if out is None:
+            return np.empty(size, dtype=np.uint8)
+        if out.dtype != np.uint8 or out.ndim != 1 or out.size < size:
+            raise ValueError(f"out: need a 1-D uint8 array of at least {size} bytes")
+        return out[:size]
+
+    def encode_flats_reference(
+        self,
+        flats: Sequence[torch.Tensor],
+        seed: int,
+        pieces: Sequence[Sequence[int]] | None = None,
+        tag: int = 0,
+        out: np.ndarray | None = None,
+    ) -> EncodedMessage:
+        """:meth:`encode_flats` segment by segment (``encode_tensor`` / ``encode_raw``): the
+        reference the fused path must match byte for byte, and its fallback."""
         size = self.message_size(pieces)
         if size is None:
             buf = None
@@ -342,6 +383,9 @@ class LayerwiseCodec:
         """Decode straight into group buffers (fused).  A corrupt segment raises; segments
         before it may already be in ``flats``, so callers decode into scratch buffers."""
         segs = unpack_message(payload, len(self.groups), self.plan_id ^ tag)
+        layout = self._layout(pieces)
+        if layout is not None and fused.decode_into(layout, as_bytes_array(payload), flats, accumulate):
+            return  # one kernel call; on any failed check it wrote nothing and the loop below raises
         for k, (g, seg, flat) in enumerate(zip(self.groups, segs, flats, strict=True)):
             numels = g.numels if pieces is None else pieces[k]
             # messages carry float32 group buffers only (gather() casts); any other source-dtype

@@ -5,8 +5,11 @@ Fixed width is exact: ``header + 64 n_layers + 32 n_buckets + n * code_bits`` (p
 ``x`` (each coordinate lands on ``l_j`` or ``l_{j+1}`` with known probabilities) and ``P`` the
 number of codes that can occur, Jensen's inequality on the concave empirical entropy gives
 
-    E[bits] <= header + 64 n_layers + 32 n_buckets + 16 * 2(s+2) + 96
-               + n * (H(p_bar) + log2(M / (M - P)) + log2(1 + 2^-17)).
+    E[bits] <= header + 64 n_layers + 32 n_buckets + 16 * 2(s+2) + 64 S
+               + n * (H(p_bar) + log2(M / (M - P)) + log2(1 + 2^-17)),
+
+with ``S = rans.num_states(n)`` final 64-bit states of the interleaved coder (the words take
+less than the coding steps' growth: :func:`qoda.codec.rans.code_length_bound`).
 """
 
 from __future__ import annotations
@@ -58,4 +61,4 @@ def entropy_code_length_bound(x: TensorOrTensors, config: QuantizerConfig) -> fl
     p = int((dist > 0).sum())
     table = 16 * 2 * config.levels.num_levels
     per_symbol = h + math.log2(rans.M / (rans.M - p)) + math.log2(1 + 2.0**-17)
-    return overhead_bits(len(numels), n_buckets) + table + 96 + n * per_symbol
+    return overhead_bits(len(numels), n_buckets) + table + 64 * rans.num_states(n) + n * per_symbol

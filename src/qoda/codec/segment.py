@@ -86,16 +86,38 @@ def _header(
 
 
 def _entropy_body(codes: np.ndarray, alphabet: int) -> tuple[np.ndarray, np.ndarray]:
-    """(frequency table u16, state u64 + words u32) for int32 codes."""
-    counts = np.bincount(codes, minlength=alphabet)
-    freq = rans.normalize_frequencies(counts)
-    cum, _ = rans.tables(freq)
-    words = np.empty(codes.size + 1, dtype=np.uint32)
-    first, state = rans.encode(codes, freq, cum, words)
-    stream = np.empty(2 + words.size - first, dtype=np.uint32)
-    stream[:2] = np.array([state], dtype=np.uint64).view(np.uint32)
-    stream[2:] = words[first:]
+    """(frequency table u16, final states u64 + words u32) for int32 codes (see :mod:`~qoda.codec.rans`)."""
+    freq, states, words = rans.encode_codes(codes, alphabet)
+    stream = np.empty(2 * states.size + words.size, dtype=np.uint32)
+    stream[: 2 * states.size] = states.view(np.uint32)
+    stream[2 * states.size :] = words
     return freq.astype(np.uint16), stream
+
+
+def _encode_entropy(
+    flat: torch.Tensor,
+    numels: Sequence[int],
+    dtype: torch.dtype,
+    config: QuantizerConfig,
+    seed: int,
+    out: np.ndarray | None,
+) -> Encoded:
+    """The CPU entropy path of :func:`encode_tensor`: the numba quantizer writes int32 codes (no
+    torch round trip), then count, rANS-encode and frame (into ``out`` if given)."""
+    starts = bucket_starts(numels, config.bucket_size)
+    tables = level_tables(config.levels)
+    k1, k2 = seed_keys(seed)
+    norms = np.empty(len(starts) - 1, dtype=np.float32)
+    codes = np.empty(flat.numel(), dtype=np.int32)
+    status, bucket = cpu.quantize_to_codes(
+        flat.numpy(), starts, *tables.kernel_args,
+        int(config.norm is Norm.LINF), k1, k2, norms, codes, scratch_for(config),
+    )  # fmt: skip
+    raise_for_status(status, bucket, starts, "encode")
+    parts = [np.asarray(numels, dtype=np.uint64), norms, *_entropy_body(codes, 2 * config.levels.num_levels)]
+    header = _header(config, WireCoding.ENTROPY, dtype, numels, sum(p.nbytes for p in parts))
+    data = header.pack(parts, out)
+    return Encoded(data, 8 * data.size)
 
 
 def _pack(
@@ -160,6 +182,8 @@ def encode_tensor(
     result is then a view of it) or a new one.  No intermediate copies.
     """
     flat, numels, dtype = flatten_float32(x, layer_numels)
+    if flat.device.type == "cpu" and config.coding is Coding.ENTROPY:
+        return _encode_entropy(flat, numels, dtype, config, seed, out)
     if flat.device.type != "cpu" or config.coding is Coding.ENTROPY:
         enc = encode(quantize(x, config, seed, layer_numels=layer_numels))
         if out is not None:
@@ -272,27 +296,54 @@ def _fail(status: int, index: int) -> None:
     raise CodecError(f"payload corrupted (status {status})")
 
 
-def _entropy_codes(p: _Parsed, config: QuantizerConfig) -> np.ndarray:
+def _entropy_stream(p: _Parsed, config: QuantizerConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """Validated ``(freq, states, words, number of words)`` of an entropy-coded body.
+
+    ``words`` holds at least one entry (a dummy for an empty stream), as the kernels require."""
     alphabet = 2 * config.levels.num_levels
+    n = p.header.numel
+    k = rans.num_states(n)
     rest = p.rest
-    if rest.size < 2 * alphabet + 8 or (rest.size - 2 * alphabet - 8) % 4:
+    head = 2 * alphabet + 8 * k
+    if rest.size < head or (rest.size - head) % 4:
         raise CodecError("payload corrupted: bad entropy-coded body size")
     freq = rest[: 2 * alphabet].view(np.uint16).astype(np.int64)
-    if int(freq.sum()) != (rans.M if p.header.numel else 0):
+    if int(freq.sum()) != (rans.M if n else 0):
         raise CodecError("payload corrupted: entropy frequency table does not sum to its precision")
-    state = int(rest[2 * alphabet : 2 * alphabet + 8].view(np.uint64)[0])
-    if not rans.L <= state < (1 << 63):
+    if freq[1]:  # code 1 is a negative zero, which the quantizer never emits
+        raise CodecError("payload corrupted: entropy frequency table gives mass to the invalid level code 1")
+    states = rest[2 * alphabet : head].view(np.uint64).astype(np.int64)  # >= 2^63 turns negative
+    if (states < rans.L).any():
         raise CodecError("payload corrupted: entropy coder state out of range")
-    words = rest[2 * alphabet + 8 :].view(np.uint32)
-    cum, slot_code = rans.tables(freq)
+    words = rest[head:].view(np.uint32)
+    nwords = words.size
+    if n == 0 and (states[0] != rans.L or nwords):
+        raise CodecError("payload corrupted: non-empty stream for an empty segment")
+    return freq, states, words if nwords else np.zeros(1, dtype=np.uint32), nwords
+
+
+def _entropy_codes(p: _Parsed, config: QuantizerConfig) -> np.ndarray:
+    freq, states, words, nwords = _entropy_stream(p, config)
     codes = np.empty(p.header.numel, dtype=np.int32)
     if p.header.numel:
-        status = rans.decode(words, state, freq, cum, slot_code, codes)
+        status = rans.decode(words, nwords, states, *rans.decoder_tables(freq), codes)
         if status != rans.OK:
             _fail(status, -1)
-    elif state != rans.L or words.size:
-        raise CodecError("payload corrupted: non-empty stream for an empty segment")
     return codes
+
+
+def _entropy_decode_into(
+    p: _Parsed, config: QuantizerConfig, levels: np.ndarray, starts: np.ndarray, out: np.ndarray, accumulate: bool
+) -> tuple[int, int]:
+    """Fused rANS decode + dequantize (+ accumulate) into ``out``; ``(status, -1)`` like the kernels."""
+    freq, states, words, nwords = _entropy_stream(p, config)
+    if not p.header.numel:
+        return cpu.OK, -1
+    slv = rans.signed_levels(levels, freq.size)
+    status = rans.decode_dequantize(
+        words, nwords, states, *rans.decoder_tables(freq), slv, starts, p.norms, out, accumulate
+    )
+    return (cpu.OK if status == rans.OK else status), -1
 
 
 #: Without expected layer shapes, :func:`decode` accepts at most this many coordinates (64M:
@@ -379,8 +430,7 @@ def decode_into(
                 p.rest, starts, p.norms, tabs.signed, tabs.invalid, config.bits, t, acc_here, dummy, False
             )
         else:
-            codes = _entropy_codes(p, config)
-            status, i = cpu.dequantize_codes(codes, starts, p.norms, levels, t, acc_here)
+            status, i = _entropy_decode_into(p, config, levels, starts, t, acc_here)
         if status != cpu.OK:
             _fail(status, i)
     if target is not out:

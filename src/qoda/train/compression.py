@@ -32,7 +32,7 @@ from qoda.comm.baselines import PowerSGDAverager
 from qoda.comm.overlap import OverlappedAverager
 from qoda.quant.adapt import AdaptConfig, RefitSchedule
 from qoda.quant.allocation import WIDTHS, allocate_plan
-from qoda.quant.config import Norm, QuantizerConfig
+from qoda.quant.config import Coding, Norm, QuantizerConfig
 from qoda.quant.policy import LayerEntry, LayerPlan, LayerPolicy
 from qoda.train.compressions import COMPRESSIONS, Transport
 from qoda.train.config import ConfigError, TrainConfig
@@ -47,7 +47,7 @@ def quantizer_config(cfg: TrainConfig) -> QuantizerConfig:
     bits = int(cfg.bits) if cfg.allocation == "uniform" else min(WIDTHS)
     base = QuantizerConfig.nuqsgd(bits, cfg.bucket_size) if exponential else (
         QuantizerConfig.qsgd(bits, cfg.bucket_size))  # fmt: skip
-    return replace(base, norm=Norm(norm))
+    return replace(base, norm=Norm(norm), coding=Coding(cfg.coding))
 
 
 def _prefix_types(plan: LayerPlan) -> LayerPlan:

@@ -29,6 +29,7 @@ MODELS = ("dcgan", "resnet")
 NORMS = ("group", "batch", "none")
 QUANT_NORMS = ("auto", "l2", "linf")
 BIT_ALLOCATIONS = ("auto", "uniform", "dp")
+CODINGS = ("fixed", "entropy")
 # Values of options added later, for checkpoints written before they existed (the behaviour then).
 LEGACY_DEFAULTS = {"bit_allocation": "uniform"}
 
@@ -70,6 +71,7 @@ class TrainConfig:
     compression: str = "layerwise_adaptive"
     bits: float = 4  # uniform: the width of every compressed tensor; dp: the average budget (2.5 is fine)
     bit_allocation: str = "auto"  # dp: per-tensor widths by DP under the bits budget; auto: dp for layer-wise
+    coding: str = "fixed"  # entropy: rANS-coded level indices (smaller, data-dependent messages)
     bucket_size: int = 1024
     quant_norm: str = "auto"  # auto: L-inf for adaptive levels, L2 for QSGD/NUQSGD
     layer_types: str = "player_class"
@@ -173,6 +175,7 @@ class TrainConfig:
         if len(self.betas) != 2 or not all(isinstance(b, int | float) and 0.0 <= b < 1.0 for b in self.betas):
             raise ConfigError(f"betas: two numbers in [0, 1), got {self.betas!r}")
         one_of("bit_allocation", BIT_ALLOCATIONS)
+        one_of("coding", CODINGS)
         if self.allocation == "dp":
             if not self.adaptive:
                 raise ConfigError(

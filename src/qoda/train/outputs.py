@@ -44,7 +44,8 @@ REPORT_UNITS: dict[str, str] = {
     "use (dimensionless), mean over the log steps of the second half",
     "widths": "bits per coordinate of each compressed tensor at the end (others travel as float32)",
     "wire_bits_per_coordinate": "bits of one whole message of the final plan (codes, bucket norms, headers, "
-    "uncompressed tensors) per coordinate; 32 without quantization",
+    "uncompressed tensors) per coordinate; 32 without quantization; with coding = entropy its fixed-width size, "
+    "an upper bound (bits_per_step is measured)",
     "skipped_steps": "iterations dropped by nonfinite = skip",
     "step": "iterations",
 }

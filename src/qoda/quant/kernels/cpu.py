@@ -1,8 +1,12 @@
 """Fused CPU kernels (numba): quantize+pack and unpack+dequantize(+accumulate).
 
 Hand-written because no library fuses stochastic rounding with bit packing: eager torch
-needs ~10 full-size temporaries per call, these kernels make one pass over each bucket
-while it sits in L1 (norm, then codes into a bucket-sized scratch, then packing).
+needs ~10 full-size temporaries per call, these kernels visit each bucket while it sits in
+L1: a norm pass, one vectorised code pass into a bucket-sized uint8 code buffer
+(:func:`_codes_into`), one packing pass (:func:`_pack_codes8`: 8 codes per unaligned 64-bit
+store, any width and alignment).  Decoding mirrors it (:func:`_unpack_codes8`).  The
+per-bucket primitives are shared with the whole-message kernels of
+:mod:`qoda.quant.kernels.message`.  Where the time goes: ``.notes_codec.md``.
 
 Conventions shared with :mod:`qoda.quant.kernels.torch_ref` (which must stay bit-identical):
 
@@ -109,6 +113,49 @@ def _uniform(typingctx, i, k1, k2):  # pragma: no cover - compiled
     return sig, codegen
 
 
+def _byte_pointer(context, builder, arr_type, arr, pos, ity):  # type: ignore[no-untyped-def]
+    """``&arr[pos]`` of a uint8 array, as an ``ity`` pointer (no bounds check: callers check)."""
+    ary = context.make_array(arr_type)(context, builder, arr)
+    return builder.bitcast(builder.gep(ary.data, [pos]), ity.as_pointer())
+
+
+def _unaligned_access(bits: int, kind: str):  # type: ignore[no-untyped-def]
+    """An intrinsic loading (``kind="load"``) or storing an unaligned little-endian ``bits``-bit
+    integer at byte ``pos`` of a uint8 array.  Written as LLVM IR because numba cannot view a
+    byte array at an unaligned offset: the packers move 8 codes per 64-bit access this way."""
+    nbt = types.uint64 if bits == 64 else types.uint32
+    ity = ir.IntType(bits)
+
+    if kind == "load":
+
+        @intrinsic
+        def load(typingctx, arr, pos):  # pragma: no cover - compiled
+            def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+                ptr = _byte_pointer(context, builder, signature.args[0], args[0], args[1], ity)
+                return builder.load(ptr, align=1)
+
+            return nbt(arr, types.intp), codegen
+
+        return load
+
+    @intrinsic
+    def store(typingctx, arr, pos, value):  # pragma: no cover - compiled
+        def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+            ptr = _byte_pointer(context, builder, signature.args[0], args[0], args[1], ity)
+            builder.store(context.cast(builder, args[2], signature.args[2], nbt), ptr, align=1)
+            return context.get_dummy_value()
+
+        return types.void(arr, types.intp, value), codegen
+
+    return store
+
+
+_load_u64 = _unaligned_access(64, "load")
+_store_u64 = _unaligned_access(64, "store")
+_load_u32 = _unaligned_access(32, "load")
+_store_u32 = _unaligned_access(32, "store")
+
+
 @nb.njit(nogil=True, cache=True, fastmath={"reassoc"})
 def _bucket_norm(xb, xib, norm_kind):  # pragma: no cover - compiled
     """(status, float32 norm) of the bucket ``xb`` (``xib``: its int32 view); 0 = L2, 1 = L-inf.
@@ -149,90 +196,124 @@ TINY_SCALE = 2.0**64
 
 #: Level sets with at most this many levels find each coordinate's interval by comparing
 #: against every level (branch-free, vectorised); larger ones use the look-up table.
-SELECT_MAX_LEVELS = 4
+SELECT_MAX_LEVELS = 16
 
 
 @nb.njit(inline="always")
-def _bucket_codes(
-    xb, xib, a, norm, lv, inv_width, table, shift, one_step, intervals, k1, k2, sc, codes
-):  # pragma: no cover
-    """Codes of the bucket ``xb`` (global offset ``a``) into ``codes[:len(xb)]``.
+def _magnitude(x, pre, inv, one):  # pragma: no cover - compiled
+    """``u = min(|x| * pre * (1 / norm), 1)``, formed as the quantizer defines it: ``pre`` is 1,
+    or 2^64 for a tiny norm (then ``inv = 1 / (norm * pre)``; see :data:`TINY_NORM`)."""
+    u = (abs(x) * pre) * inv
+    return u if u < one else one
 
-    ``lv`` holds the levels plus a sentinel (see :func:`padded_levels`); ``sc`` is a
-    ``(5, B)`` float32 scratch: u, its int32 view, uniforms, lower level, inverse width.
-    Uniform levels (``intervals = s + 1 > 0``) use QSGD's arithmetic form, no look-ups:
-    ``t = u (s+1)``, ``j = min(floor(t), s)``, ``p = t - j``.
+
+@nb.njit(nogil=True, cache=True)
+def select_rows(lv, inv_width):  # pragma: no cover - compiled
+    """``(2, SELECT_MAX_LEVELS)`` int32: the float32 bits of the levels ``lv`` (padded with the
+    2.0 sentinel, never <= u) and of their inverse widths (padded with 0), for :func:`_select_codes`."""
+    out = np.zeros((2, SELECT_MAX_LEVELS), dtype=np.float32)
+    m = min(lv.shape[0] - 1, SELECT_MAX_LEVELS)
+    for k in range(SELECT_MAX_LEVELS):
+        out[0, k] = lv[k] if k < m else np.float32(2.0)
+        out[1, k] = inv_width[k] if k < m else np.float32(0.0)
+    return out.view(np.int32)
+
+
+@nb.njit(inline="always")
+def _select_codes(xb, xib, a, pre, inv, sel, k1, k2, cs, K):  # pragma: no cover - compiled
+    """Codes for at most ``K`` (a constant) levels by comparing ``u`` against every level.
+
+    Why: LLVM does not vectorise table look-ups on this CPU (gathers are slow on AMD Zen), so
+    the look-up loop runs scalar at ~3 ns a coordinate; comparing against all ``K`` levels with
+    integer bit-selects (exact: ``l_j`` and ``1 / (l_{j+1} - l_j)`` are picked, not computed)
+    vectorises, 0.5 ns (8 levels) to 1 ns (16 levels).  Levels increase, so the last level
+    ``<= u`` is ``l_j`` with ``j`` the number of levels ``<= u`` after ``l_0``.
+    """
+    one = np.float32(1.0)
+    lb = sel[0]
+    wb = sel[1]
+    lvf = lb.view(np.float32)
+    for t in range(xb.shape[0]):
+        u = _magnitude(xb[t], pre, inv, one)
+        lo = lb[0]
+        w = wb[0]
+        j = np.int32(0)
+        for k in range(1, K):
+            m = -np.int32(lvf[k] <= u)  # all ones where l_k <= u
+            j -= m
+            lo = (lo & ~m) | (lb[k] & m)
+            w = (w & ~m) | (wb[k] & m)
+        p = (u - np.int32(lo).view(np.float32)) * np.int32(w).view(np.float32)
+        j += np.int32(_uniform(a + t, k1, k2) < p)
+        cs[t] = (j << 1) | np.int32((xib[t] < 0) & (j > 0))
+
+
+@nb.njit(inline="always")
+def _codes_into(
+    xb, xib, a, norm, lv, inv_width, table, shift, one_step, intervals, sel, k1, k2, cs, sc
+):  # pragma: no cover
+    """The codes of :func:`_bucket_codes` for the bucket ``xb`` into ``cs[:len(xb)]`` (uint8 or
+    uint16), computed in ONE loop per level family: no scratch rows, so each coordinate is read
+    once from L1 and its code written once (the old form made five passes through scratch).
+
+    Level families: uniform levels use QSGD's arithmetic; at most :data:`SELECT_MAX_LEVELS`
+    levels compare against every level (:func:`_select_codes`, ``sel`` from
+    :func:`select_rows`); more use the look-up table.  Every form
+    computes the same ``j``, ``l_j`` and ``1 / (l_{j+1} - l_j)``, so the same float32 ``p``.
     """
     n = xb.shape[0]
     if norm == 0:
         for t in range(n):
-            codes[t] = 0
+            cs[t] = 0
         return
-    uf = sc[0, :n]
-    ui = uf.view(np.int32)
-    rs = sc[1, :n]
-    lo = sc[2, :n]
-    w = sc[3, :n]
-    js = sc[4, :n].view(np.int32)
     one = np.float32(1.0)
-    if norm < TINY_NORM:
-        # 1/norm overflows float32 below ~2.9e-39: scale the bucket by an exact power of two
-        # first (subnormals scale without rounding), so u is the same ratio as for a normal bucket.
-        big_s = np.float32(TINY_SCALE)
-        inv = one / (norm * big_s)
-        for t in range(n):
-            u = (abs(xb[t]) * big_s) * inv
-            uf[t] = u if u < one else one
-    else:
-        inv = one / norm
-        for t in range(n):
-            u = abs(xb[t]) * inv
-            uf[t] = u if u < one else one
+    pre = np.float32(TINY_SCALE) if norm < TINY_NORM else one
+    inv = one / (norm * pre)
     if intervals > 0:
         big = np.float32(intervals)
         smax = np.int32(intervals - 1)
         for t in range(n):
-            tt = uf[t] * big
+            tt = _magnitude(xb[t], pre, inv, one) * big
             j = np.int32(tt)
             j = j if j < smax else smax
             j += np.int32(_uniform(a + t, k1, k2) < tt - np.float32(j))
-            codes[t] = (j << 1) | np.int32((xib[t] < 0) & (j > 0))
+            cs[t] = (j << 1) | np.int32((xib[t] < 0) & (j > 0))
         return
-    for t in range(n):
-        rs[t] = _uniform(a + t, k1, k2)
     nl = lv.shape[0] - 1
+    if nl <= 4:
+        _select_codes(xb, xib, a, pre, inv, sel, k1, k2, cs, 4)
+        return
+    if nl <= 8:
+        _select_codes(xb, xib, a, pre, inv, sel, k1, k2, cs, 8)
+        return
     if nl <= SELECT_MAX_LEVELS:
-        l0 = lv[0]
-        w0 = inv_width[0]
-        for t in range(n):
-            lo[t] = l0
-            w[t] = w0
-            js[t] = 0
-        for k in range(1, nl):
-            lk = lv[k]
-            wk = inv_width[k]
-            for t in range(n):
-                m = lk <= uf[t]
-                lo[t] = lk if m else lo[t]
-                w[t] = wk if m else w[t]
-                js[t] += np.int32(m)
-    else:
-        top = nl - 1
+        _select_codes(xb, xib, a, pre, inv, sel, k1, k2, cs, SELECT_MAX_LEVELS)
+        return
+    # the look-up table: loads LLVM keeps scalar, so the hash is vectorised in a pass of its own
+    uf = sc[0, :n]
+    rs = sc[1, :n]
+    for t in range(n):
+        uf[t] = _magnitude(xb[t], pre, inv, one)
+        rs[t] = _uniform(a + t, k1, k2)
+    ui = uf.view(np.int32)
+    if one_step:  # its own loop: no data-dependent branch
         for t in range(n):
             u = uf[t]
             j = table[np.uint32(ui[t]) >> shift]
-            if one_step:
-                j += lv[np.uint32(j + 1)] <= u
-            else:
-                while j < top and lv[j + 1] <= u:
-                    j += 1
-            js[t] = j
-            lo[t] = lv[np.uint32(j)]
-            w[t] = inv_width[np.uint32(j)]
+            j += lv[np.uint32(j + 1)] <= u
+            p = (u - lv[np.uint32(j)]) * inv_width[np.uint32(j)]
+            j += np.int32(rs[t] < p)
+            cs[t] = (j << 1) | np.int32((xib[t] < 0) & (j > 0))
+        return
+    top = nl - 1
     for t in range(n):
-        p = (uf[t] - lo[t]) * w[t]
-        j = js[t] + np.int32(rs[t] < p)
-        codes[t] = (j << 1) | np.int32((xib[t] < 0) & (j > 0))
+        u = uf[t]
+        j = table[np.uint32(ui[t]) >> shift]
+        while j < top and lv[j + 1] <= u:
+            j += 1
+        p = (u - lv[np.uint32(j)]) * inv_width[np.uint32(j)]
+        j += np.int32(rs[t] < p)
+        cs[t] = (j << 1) | np.int32((xib[t] < 0) & (j > 0))
 
 
 @nb.njit(nogil=True, cache=True)
@@ -244,6 +325,7 @@ def quantize_to_codes(
     Returns ``(status, bucket)``: the first failing bucket on error.
     """
     xi = x.view(np.int32)
+    sel = select_rows(lv, inv_width)
     for b in range(starts.shape[0] - 1):
         a = starts[b]
         e = starts[b + 1]
@@ -253,25 +335,305 @@ def quantize_to_codes(
         if st != OK:
             return st, b
         norms[b] = nrm
-        _bucket_codes(xb, xib, a, nrm, lv, inv_width, table, shift, one_step, intervals, k1, k2, scratch, codes[a:e])
+        _codes_into(xb, xib, a, nrm, lv, inv_width, table, shift, one_step, intervals, sel, k1, k2, codes[a:e], scratch)
     return OK, -1
 
 
 @nb.njit(inline="always")
-def _pack_aligned(cs, n, width, out, pos):  # pragma: no cover - compiled
-    """Pack ``n`` codes starting on a byte boundary; returns the new byte position."""
-    per = 8 // width
-    ob = out[pos : pos + n // per]
-    if width == 8:
-        for t in range(ob.shape[0]):
-            ob[t] = cs[t]
-    elif width == 4:
-        for t in range(ob.shape[0]):
-            ob[t] = cs[2 * t] | (cs[2 * t + 1] << 4)
-    else:  # width == 2
-        for t in range(ob.shape[0]):
-            ob[t] = cs[4 * t] | (cs[4 * t + 1] << 2) | (cs[4 * t + 2] << 4) | (cs[4 * t + 3] << 6)
-    return pos + n // per
+def _pack8(v, width):  # pragma: no cover - compiled
+    """Eight codes, one per byte of the uint64 ``v``, packed LSB-first into ``8 * width`` bits."""
+    w = np.uint64(width)
+    m1 = np.uint64((1 << width) - 1) * np.uint64(0x0001000100010001)
+    v = (v & m1) | ((v >> (np.uint64(8) - w)) & (m1 << w))
+    m2 = np.uint64((1 << (2 * width)) - 1) * np.uint64(0x0000000100000001)
+    v = (v & m2) | ((v >> (np.uint64(16) - 2 * w)) & (m2 << (2 * w)))
+    m4 = np.uint64((1 << (4 * width)) - 1)
+    return (v & m4) | ((v >> (np.uint64(32) - 4 * w)) & (m4 << (4 * w)))
+
+
+@nb.njit(inline="always")
+def _pack_codes8(cs, n, width, out, pos, end, carry, nacc):  # pragma: no cover - compiled
+    """Append ``n`` codes of ``width <= 8`` bits (``cs``: uint8) to ``out`` at byte ``pos``,
+    LSB-first, after ``nacc < 8`` pending bits held in ``carry``; never writes at or past ``end``.
+    Returns ``(pos, carry, nacc)``.
+
+    Byte-aligned 2/4/8-bit runs take vectorised loops; otherwise groups of 8 codes (``width``
+    whole bytes) are packed in a 64-bit register and written with one unaligned 8-byte store
+    (the bytes past the group are rewritten by the next group), so any width and any
+    alignment run at one store per 8 codes.
+    """
+    if nacc == 0 and (width == 8 or width == 4 or width == 2) and n % (8 // width) == 0:
+        per = 8 // width
+        ob = out[pos : pos + n // per]
+        if width == 8:
+            for t in range(ob.shape[0]):
+                ob[t] = cs[t]
+        elif width == 4:
+            for t in range(ob.shape[0]):
+                ob[t] = cs[2 * t] | (cs[2 * t + 1] << 4)
+        else:
+            for t in range(ob.shape[0]):
+                ob[t] = cs[4 * t] | (cs[4 * t + 1] << 2) | (cs[4 * t + 2] << 4) | (cs[4 * t + 3] << 6)
+        return pos + n // per, carry, nacc
+    t = 0
+    sh = np.uint64(nacc)
+    top = np.uint64(8 * width - 1)  # carry = acc >> (8 width), as two shifts: 64 is not a valid count
+    while t + 8 <= n and pos + 8 <= end:
+        acc = carry | (_pack8(_load_u64(cs, t), width) << sh)
+        _store_u64(out, pos, acc)
+        carry = (acc >> top) >> np.uint64(1)
+        pos += width
+        t += 8
+    for k in range(t, n):  # the tail, code by code
+        carry |= np.uint64(cs[k]) << np.uint64(nacc)
+        nacc += width
+        while nacc >= 8:
+            out[pos] = np.uint8(carry & np.uint64(0xFF))
+            pos += 1
+            carry >>= np.uint64(8)
+            nacc -= 8
+    return pos, carry, nacc
+
+
+#: Codes of at most this many bits are dequantized by a branch-free tree of integer bit-selects
+#: among the bucket's scaled levels (:func:`_tree_value`; vectorised, ~0.25 ns a code); wider
+#: codes look their value up in ``slv`` (LLVM keeps those loads scalar: ~1.3 ns a code).
+TREE_MAX_BITS = 5
+
+
+@nb.njit(nogil=True, cache=True)
+def tree_levels(slv, bad, width):  # pragma: no cover - compiled
+    """``(mags, lim)`` for the tree decoder: ``mags`` (float32, 16) holds ``l_j = slv[2 j]`` for
+    ``2 j < lim`` (then 0); a code ``c`` is invalid iff ``c == 1`` or ``c >= lim``, and
+    ``slv[c]`` is ``mags[c >> 1]`` with its sign bit flipped iff ``c`` is odd.  ``lim = 0`` when
+    the width is over :data:`TREE_MAX_BITS` or the tables do not have that form (then the
+    decoders use the tables: any ``slv`` / ``bad`` decodes as before)."""
+    mags = np.zeros(16, dtype=np.float32)
+    nc = 1 << width
+    if width > TREE_MAX_BITS or slv.shape[0] < nc or bad.shape[0] < nc:
+        return mags, 0
+    lim = nc
+    while lim > 2 and bad[lim - 1] != 0 and bad[lim - 2] != 0:
+        lim -= 2
+    sb = slv.view(np.int32)
+    for c in range(nc):
+        invalid = c == 1 or c >= lim
+        if (bad[c] != 0) != invalid:
+            return mags, 0
+        if not invalid and sb[c] != np.int32(sb[c & ~1] ^ ((c & 1) << 31)):
+            return mags, 0
+    for j in range(lim // 2):
+        mags[j] = slv[2 * j]
+    return mags, lim
+
+
+@nb.njit(inline="always")
+def _pick(m, a, b):  # pragma: no cover - compiled
+    """``b`` where the all-ones mask ``m`` is set, else ``a`` (integer bit patterns)."""
+    return a ^ ((a ^ b) & m)
+
+
+@nb.njit(inline="always")
+def _scaled(nrm, mags, k):  # pragma: no cover - compiled
+    """The float32 bits of ``nrm * l_k``: the value of code ``2 k`` (``-`` that for ``2 k + 1``)."""
+    return np.float32(nrm * mags[k]).view(np.int32)
+
+
+@nb.njit(inline="always")
+def _scaled_levels(nrm, mags):  # pragma: no cover - compiled
+    """The 16 scaled levels of a bucket, as a tuple (registers in the decode loop)."""
+    return (
+        _scaled(nrm, mags, 0), _scaled(nrm, mags, 1), _scaled(nrm, mags, 2), _scaled(nrm, mags, 3),
+        _scaled(nrm, mags, 4), _scaled(nrm, mags, 5), _scaled(nrm, mags, 6), _scaled(nrm, mags, 7),
+        _scaled(nrm, mags, 8), _scaled(nrm, mags, 9), _scaled(nrm, mags, 10), _scaled(nrm, mags, 11),
+        _scaled(nrm, mags, 12), _scaled(nrm, mags, 13), _scaled(nrm, mags, 14), _scaled(nrm, mags, 15),
+    )  # fmt: skip
+
+
+@nb.njit(inline="always")
+def _tree_value(c, K, m):  # pragma: no cover - compiled
+    """``float32(nrm * slv[c])`` for a valid code ``c`` of ``K = 2^(width - 1)`` magnitudes (a
+    constant), from the scaled levels ``m`` (:func:`_scaled_levels`): the bits of ``nrm * l_j``
+    picked by the bits of ``j = c >> 1`` (a binary tree of ``K - 1`` bit-selects), the sign bit
+    flipped for odd ``c``.  Exact: ``nrm * (-l) == -(nrm * l)`` in IEEE arithmetic."""
+    one = np.int32(1)
+    s0 = -((c >> one) & one)
+    if K == 2:
+        v = _pick(s0, m[0], m[1])
+    else:
+        s1 = -((c >> np.int32(2)) & one)
+        q0 = _pick(s1, _pick(s0, m[0], m[1]), _pick(s0, m[2], m[3]))
+        if K == 4:
+            v = q0
+        else:
+            s2 = -((c >> np.int32(3)) & one)
+            q1 = _pick(s1, _pick(s0, m[4], m[5]), _pick(s0, m[6], m[7]))
+            o0 = _pick(s2, q0, q1)
+            if K == 8:
+                v = o0
+            else:
+                q2 = _pick(s1, _pick(s0, m[8], m[9]), _pick(s0, m[10], m[11]))
+                q3 = _pick(s1, _pick(s0, m[12], m[13]), _pick(s0, m[14], m[15]))
+                v = _pick(-((c >> np.int32(4)) & one), o0, _pick(s2, q2, q3))
+    return np.int32(v ^ ((c & one) << np.int32(31))).view(np.float32)
+
+
+@nb.njit(inline="always")
+def _invalid(c, lim):  # pragma: no cover - compiled
+    """1 if the code ``c`` is invalid (see :func:`tree_levels`), else 0: no table look-up."""
+    return np.int32(c == 1) | np.int32(c >= lim)
+
+
+@nb.njit(inline="always")
+def _unpack_tree(data, pos, nacc, n, width, K, lim, m, ob, accumulate):  # pragma: no cover - compiled
+    """:func:`_unpack_codes8` for ``width <= TREE_MAX_BITS`` (``K = 2^(width - 1)``, a constant):
+    values by :func:`_tree_value`, validity by :func:`_invalid`, OR-reduced into one flag that
+    the caller checks once per bucket.  Byte-aligned 2/4-bit runs take a vectorised loop over
+    bytes; otherwise one unaligned 8-byte load yields 8 codes."""
+    flag = np.int32(0)
+    if nacc == 0 and (width == 4 or width == 2) and n % (8 // width) == 0:
+        per = 8 // width
+        mask = np.int32((1 << width) - 1)
+        db = data[pos : pos + n // per]
+        for t in range(db.shape[0]):
+            byte = np.int32(db[t])
+            for k in range(per):
+                c = (byte >> np.int32(width * k)) & mask
+                flag |= _invalid(c, lim)
+                _emit(ob, per * t + k, _tree_value(c, K, m), accumulate)
+        return pos + n // per, nacc, flag
+    mask64 = np.uint64((1 << width) - 1)
+    t = 0
+    sh = np.uint64(nacc)
+    end = data.shape[0]
+    while t + 8 <= n and pos + 8 <= end:
+        v = _load_u64(data, pos) >> sh
+        for k in range(8):
+            c = np.int32((v >> np.uint64(width * k)) & mask64)
+            flag |= _invalid(c, lim)
+            _emit(ob, t + k, _tree_value(c, K, m), accumulate)
+        pos += width
+        t += 8
+    for k in range(t, n):  # the tail, code by code
+        c = np.int32(0)
+        for b in range(width):  # bit by bit across byte boundaries
+            bit = (np.int32(data[pos]) >> nacc) & 1
+            c |= bit << b
+            nacc += 1
+            if nacc == 8:
+                nacc = 0
+                pos += 1
+        flag |= _invalid(c, lim)
+        _emit(ob, k, _tree_value(c, K, m), accumulate)
+    return pos, nacc, flag
+
+
+@nb.njit(inline="always")
+def _unpack_codes8(data, pos, nacc, a, n, width, bad, nrm, slv, mags, lim, out, accumulate):  # pragma: no cover
+    """Dequantize ``n`` codes of ``width <= 8`` bits from byte ``pos`` (after ``nacc`` consumed
+    bits) into ``out[a : a + n]`` (``+=`` if ``accumulate``).  Returns ``(pos, nacc, bad)``:
+    ``bad`` is non-zero when a code is invalid (the caller locates it; the bucket may be written).
+
+    ``(mags, lim)`` from :func:`tree_levels`: with ``lim > 0`` the tree decoder
+    (:func:`_unpack_tree`); otherwise the tables ``slv`` / ``bad``.  Mirrors
+    :func:`_pack_codes8`: byte-aligned 2/4/8-bit runs are vectorised loops; otherwise one
+    unaligned 8-byte load yields 8 codes (never reading past ``data``).
+    """
+    ob = out[a : a + n]
+    if lim > 0:  # constant widths and modes: each loop compiles without a branch in its body
+        m = _scaled_levels(nrm, mags)
+        if accumulate:
+            if width == 2:
+                return _unpack_tree(data, pos, nacc, n, 2, 2, lim, m, ob, True)
+            if width == 3:
+                return _unpack_tree(data, pos, nacc, n, 3, 4, lim, m, ob, True)
+            if width == 4:
+                return _unpack_tree(data, pos, nacc, n, 4, 8, lim, m, ob, True)
+            if width == 5:
+                return _unpack_tree(data, pos, nacc, n, 5, 16, lim, m, ob, True)
+        else:
+            if width == 2:
+                return _unpack_tree(data, pos, nacc, n, 2, 2, lim, m, ob, False)
+            if width == 3:
+                return _unpack_tree(data, pos, nacc, n, 3, 4, lim, m, ob, False)
+            if width == 4:
+                return _unpack_tree(data, pos, nacc, n, 4, 8, lim, m, ob, False)
+            if width == 5:
+                return _unpack_tree(data, pos, nacc, n, 5, 16, lim, m, ob, False)
+    flag = 0
+    if nacc == 0 and (width == 8 or width == 4 or width == 2) and n % (8 // width) == 0:
+        per = 8 // width
+        db = data[pos : pos + n // per]
+        if width == 8:
+            if accumulate:
+                for t in range(n):
+                    c = db[t]
+                    flag |= bad[c]
+                    ob[t] += nrm * slv[c]
+            else:
+                for t in range(n):
+                    c = db[t]
+                    flag |= bad[c]
+                    ob[t] = nrm * slv[c]
+        elif width == 4:
+            if accumulate:
+                for t in range(db.shape[0]):
+                    c0 = db[t] & 15
+                    c1 = db[t] >> 4
+                    flag |= bad[c0] | bad[c1]
+                    ob[2 * t] += nrm * slv[c0]
+                    ob[2 * t + 1] += nrm * slv[c1]
+            else:
+                for t in range(db.shape[0]):
+                    c0 = db[t] & 15
+                    c1 = db[t] >> 4
+                    flag |= bad[c0] | bad[c1]
+                    ob[2 * t] = nrm * slv[c0]
+                    ob[2 * t + 1] = nrm * slv[c1]
+        else:
+            for t in range(db.shape[0]):
+                for k in range(4):
+                    c = (db[t] >> (2 * k)) & 3
+                    flag |= bad[c]
+                    _emit(ob, 4 * t + k, nrm * slv[c], accumulate)
+        return pos + n // per, nacc, flag
+    mask = np.uint64((1 << width) - 1)
+    t = 0
+    sh = np.uint64(nacc)
+    end = data.shape[0]
+    while t + 8 <= n and pos + 8 <= end:
+        v = _load_u64(data, pos) >> sh
+        for k in range(8):
+            c = np.int64((v >> np.uint64(width * k)) & mask)
+            flag |= bad[c]
+            _emit(ob, t + k, nrm * slv[c], accumulate)
+        pos += width
+        t += 8
+    for k in range(t, n):  # the tail, code by code
+        c = np.int32(0)
+        for b in range(width):  # bit by bit across byte boundaries
+            bit = (np.int32(data[pos]) >> nacc) & 1
+            c |= bit << b
+            nacc += 1
+            if nacc == 8:
+                nacc = 0
+                pos += 1
+        flag |= bad[c]
+        _emit(ob, k, nrm * slv[c], accumulate)
+    return pos, nacc, flag
+
+
+@nb.njit(inline="always")
+def _first_invalid(data, bitpos, a, n, width, bad):  # pragma: no cover - compiled
+    """Index (from ``a``) of the first invalid code of ``n`` codes starting at bit ``bitpos``."""
+    for k in range(n):
+        c = np.int32(0)
+        for b in range(width):
+            q = bitpos + k * width + b
+            c |= ((np.int32(data[q >> 3]) >> (q & 7)) & 1) << b
+        if bad[c]:
+            return a + k
+    return -1
 
 
 @nb.njit(nogil=True, cache=True)
@@ -281,14 +643,17 @@ def quantize_pack(
     """Fused quantize + fixed-width packing (LSB-first) of ``width``-bit codes into ``out``.
 
     ``out`` must hold ``ceil(numel * width / 8)`` bytes.  Returns ``(status, bucket)``.
-    Buckets that start on a byte boundary and fill whole bytes take a branch-free path.
+    Per bucket: the norm pass, one code pass into an L1-resident code buffer, one packing
+    pass (:func:`_pack_codes8`; codes over 8 bits are packed code by code).
     """
     xi = x.view(np.int32)
-    cs = np.empty(scratch.shape[1], dtype=np.int32)
-    acc = np.int64(0)
+    sel = select_rows(lv, inv_width)
+    cs8 = np.empty(scratch.shape[1], dtype=np.uint8)
+    cs16 = np.empty(scratch.shape[1] if width > 8 else 0, dtype=np.uint16)
+    carry = np.uint64(0)
     nacc = 0
     pos = 0
-    per_byte = 8 // width if 8 % width == 0 else 0
+    end = out.shape[0]
     for b in range(starts.shape[0] - 1):
         a = starts[b]
         e = starts[b + 1]
@@ -298,21 +663,21 @@ def quantize_pack(
         if st != OK:
             return st, b
         norms[b] = nrm
-        _bucket_codes(xb, xib, a, nrm, lv, inv_width, table, shift, one_step, intervals, k1, k2, scratch, cs)
-        n = e - a
-        if nacc == 0 and per_byte > 0 and n % per_byte == 0:
-            pos = _pack_aligned(cs, n, width, out, pos)
+        if width <= 8:
+            _codes_into(xb, xib, a, nrm, lv, inv_width, table, shift, one_step, intervals, sel, k1, k2, cs8, scratch)
+            pos, carry, nacc = _pack_codes8(cs8, e - a, width, out, pos, end, carry, nacc)
             continue
-        for t in range(n):
-            acc |= np.int64(cs[t]) << nacc
+        _codes_into(xb, xib, a, nrm, lv, inv_width, table, shift, one_step, intervals, sel, k1, k2, cs16, scratch)
+        for t in range(e - a):
+            carry |= np.uint64(cs16[t]) << np.uint64(nacc)
             nacc += width
             while nacc >= 8:
-                out[pos] = acc & 0xFF
+                out[pos] = np.uint8(carry & np.uint64(0xFF))
                 pos += 1
-                acc >>= 8
+                carry >>= np.uint64(8)
                 nacc -= 8
     if nacc > 0:
-        out[pos] = acc & 0xFF
+        out[pos] = np.uint8(carry & np.uint64(0xFF))
     return OK, -1
 
 
@@ -325,45 +690,21 @@ def _emit(out, i, v, accumulate):  # pragma: no cover - compiled
 
 
 @nb.njit(inline="always")
-def _unpack_aligned(data, pos, a, n, width, nrm, slv, bad, out, accumulate):  # pragma: no cover
-    """Dequantize ``n`` codes from byte ``pos``; returns (new pos, any invalid code)."""
-    flag = 0
-    per = 8 // width
-    db = data[pos : pos + n // per]
-    ob = out[a : a + n]
-    if width == 8:
-        if accumulate:
-            for t in range(n):
-                c = db[t]
-                flag |= bad[c]
-                ob[t] += nrm * slv[c]
-        else:
-            for t in range(n):
-                c = db[t]
-                flag |= bad[c]
-                ob[t] = nrm * slv[c]
-    elif width == 4:
-        if accumulate:
-            for t in range(db.shape[0]):
-                c0 = db[t] & 15
-                c1 = db[t] >> 4
-                flag |= bad[c0] | bad[c1]
-                ob[2 * t] += nrm * slv[c0]
-                ob[2 * t + 1] += nrm * slv[c1]
-        else:
-            for t in range(db.shape[0]):
-                c0 = db[t] & 15
-                c1 = db[t] >> 4
-                flag |= bad[c0] | bad[c1]
-                ob[2 * t] = nrm * slv[c0]
-                ob[2 * t + 1] = nrm * slv[c1]
-    else:  # width == 2
-        for t in range(db.shape[0]):
-            for k in range(4):
-                c = (db[t] >> (2 * k)) & 3
-                flag |= bad[c]
-                _emit(ob, 4 * t + k, nrm * slv[c], accumulate)
-    return pos + n // per, flag
+def _unpack_tree_buckets(data, starts, norms, bad, mags, lim, width, K, out, accumulate):  # pragma: no cover
+    """:func:`unpack_dequantize` by :func:`_unpack_tree` (constant ``width``, ``K``, mode)."""
+    pos = 0
+    nacc = 0
+    for b in range(starts.shape[0] - 1):
+        a = starts[b]
+        e = starts[b + 1]
+        bitpos = 8 * pos + nacc
+        m = _scaled_levels(norms[b], mags)
+        pos, nacc, flag = _unpack_tree(data, pos, nacc, e - a, width, K, lim, m, out[a:e], accumulate)
+        if flag:
+            return ERR_BAD_CODE, _first_invalid(data, bitpos, a, e - a, width, bad)
+    if nacc > 0 and (np.int32(data[pos]) >> nacc) != 0:
+        return ERR_BAD_PADDING, -1
+    return OK, -1
 
 
 @nb.njit(nogil=True, cache=True)
@@ -374,25 +715,42 @@ def unpack_dequantize(data, starts, norms, slv, bad, width, out, accumulate, cod
     ``ceil(numel * width / 8)`` bytes (checked by the caller).  Returns ``(status, index)``:
     an invalid code (outside the level set, or a negative zero) or non-zero padding is
     reported; the bucket holding an invalid code may already have been written.
+    With ``want_codes`` the codes are also written to ``codes`` (int32).
     """
+    if want_codes or width > 8:
+        return _unpack_code_by_code(data, starts, norms, slv, bad, width, out, accumulate, codes, want_codes)
+    mags, lim = tree_levels(slv, bad, width)
+    if lim > 0 and width == 4:  # the common case: one loop over buckets, no per-bucket dispatch
+        if accumulate:
+            return _unpack_tree_buckets(data, starts, norms, bad, mags, lim, 4, 8, out, True)
+        return _unpack_tree_buckets(data, starts, norms, bad, mags, lim, 4, 8, out, False)
+    pos = 0
+    nacc = 0
+    for b in range(starts.shape[0] - 1):
+        a = starts[b]
+        e = starts[b + 1]
+        bitpos = 8 * pos + nacc
+        pos, nacc, flag = _unpack_codes8(
+            data, pos, nacc, a, e - a, width, bad, norms[b], slv, mags, lim, out, accumulate
+        )
+        if flag:
+            return ERR_BAD_CODE, _first_invalid(data, bitpos, a, e - a, width, bad)
+    if nacc > 0 and (np.int32(data[pos]) >> nacc) != 0:
+        return ERR_BAD_PADDING, -1
+    return OK, -1
+
+
+@nb.njit(nogil=True, cache=True)
+def _unpack_code_by_code(data, starts, norms, slv, bad, width, out, accumulate, codes, want_codes):  # pragma: no cover
+    """:func:`unpack_dequantize` one code at a time (codes wanted, or wider than 8 bits)."""
     mask = (1 << width) - 1
     acc = np.int64(0)
     nacc = 0
     pos = 0
-    per_byte = 8 // width if 8 % width == 0 else 0
     for b in range(starts.shape[0] - 1):
         a = starts[b]
         e = starts[b + 1]
-        n = e - a
         nrm = norms[b]
-        if nacc == 0 and per_byte > 0 and n % per_byte == 0 and not want_codes:
-            pos, flag = _unpack_aligned(data, pos, a, n, width, nrm, slv, bad, out, accumulate)
-            if flag:
-                for i in range(a, e):  # locate the first invalid code for the message
-                    c = (data[(i * width) >> 3] >> ((i * width) & 7)) & mask
-                    if bad[c]:
-                        return ERR_BAD_CODE, i
-            continue
         for i in range(a, e):
             while nacc < width:
                 acc |= np.int64(data[pos]) << nacc
