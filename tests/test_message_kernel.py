@@ -283,3 +283,28 @@ def test_tree_decoder_equals_table_decoder(width, full, accumulate):
             cs[at] = wrong
             got, ref, _, _ = both(cs)
             assert got == ref == (cpu.ERR_BAD_CODE, at)
+
+
+@pytest.mark.parametrize("width", [2, 3, 4, 5, 6, 7])
+def test_unpack8_inverts_pack8(width):
+    """The decoder's byte spreading (``_unpack8``) is the inverse of the packer's ``_pack8``,
+    and ignores the bits above ``8 * width`` (the next group's codes in an 8-byte load)."""
+    import numba as nb
+
+    from qoda.quant.kernels import cpu
+
+    @nb.njit
+    def roundtrip(vs, w):
+        out = np.empty((vs.shape[0], 2), dtype=np.uint64)
+        for i in range(vs.shape[0]):
+            p = cpu._pack8(vs[i], w)
+            out[i, 0] = p
+            out[i, 1] = cpu._unpack8(p | (np.uint64(0xFFFFFFFFFFFFFFFF) << np.uint64(8 * w)), w)
+        return out
+
+    rng = np.random.default_rng(width)
+    codes = rng.integers(0, 1 << width, (500, 8), dtype=np.uint8)
+    vs = codes.copy().view(np.uint64).ravel()
+    out = roundtrip(vs, width)
+    assert np.all(out[:, 0] < (np.uint64(1) << np.uint64(8 * width)))
+    assert np.array_equal(out[:, 1], vs)

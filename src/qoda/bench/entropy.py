@@ -24,8 +24,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,22 +31,13 @@ import numba as nb
 import numpy as np
 import torch
 
+from qoda.bench.codec import _best  # one timing rule for both codec benchmarks
 from qoda.codec import rans
 from qoda.codec.segment import decode_into, encode_tensor
 from qoda.quant.config import QuantizerConfig
 from qoda.quant.kernels import cpu
 from qoda.quant.quantizer import bucket_starts, level_tables, scratch_for
 from qoda.quant.rng import seed_keys
-
-
-def _best(fn: Callable[[], object], repeats: int) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best
 
 
 # ------------------------------------------------------------------ the format-1 coder (reference)

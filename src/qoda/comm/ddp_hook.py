@@ -24,25 +24,24 @@ the bytes travel and while an earlier bucket is decoded on gloo's thread.  To ne
 exchange, each message travels with a one-byte status in front, at its size fixed by the plan
 (fixed-width coding: ``LayerwiseCodec.message_size``):
 
-* ``allgather``: **one** asynchronous all-gather per bucket (the synchronous path sends
-  sizes first, then the data: two blocking all-gathers).
+* ``allgather``: **one** asynchronous all-gather per bucket.
 * ``two_phase``: pipelined across buckets.  Phase 2 of a bucket is the re-quantized *result*
   of its phase 1, so it cannot be issued before phase 1 is done, and it must not be issued
   from phase 1's callback (see above).  So bucket ``i``'s body issues its phase-1 all-to-all
   asynchronously and then, for bucket ``i-1`` (whose phase 1 travelled while backward computed
   bucket ``i``), waits, decodes, re-encodes and issues the phase-2 all-gather asynchronously;
   the last bucket's body issues its own phase 2 too.  Every rank issues
-  ``P1(0) | P1(1) P2(0) | ... | P1(n-1) P2(n-2) P2(n-1)``.  Two collectives per bucket
-  instead of the synchronous path's five (sizes and data all-to-all, a failure-flag
-  all-reduce, sizes and data all-gather): failures ride in the status bytes.
+  ``P1(0) | P1(1) P2(0) | ... | P1(n-1) P2(n-2) P2(n-1)``.  Two collectives per bucket, the
+  same steps the synchronous path runs back to back (:mod:`qoda.comm.protocol`).
 
 Entropy coding has data-dependent sizes: the sizes are exchanged first, blocking, then the
 data asynchronously.  The overlapping results equal the synchronous ones bit for bit (same
 seeds, same payloads, same decode order).
 
-Failures stay collective in both paths: a rank that cannot encode (a NaN/Inf gradient) or
-cannot decode its phase-1 chunk sets its status byte (or sends size 0); every rank sees it in
-the same exchange and raises :class:`~qoda.comm.aggregate.AggregationError` naming the rank,
+Failures stay collective in both paths and travel in the payload: a rank that cannot encode
+(a NaN/Inf gradient) or cannot decode its phase-1 chunk sends a failure message (wire format
+2: status, origin rank, reason); every rank sees it in the same exchange and raises
+:class:`~qoda.comm.aggregate.AggregationError` naming the rank,
 from ``backward()`` (overlap: DDP re-raises the continuation's error when it waits for the
 bucket).  Settings are compared across ranks at the hook's first call in a process (mode,
 ``start_iter``, seed, overlap, adapt, policy, iteration, model binding) and again by every

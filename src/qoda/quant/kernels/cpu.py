@@ -4,7 +4,8 @@ Hand-written because no library fuses stochastic rounding with bit packing: eage
 needs ~10 full-size temporaries per call, these kernels visit each bucket while it sits in
 L1: a norm pass, one vectorised code pass into a bucket-sized uint8 code buffer
 (:func:`_codes_into`), one packing pass (:func:`_pack_codes8`: 8 codes per unaligned 64-bit
-store, any width and alignment).  Decoding mirrors it (:func:`_unpack_codes8`).  The
+store, any width and alignment).  Decoding mirrors it (:func:`_unpack_tree_buckets` for
+widths <= 5, :func:`_unpack_codes8` with tables otherwise).  The
 per-bucket primitives are shared with the whole-message kernels of
 :mod:`qoda.quant.kernels.message`.  Where the time goes: ``.notes_codec.md``.
 
@@ -83,14 +84,16 @@ def signed_level_table(levels: np.ndarray, width: int) -> tuple[np.ndarray, np.n
 
 
 @intrinsic
-def _uniform(typingctx, i, k1, k2):  # pragma: no cover - compiled
-    """``r_i`` of :mod:`qoda.quant.rng` (float32), computed in 32-bit integer lanes.
+def _uniform(typingctx, a, t, k1, k2):  # pragma: no cover - compiled
+    """``r_i`` of :mod:`qoda.quant.rng` (float32) for ``i = a + t``, computed in 32-bit lanes.
 
     Written as LLVM IR because numba widens every integer operation to 64 bits: the 64-bit
     vector multiplies made this hash half of the encoder's time.  In i32 lanes LLVM uses
     16-wide 32-bit multiplies; the bits are identical (the hash is defined modulo 2^32).
+    ``a`` (the bucket start) and ``t`` (the loop counter) are truncated separately, so the
+    vectorised loop keeps a 32-bit induction vector instead of adding and narrowing 64-bit ones.
     """
-    sig = types.float32(types.int64, types.int64, types.int64)
+    sig = types.float32(types.int64, types.int64, types.int64, types.int64)
 
     def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
         i32 = ir.IntType(32)
@@ -105,12 +108,42 @@ def _uniform(typingctx, i, k1, k2):  # pragma: no cover - compiled
             x = builder.mul(x, const(MIX_M2))
             return builder.xor(x, builder.lshr(x, const(16)))
 
-        i, key1, key2 = (builder.trunc(v, i32) for v in args)
-        h = mix(builder.xor(mix(builder.add(i, key1)), key2))
+        ia, it, key1, key2 = (builder.trunc(v, i32) for v in args)
+        h = mix(builder.xor(mix(builder.add(builder.add(it, ia), key1)), key2))
         r = builder.uitofp(builder.lshr(h, const(8)), ir.FloatType())
         return builder.fmul(r, ir.Constant(ir.FloatType(), UNIFORM_SCALE))
 
     return sig, codegen
+
+
+@intrinsic
+def _index_bits(typingctx, b3, b2, b1, b0):  # pragma: no cover - compiled
+    """``8 b3 + 4 b2 + 2 b1 + b0`` of four booleans, as an int32 (see :func:`_code`)."""
+
+    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+        i32 = ir.IntType(32)
+        v = ir.Constant(i32, 0)
+        for k, b in enumerate(reversed(args)):
+            v = builder.or_(v, builder.shl(builder.zext(b, i32), ir.Constant(i32, k)))
+        return v
+
+    return types.int32(b3, b2, b1, b0), codegen
+
+
+@intrinsic
+def _code(typingctx, j, up, neg):  # pragma: no cover - compiled
+    """The code ``(j' << 1) | (neg & (j' > 0))`` of ``j' = j + up`` (``j``: int32, ``up`` and
+    ``neg``: booleans), computed in 32-bit integer lanes: numba widens integer arithmetic to 64
+    bits, which doubled the vector instructions of the code computation."""
+
+    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+        i32 = ir.IntType(32)
+        jj = builder.add(args[0], builder.zext(args[1], i32))
+        pos = builder.icmp_signed(">", jj, ir.Constant(i32, 0))
+        sign = builder.zext(builder.and_(args[2], pos), i32)
+        return builder.or_(builder.shl(jj, ir.Constant(i32, 1)), sign)
+
+    return types.int32(types.int32, types.boolean, types.boolean), codegen
 
 
 def _byte_pointer(context, builder, arr_type, arr, pos, ity):  # type: ignore[no-untyped-def]
@@ -220,32 +253,83 @@ def select_rows(lv, inv_width):  # pragma: no cover - compiled
 
 
 @nb.njit(inline="always")
+def _halve16(m, r):  # pragma: no cover - compiled
+    """The upper half of the 16-tuple ``r`` where the all-ones mask ``m`` is set, else its lower half."""
+    return (
+        _pick(m, r[0], r[8]), _pick(m, r[1], r[9]), _pick(m, r[2], r[10]), _pick(m, r[3], r[11]),
+        _pick(m, r[4], r[12]), _pick(m, r[5], r[13]), _pick(m, r[6], r[14]), _pick(m, r[7], r[15]),
+    )  # fmt: skip
+
+
+@nb.njit(inline="always")
+def _halve8(m, r):  # pragma: no cover - compiled
+    """:func:`_halve16` of an 8-tuple."""
+    return _pick(m, r[0], r[4]), _pick(m, r[1], r[5]), _pick(m, r[2], r[6]), _pick(m, r[3], r[7])
+
+
+@nb.njit(inline="always")
+def _halve4(m, r):  # pragma: no cover - compiled
+    """:func:`_halve16` of a 4-tuple."""
+    return _pick(m, r[0], r[2]), _pick(m, r[1], r[3])
+
+
+@nb.njit(inline="always")
 def _select_codes(xb, xib, a, pre, inv, sel, k1, k2, cs, K):  # pragma: no cover - compiled
-    """Codes for at most ``K`` (a constant) levels by comparing ``u`` against every level.
+    """Codes for at most ``K`` (a constant power of two) levels by a branch-free binary search.
 
     Why: LLVM does not vectorise table look-ups on this CPU (gathers are slow on AMD Zen), so
-    the look-up loop runs scalar at ~3 ns a coordinate; comparing against all ``K`` levels with
-    integer bit-selects (exact: ``l_j`` and ``1 / (l_{j+1} - l_j)`` are picked, not computed)
-    vectorises, 0.5 ns (8 levels) to 1 ns (16 levels).  Levels increase, so the last level
-    ``<= u`` is ``l_j`` with ``j`` the number of levels ``<= u`` after ``l_0``.
+    the look-up loop runs scalar at ~3 ns a coordinate; integer bit-selects vectorise.  The
+    levels (padded with the 2.0 sentinel, never ``<= u``) and their inverse widths live in two
+    register tuples; each step compares ``u`` against the middle level of the remaining half
+    and keeps the upper or lower half of both tuples: ``log2 K`` compares and ``2 (K - 1)``
+    selects (comparing against every level took ``K - 1`` compares and index adds more; 16
+    levels: 1.45 -> 0.7 ns a coordinate with :func:`_code`).  Levels increase,
+    so the search ends at the last level ``l_j <= u`` with the same ``j``, ``l_j`` and
+    ``1 / (l_{j+1} - l_j)`` (picked, not computed) as a scan: exact.  Comparisons are on the
+    float32 bits (integer order is float order for non-negative floats; ``u >= +0``).
     """
     one = np.float32(1.0)
     lb = sel[0]
     wb = sel[1]
-    lvf = lb.view(np.float32)
+    L = (
+        lb[0], lb[1], lb[2], lb[3], lb[4], lb[5], lb[6], lb[7],
+        lb[8], lb[9], lb[10], lb[11], lb[12], lb[13], lb[14], lb[15],
+    )  # fmt: skip
+    W = (
+        wb[0], wb[1], wb[2], wb[3], wb[4], wb[5], wb[6], wb[7],
+        wb[8], wb[9], wb[10], wb[11], wb[12], wb[13], wb[14], wb[15],
+    )  # fmt: skip
     for t in range(xb.shape[0]):
         u = _magnitude(xb[t], pre, inv, one)
-        lo = lb[0]
-        w = wb[0]
-        j = np.int32(0)
-        for k in range(1, K):
-            m = -np.int32(lvf[k] <= u)  # all ones where l_k <= u
-            j -= m
-            lo = (lo & ~m) | (lb[k] & m)
-            w = (w & ~m) | (wb[k] & m)
+        ui = np.float32(u).view(np.int32)
+        if K == 16:
+            c3 = L[8] <= ui
+            m = -np.int32(c3)
+            L8 = _halve16(m, L)
+            W8 = _halve16(m, W)
+        else:
+            c3 = False
+            L8 = (L[0], L[1], L[2], L[3], L[4], L[5], L[6], L[7])
+            W8 = (W[0], W[1], W[2], W[3], W[4], W[5], W[6], W[7])
+        if K >= 8:
+            c2 = L8[4] <= ui
+            m = -np.int32(c2)
+            L4 = _halve8(m, L8)
+            W4 = _halve8(m, W8)
+        else:
+            c2 = False
+            L4 = (L8[0], L8[1], L8[2], L8[3])
+            W4 = (W8[0], W8[1], W8[2], W8[3])
+        c1 = L4[2] <= ui
+        m = -np.int32(c1)
+        L2 = _halve4(m, L4)
+        W2 = _halve4(m, W4)
+        c0 = L2[1] <= ui
+        m = -np.int32(c0)
+        lo = _pick(m, L2[0], L2[1])
+        w = _pick(m, W2[0], W2[1])
         p = (u - np.int32(lo).view(np.float32)) * np.int32(w).view(np.float32)
-        j += np.int32(_uniform(a + t, k1, k2) < p)
-        cs[t] = (j << 1) | np.int32((xib[t] < 0) & (j > 0))
+        cs[t] = _code(_index_bits(c3, c2, c1, c0), _uniform(a, t, k1, k2) < p, xib[t] < 0)
 
 
 @nb.njit(inline="always")
@@ -276,8 +360,7 @@ def _codes_into(
             tt = _magnitude(xb[t], pre, inv, one) * big
             j = np.int32(tt)
             j = j if j < smax else smax
-            j += np.int32(_uniform(a + t, k1, k2) < tt - np.float32(j))
-            cs[t] = (j << 1) | np.int32((xib[t] < 0) & (j > 0))
+            cs[t] = _code(j, _uniform(a, t, k1, k2) < tt - np.float32(j), xib[t] < 0)
         return
     nl = lv.shape[0] - 1
     if nl <= 4:
@@ -294,7 +377,7 @@ def _codes_into(
     rs = sc[1, :n]
     for t in range(n):
         uf[t] = _magnitude(xb[t], pre, inv, one)
-        rs[t] = _uniform(a + t, k1, k2)
+        rs[t] = _uniform(a, t, k1, k2)
     ui = uf.view(np.int32)
     if one_step:  # its own loop: no data-dependent branch
         for t in range(n):
@@ -352,15 +435,30 @@ def _pack8(v, width):  # pragma: no cover - compiled
 
 
 @nb.njit(inline="always")
+def _unpack8(v, width):  # pragma: no cover - compiled
+    """The inverse of :func:`_pack8`: the low ``8 * width`` bits of ``v`` (``width <= 7``) as
+    eight ``width``-bit codes, one per byte."""
+    w = np.uint64(width)
+    v &= (np.uint64(1) << (np.uint64(8) * w)) - np.uint64(1)
+    m4 = np.uint64((1 << (4 * width)) - 1)
+    v = (v & m4) | ((v << (np.uint64(32) - 4 * w)) & (m4 << np.uint64(32)))
+    m2 = np.uint64((1 << (2 * width)) - 1) * np.uint64(0x0000000100000001)
+    v = (v & m2) | ((v << (np.uint64(16) - 2 * w)) & (m2 << np.uint64(16)))
+    m1 = np.uint64((1 << width) - 1) * np.uint64(0x0001000100010001)
+    return (v & m1) | ((v << (np.uint64(8) - w)) & (m1 << np.uint64(8)))
+
+
+@nb.njit(inline="always")
 def _pack_codes8(cs, n, width, out, pos, end, carry, nacc):  # pragma: no cover - compiled
     """Append ``n`` codes of ``width <= 8`` bits (``cs``: uint8) to ``out`` at byte ``pos``,
     LSB-first, after ``nacc < 8`` pending bits held in ``carry``; never writes at or past ``end``.
     Returns ``(pos, carry, nacc)``.
 
     Byte-aligned 2/4/8-bit runs take vectorised loops; otherwise groups of 8 codes (``width``
-    whole bytes) are packed in a 64-bit register and written with one unaligned 8-byte store
-    (the bytes past the group are rewritten by the next group), so any width and any
-    alignment run at one store per 8 codes.
+    whole bytes) are packed into 64-bit words by a vectorised pass (in place: ``cs`` is
+    overwritten) and written with one unaligned 8-byte store each (the bytes past the group
+    are rewritten by the next group), so any width and any alignment run at one store per 8
+    codes.
     """
     if nacc == 0 and (width == 8 or width == 4 or width == 2) and n % (8 // width) == 0:
         per = 8 // width
@@ -378,12 +476,16 @@ def _pack_codes8(cs, n, width, out, pos, end, carry, nacc):  # pragma: no cover 
     t = 0
     sh = np.uint64(nacc)
     top = np.uint64(8 * width - 1)  # carry = acc >> (8 width), as two shifts: 64 is not a valid count
-    while t + 8 <= n and pos + 8 <= end:
-        acc = carry | (_pack8(_load_u64(cs, t), width) << sh)
-        _store_u64(out, pos, acc)
-        carry = (acc >> top) >> np.uint64(1)
-        pos += width
-        t += 8
+    if end - pos >= 8:
+        groups = min(n // 8, (end - pos - 8) // width + 1)  # groups whose 8-byte store fits
+        for g in range(groups):  # vectorised: each group of 8 codes packed in place
+            _store_u64(cs, 8 * g, _pack8(_load_u64(cs, 8 * g), width))
+        for g in range(groups):  # carry: the bits past 8 width; those of ``carry`` (< 2^sh) never reach them
+            v = _load_u64(cs, 8 * g) << sh
+            _store_u64(out, pos + width * g, carry | v)
+            carry = (v >> top) >> np.uint64(1)
+        pos += width * groups
+        t = 8 * groups
     for k in range(t, n):  # the tail, code by code
         carry |= np.uint64(cs[k]) << np.uint64(nacc)
         nacc += width
@@ -485,11 +587,13 @@ def _invalid(c, lim):  # pragma: no cover - compiled
 
 
 @nb.njit(inline="always")
-def _unpack_tree(data, pos, nacc, n, width, K, lim, m, ob, accumulate):  # pragma: no cover - compiled
-    """:func:`_unpack_codes8` for ``width <= TREE_MAX_BITS`` (``K = 2^(width - 1)``, a constant):
-    values by :func:`_tree_value`, validity by :func:`_invalid`, OR-reduced into one flag that
-    the caller checks once per bucket.  Byte-aligned 2/4-bit runs take a vectorised loop over
-    bytes; otherwise one unaligned 8-byte load yields 8 codes."""
+def _unpack_tree(data, pos, nacc, n, width, K, lim, m, ob, cb, accumulate):  # pragma: no cover - compiled
+    """Dequantize ``n`` codes of ``width <= TREE_MAX_BITS`` bits (``K = 2^(width - 1)``, a
+    constant) from byte ``pos`` (after ``nacc`` consumed bits) into ``ob``: values by
+    :func:`_tree_value`, validity by :func:`_invalid`, OR-reduced into one flag that the caller
+    checks once per bucket.  Byte-aligned 2/4-bit runs take a vectorised loop over bytes;
+    otherwise one unaligned 8-byte load yields 8 codes, spread to bytes in ``cb`` (>= ``n``
+    bytes, rounded up to 8) and decoded by a vectorised loop.  Returns ``(pos, nacc, flag)``."""
     flag = np.int32(0)
     if nacc == 0 and (width == 4 or width == 2) and n % (8 // width) == 0:
         per = 8 // width
@@ -502,18 +606,19 @@ def _unpack_tree(data, pos, nacc, n, width, K, lim, m, ob, accumulate):  # pragm
                 flag |= _invalid(c, lim)
                 _emit(ob, per * t + k, _tree_value(c, K, m), accumulate)
         return pos + n // per, nacc, flag
-    mask64 = np.uint64((1 << width) - 1)
     t = 0
     sh = np.uint64(nacc)
     end = data.shape[0]
-    while t + 8 <= n and pos + 8 <= end:
-        v = _load_u64(data, pos) >> sh
-        for k in range(8):
-            c = np.int32((v >> np.uint64(width * k)) & mask64)
+    if end - pos >= 8:
+        groups = min(n // 8, (end - pos - 8) // width + 1)  # groups whose 8-byte load fits
+        for g in range(groups):  # 8 codes per load, spread to one byte each
+            _store_u64(cb, 8 * g, _unpack8(_load_u64(data, pos + width * g) >> sh, width))
+        for i in range(8 * groups):  # vectorised
+            c = np.int32(cb[i])
             flag |= _invalid(c, lim)
-            _emit(ob, t + k, _tree_value(c, K, m), accumulate)
-        pos += width
-        t += 8
+            _emit(ob, i, _tree_value(c, K, m), accumulate)
+        pos += width * groups
+        t = 8 * groups
     for k in range(t, n):  # the tail, code by code
         c = np.int32(0)
         for b in range(width):  # bit by bit across byte boundaries
@@ -529,37 +634,17 @@ def _unpack_tree(data, pos, nacc, n, width, K, lim, m, ob, accumulate):  # pragm
 
 
 @nb.njit(inline="always")
-def _unpack_codes8(data, pos, nacc, a, n, width, bad, nrm, slv, mags, lim, out, accumulate):  # pragma: no cover
+def _unpack_codes8(data, pos, nacc, a, n, width, bad, nrm, slv, out, accumulate):  # pragma: no cover
     """Dequantize ``n`` codes of ``width <= 8`` bits from byte ``pos`` (after ``nacc`` consumed
     bits) into ``out[a : a + n]`` (``+=`` if ``accumulate``).  Returns ``(pos, nacc, bad)``:
     ``bad`` is non-zero when a code is invalid (the caller locates it; the bucket may be written).
 
-    ``(mags, lim)`` from :func:`tree_levels`: with ``lim > 0`` the tree decoder
-    (:func:`_unpack_tree`); otherwise the tables ``slv`` / ``bad``.  Mirrors
+    By the tables ``slv`` / ``bad`` (the tree decoder, :func:`_unpack_tree_buckets`, takes the
+    level sets :func:`tree_levels` accepts).  Mirrors
     :func:`_pack_codes8`: byte-aligned 2/4/8-bit runs are vectorised loops; otherwise one
     unaligned 8-byte load yields 8 codes (never reading past ``data``).
     """
     ob = out[a : a + n]
-    if lim > 0:  # constant widths and modes: each loop compiles without a branch in its body
-        m = _scaled_levels(nrm, mags)
-        if accumulate:
-            if width == 2:
-                return _unpack_tree(data, pos, nacc, n, 2, 2, lim, m, ob, True)
-            if width == 3:
-                return _unpack_tree(data, pos, nacc, n, 3, 4, lim, m, ob, True)
-            if width == 4:
-                return _unpack_tree(data, pos, nacc, n, 4, 8, lim, m, ob, True)
-            if width == 5:
-                return _unpack_tree(data, pos, nacc, n, 5, 16, lim, m, ob, True)
-        else:
-            if width == 2:
-                return _unpack_tree(data, pos, nacc, n, 2, 2, lim, m, ob, False)
-            if width == 3:
-                return _unpack_tree(data, pos, nacc, n, 3, 4, lim, m, ob, False)
-            if width == 4:
-                return _unpack_tree(data, pos, nacc, n, 4, 8, lim, m, ob, False)
-            if width == 5:
-                return _unpack_tree(data, pos, nacc, n, 5, 16, lim, m, ob, False)
     flag = 0
     if nacc == 0 and (width == 8 or width == 4 or width == 2) and n % (8 // width) == 0:
         per = 8 // width
@@ -691,7 +776,12 @@ def _emit(out, i, v, accumulate):  # pragma: no cover - compiled
 
 @nb.njit(inline="always")
 def _unpack_tree_buckets(data, starts, norms, bad, mags, lim, width, K, out, accumulate):  # pragma: no cover
-    """:func:`unpack_dequantize` by :func:`_unpack_tree` (constant ``width``, ``K``, mode)."""
+    """:func:`unpack_dequantize` by :func:`_unpack_tree` (constant ``width``, ``K``, mode); codes
+    from byte 0 of ``data``.  Returns ``(status, index)`` as :func:`unpack_dequantize`."""
+    longest = 0
+    for b in range(starts.shape[0] - 1):
+        longest = max(longest, starts[b + 1] - starts[b])
+    cb = np.empty(longest + 8, dtype=np.uint8)  # codes spread to bytes (widths 3 and 5)
     pos = 0
     nacc = 0
     for b in range(starts.shape[0] - 1):
@@ -699,12 +789,33 @@ def _unpack_tree_buckets(data, starts, norms, bad, mags, lim, width, K, out, acc
         e = starts[b + 1]
         bitpos = 8 * pos + nacc
         m = _scaled_levels(norms[b], mags)
-        pos, nacc, flag = _unpack_tree(data, pos, nacc, e - a, width, K, lim, m, out[a:e], accumulate)
+        pos, nacc, flag = _unpack_tree(data, pos, nacc, e - a, width, K, lim, m, out[a:e], cb, accumulate)
         if flag:
             return ERR_BAD_CODE, _first_invalid(data, bitpos, a, e - a, width, bad)
     if nacc > 0 and (np.int32(data[pos]) >> nacc) != 0:
         return ERR_BAD_PADDING, -1
     return OK, -1
+
+
+@nb.njit(inline="always")
+def _unpack_tree_segment(data, starts, norms, bad, mags, lim, width, out, accumulate):  # pragma: no cover
+    """:func:`_unpack_tree_buckets` for a runtime ``width`` in 2..5 (``lim > 0``, see
+    :func:`tree_levels`) and mode: one instantiation per constant width and mode."""
+    if accumulate:
+        if width == 2:
+            return _unpack_tree_buckets(data, starts, norms, bad, mags, lim, 2, 2, out, True)
+        if width == 3:
+            return _unpack_tree_buckets(data, starts, norms, bad, mags, lim, 3, 4, out, True)
+        if width == 4:
+            return _unpack_tree_buckets(data, starts, norms, bad, mags, lim, 4, 8, out, True)
+        return _unpack_tree_buckets(data, starts, norms, bad, mags, lim, 5, 16, out, True)
+    if width == 2:
+        return _unpack_tree_buckets(data, starts, norms, bad, mags, lim, 2, 2, out, False)
+    if width == 3:
+        return _unpack_tree_buckets(data, starts, norms, bad, mags, lim, 3, 4, out, False)
+    if width == 4:
+        return _unpack_tree_buckets(data, starts, norms, bad, mags, lim, 4, 8, out, False)
+    return _unpack_tree_buckets(data, starts, norms, bad, mags, lim, 5, 16, out, False)
 
 
 @nb.njit(nogil=True, cache=True)
@@ -720,19 +831,15 @@ def unpack_dequantize(data, starts, norms, slv, bad, width, out, accumulate, cod
     if want_codes or width > 8:
         return _unpack_code_by_code(data, starts, norms, slv, bad, width, out, accumulate, codes, want_codes)
     mags, lim = tree_levels(slv, bad, width)
-    if lim > 0 and width == 4:  # the common case: one loop over buckets, no per-bucket dispatch
-        if accumulate:
-            return _unpack_tree_buckets(data, starts, norms, bad, mags, lim, 4, 8, out, True)
-        return _unpack_tree_buckets(data, starts, norms, bad, mags, lim, 4, 8, out, False)
+    if lim > 0:  # widths 2-5: one loop over buckets, no per-bucket dispatch
+        return _unpack_tree_segment(data, starts, norms, bad, mags, lim, width, out, accumulate)
     pos = 0
     nacc = 0
     for b in range(starts.shape[0] - 1):
         a = starts[b]
         e = starts[b + 1]
         bitpos = 8 * pos + nacc
-        pos, nacc, flag = _unpack_codes8(
-            data, pos, nacc, a, e - a, width, bad, norms[b], slv, mags, lim, out, accumulate
-        )
+        pos, nacc, flag = _unpack_codes8(data, pos, nacc, a, e - a, width, bad, norms[b], slv, out, accumulate)
         if flag:
             return ERR_BAD_CODE, _first_invalid(data, bitpos, a, e - a, width, bad)
     if nacc > 0 and (np.int32(data[pos]) >> nacc) != 0:

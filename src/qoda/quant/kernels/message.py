@@ -38,6 +38,7 @@ from qoda.quant.kernels.cpu import (
     _pack_codes8,
     _store_u32,
     _unpack_codes8,
+    _unpack_tree_segment,
     tree_levels,
 )
 
@@ -158,6 +159,7 @@ def decode_message(addrs, meta, starts, slvs, bads, tmpl, data, base, accumulate
             if bits >= np.uint32(0x7F800000) and bits != np.uint32(0x80000000):
                 return ERR_NORM, s, b
     # 2. decode
+    norms = np.empty(0, dtype=np.float32)  # the bucket norms of a tree-decoded segment
     for s in range(meta.shape[0]):
         row = meta[s]
         n = row[M_NUMEL]
@@ -171,15 +173,23 @@ def decode_message(addrs, meta, starts, slvs, bads, tmpl, data, base, accumulate
         mags, lim = tree_levels(slv, bad, width)
         npos = base + row[M_NORMS]
         pos = base + row[M_CODES]
+        if lim > 0:  # widths 2-5: one bucket loop per segment (as the per-segment decoder)
+            nb_ = st.shape[0] - 1
+            if norms.shape[0] < nb_:
+                norms = np.empty(nb_, dtype=np.float32)
+            for b in range(nb_):
+                norms[b] = np.uint32(_load_u32(data, npos + 4 * b)).view(np.float32)
+            status, i = _unpack_tree_segment(data[pos:], st, norms[:nb_], bad, mags, lim, width, out, accumulate)
+            if status != OK:
+                return status, s, i
+            continue
         nacc = 0
         for b in range(st.shape[0] - 1):
             a = st[b]
             e = st[b + 1]
             nrm = np.uint32(_load_u32(data, npos + 4 * b)).view(np.float32)
             bitpos = 8 * pos + nacc
-            pos, nacc, flag = _unpack_codes8(
-                data, pos, nacc, a, e - a, width, bad, nrm, slv, mags, lim, out, accumulate
-            )
+            pos, nacc, flag = _unpack_codes8(data, pos, nacc, a, e - a, width, bad, nrm, slv, out, accumulate)
             if flag:
                 return ERR_BAD_CODE, s, _first_invalid(data, bitpos, a, e - a, width, bad)
         if nacc > 0 and (np.int32(data[pos]) >> nacc) != 0:
