@@ -92,20 +92,20 @@ def all_gather(k: int, nbytes: float, sized: bool = False) -> ExchangeCost:
     all-gathered first (data-dependent sizes)."""
     moved = (k - 1) * nbytes
     data = ExchangeCost(moved, moved, 0, 1, k - 1)
-    if not sized:
-        return data
-    s = (k - 1) * SIZE_BYTES
-    return ExchangeCost(s, s, s, 1, k - 1) + data
+    return _size_exchange(k) + data if sized else data
 
 
 def all_to_all(k: int, sent: float, received: float, sized: bool = False) -> ExchangeCost:
     """An all-to-all: ``sent`` / ``received`` bytes to / from the ``K-1`` peers; ``sized``: one size
     per peer exchanged first."""
     data = ExchangeCost(sent, received, 0, 1, k - 1)
-    if not sized:
-        return data
+    return _size_exchange(k) + data if sized else data
+
+
+def _size_exchange(k: int) -> ExchangeCost:
+    """One int64 size to / from each of the ``K-1`` peers (a collective of its own, latency-bound)."""
     s = (k - 1) * SIZE_BYTES
-    return ExchangeCost(s, s, s, 1, k - 1) + data
+    return ExchangeCost(s, s, s, 1, k - 1)
 
 
 # ---------------------------------------------------------------------------- modes

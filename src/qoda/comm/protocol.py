@@ -79,6 +79,13 @@ def _wire(arr: np.ndarray, dev: torch.device) -> torch.Tensor:
     return t if dev.type == "cpu" else t.to(dev)
 
 
+def _padded(arr: np.ndarray, width: int, dev: torch.device) -> torch.Tensor:
+    """``arr`` with zero padding up to ``width`` bytes (all-gathers need equal sizes), on ``dev``."""
+    out = torch.zeros(width, dtype=torch.uint8)
+    out[: arr.size] = torch.from_numpy(arr)
+    return out.to(dev)
+
+
 def _gather_sizes(agg: Aggregator, n: int) -> list[int]:
     """Blocking all-gather of one size per rank (entropy coding: sizes depend on the data)."""
     size = torch.tensor([n], dtype=torch.int64, device=agg.wire_device)
@@ -123,9 +130,7 @@ class AllgatherExchange:
             send = _wire(data, agg.wire_device)
         else:
             self.sizes = _gather_sizes(agg, data.size)
-            send = torch.zeros(max(self.sizes), dtype=torch.uint8)
-            send[: data.size] = torch.from_numpy(data)
-            send = send.to(agg.wire_device)
+            send = _padded(data, max(self.sizes), agg.wire_device)
         self.outs = [torch.empty_like(send) for _ in range(agg.world)]
         self.t1 = time.perf_counter()
         st.encode_seconds += self.t1 - t0
@@ -298,17 +303,12 @@ class TwoPhaseExchange:
             data = _failure(codec, k + 1 + r, status, origin, text, None if fixed is None else fixed[r])
         if fixed is not None:
             self.sizes2 = list(fixed)
-            if buf is not None and self.msg2 is not None:
-                send = _wire(buf[:width], dev)  # zero padding behind the message (see send_buffer)
-            else:
-                send = torch.zeros(width, dtype=torch.uint8)
-                send[: data.size] = torch.from_numpy(data)
-                send = send.to(dev)
+            # the reused buffer already holds zero padding behind the message (see send_buffer)
+            in_place = buf is not None and self.msg2 is not None
+            send = _wire(buf[:width], dev) if in_place else _padded(data, width, dev)
         else:  # 6.
             self.sizes2 = _gather_sizes(agg, data.size)
-            send = torch.zeros(max(self.sizes2), dtype=torch.uint8)
-            send[: data.size] = torch.from_numpy(data)
-            send = send.to(dev)
+            send = _padded(data, max(self.sizes2), dev)
         self.outs = [torch.empty_like(send) for _ in range(k)]
         self.t4 = time.perf_counter()
         st.decode_seconds += t3 - t2

@@ -587,6 +587,21 @@ def _invalid(c, lim):  # pragma: no cover - compiled
 
 
 @nb.njit(inline="always")
+def _read_code(data, pos, nacc, width):  # pragma: no cover - compiled
+    """One ``width``-bit code LSB-first from byte ``pos`` after ``nacc`` consumed bits, bit by
+    bit across byte boundaries (the tails of the unpackers); returns ``(code, pos, nacc)``."""
+    c = np.int32(0)
+    for b in range(width):
+        bit = (np.int32(data[pos]) >> nacc) & 1
+        c |= bit << b
+        nacc += 1
+        if nacc == 8:
+            nacc = 0
+            pos += 1
+    return c, pos, nacc
+
+
+@nb.njit(inline="always")
 def _unpack_tree(data, pos, nacc, n, width, K, lim, m, ob, cb, accumulate):  # pragma: no cover - compiled
     """Dequantize ``n`` codes of ``width <= TREE_MAX_BITS`` bits (``K = 2^(width - 1)``, a
     constant) from byte ``pos`` (after ``nacc`` consumed bits) into ``ob``: values by
@@ -620,14 +635,7 @@ def _unpack_tree(data, pos, nacc, n, width, K, lim, m, ob, cb, accumulate):  # p
         pos += width * groups
         t = 8 * groups
     for k in range(t, n):  # the tail, code by code
-        c = np.int32(0)
-        for b in range(width):  # bit by bit across byte boundaries
-            bit = (np.int32(data[pos]) >> nacc) & 1
-            c |= bit << b
-            nacc += 1
-            if nacc == 8:
-                nacc = 0
-                pos += 1
+        c, pos, nacc = _read_code(data, pos, nacc, width)
         flag |= _invalid(c, lim)
         _emit(ob, k, _tree_value(c, K, m), accumulate)
     return pos, nacc, flag
@@ -695,14 +703,7 @@ def _unpack_codes8(data, pos, nacc, a, n, width, bad, nrm, slv, out, accumulate)
         pos += width
         t += 8
     for k in range(t, n):  # the tail, code by code
-        c = np.int32(0)
-        for b in range(width):  # bit by bit across byte boundaries
-            bit = (np.int32(data[pos]) >> nacc) & 1
-            c |= bit << b
-            nacc += 1
-            if nacc == 8:
-                nacc = 0
-                pos += 1
+        c, pos, nacc = _read_code(data, pos, nacc, width)
         flag |= bad[c]
         _emit(ob, k, nrm * slv[c], accumulate)
     return pos, nacc, flag
