@@ -8,11 +8,11 @@ from typing import Any
 
 import torch
 
-from qoda.optim.base import Averager, TwoCallOptimizer, VIOptimizer, check_positive
+from qoda.optim.base import Averager, TwoCallOptimizer, VIOptimizer, check_lr, check_positive, lr_value
 
 
 def _check_adam(lr: float, betas: tuple[float, float], eps: float, weight_decay: float = 0.0) -> None:
-    check_positive("lr", lr)
+    check_lr("lr", lr)
     check_positive("eps", eps)
     check_positive("weight_decay", weight_decay, allow_zero=True)
     if len(betas) != 2 or not all(isinstance(b, int | float) and 0.0 <= b < 1.0 for b in betas):
@@ -27,7 +27,7 @@ def _decayed(opt: VIOptimizer, p: torch.Tensor, x: torch.Tensor) -> torch.Tensor
     wd = grp.get("weight_decay", 0.0)
     if wd == 0 or p.grad is None:
         return x
-    return x * (1.0 - grp["lr"] * wd)
+    return x * (1.0 - lr_value(grp["lr"]) * wd)
 
 
 def adam_moments(opt: VIOptimizer, p: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -49,7 +49,7 @@ def adam_moments(opt: VIOptimizer, p: torch.Tensor, g: torch.Tensor) -> tuple[to
 def _adam_direction(opt: VIOptimizer, p: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """The bias-corrected Adam step ``lr m_hat / (sqrt(v_hat) + eps)`` after updating the moments."""
     m_hat, denom = adam_moments(opt, p, g)
-    return opt.group_of(p)["lr"] * m_hat / denom
+    return lr_value(opt.group_of(p)["lr"]) * m_hat / denom
 
 
 class ExtraAdam(TwoCallOptimizer):
@@ -66,13 +66,17 @@ class ExtraAdam(TwoCallOptimizer):
             params, {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay}, averager
         )
 
-    def _extrapolate(self, v: list[torch.Tensor]) -> None:
+    def _extrapolate(self, v: list[torch.Tensor | None]) -> None:
         for p, vi in zip(self.params, v, strict=True):
-            p.copy_(_decayed(self, p, p) - _adam_direction(self, p, vi))
+            if vi is not None:
+                p.copy_(_decayed(self, p, p) - _adam_direction(self, p, vi))
 
-    def _update(self, v: list[torch.Tensor]) -> None:
+    def _update(self, v: list[torch.Tensor | None]) -> None:
         for p, vi in zip(self.params, v, strict=True):
-            p.copy_(_decayed(self, p, self.state[p]["x_t"]) - _adam_direction(self, p, vi))
+            if vi is None:
+                self._back_to_x_t(p)
+            else:
+                p.copy_(_decayed(self, p, self.state[p]["x_t"]) - _adam_direction(self, p, vi))
 
 
 class _OneCallAdam(VIOptimizer):
@@ -93,8 +97,14 @@ class OptimisticAdam(_OneCallAdam):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        self._check_lrs()
         loss = self._call(closure)
-        for p, vi in zip(self.params, self._dual(), strict=True):
+        v = self._dual()
+        if v is None:
+            return loss
+        for p, vi in zip(self.params, v, strict=True):
+            if vi is None:
+                continue
             d = _adam_direction(self, p, vi)
             prev = self.state[p].get("prev_dir", d)
             p.copy_(_decayed(self, p, p) - (2 * d - prev))
@@ -112,8 +122,13 @@ class SimultaneousAdam(_OneCallAdam):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        self._check_lrs()
         loss = self._call(closure)
-        for p, vi in zip(self.params, self._dual(), strict=True):
-            p.copy_(_decayed(self, p, p) - _adam_direction(self, p, vi))
+        v = self._dual()
+        if v is None:
+            return loss
+        for p, vi in zip(self.params, v, strict=True):
+            if vi is not None:
+                p.copy_(_decayed(self, p, p) - _adam_direction(self, p, vi))
         self.group["t"] += 1
         return loss

@@ -1,9 +1,26 @@
 """QODA and Q-GenX: (quantized) dual averaging from an anchor, with adaptive rates.
 
-Reference sections 3 and 4.  State per parameter: the anchor ``X_1`` (the parameters at
-construction), the dual sum ``Y``, and the previous averaged dual vector.  Step-size sums
-live in the param group.  With an ``averager`` that quantizes (layer-wise), these are the
-quantized methods; without one, the unquantized ones.
+Reference sections 3 and 4.  State per parameter: the anchor ``X_1``, the dual sum ``Y``, the
+previous averaged dual vector (QODA: the optimistic offset's direction) and what the optimizer
+last wrote into the parameter.  Step-size sums live in the param group.  With an ``averager``
+that quantizes (layer-wise), these are the quantized methods; without one, the unquantized ones.
+
+**Re-anchoring** (one rule for outside changes, learning-rate changes and skipped parameters).
+The parameter the optimizer writes is a formula of its state,
+``P = X_1 + s Y - o U`` (QODA: ``s = lr f_t`` the dual-averaging rate, ``o`` the optimistic
+rate, ``U`` the last dual vector or Adam direction; Q-GenX: ``s = gamma_t``, ``o = 0``).  At the
+start of an iteration, before the parameter ``p`` is used, the anchor is re-chosen so that the
+formula evaluated with the *current* ``lr`` and rate sums gives ``p`` as it now is::
+
+    X_1 <- p - s' Y + o' U                                              (s', o' the current rates)
+
+whenever ``p`` differs from what the optimizer last wrote (weights loaded into the model,
+clipping, a hand-set value, DDP's broadcast), the group's ``lr`` differs from the one of that
+write (a scheduler; ``lr = 0`` then gives ``X_1 = p`` and a step that does not move), or the
+parameter was skipped since (no ``.grad``: the rate sums moved on without it).  With nothing
+changed the anchor is left alone, so the trajectory is bit for bit the unchanged method's.  The
+next step then moves from ``p`` exactly as it would have moved from the written value: for an
+outside change ``p = P + Delta`` the rule is ``X_1 <- X_1 + Delta``, the whole state translated.
 """
 
 from __future__ import annotations
@@ -14,7 +31,7 @@ from typing import Any
 import torch
 
 from qoda.optim.adam import adam_moments
-from qoda.optim.base import Averager, TwoCallOptimizer, VIOptimizer, check_positive
+from qoda.optim.base import Averager, TwoCallOptimizer, VIOptimizer, check_lr, check_positive, lr_value
 
 RATES = ("separated", "single")
 SCOPES = ("global", "coordinate")
@@ -27,7 +44,57 @@ ANALYSED_DEFAULTS: dict[str, object] = {
 }  # fmt: skip
 
 
-class QODA(VIOptimizer):
+Rate = float | torch.Tensor
+
+
+class _Anchored:
+    """The re-anchoring rule of the module docstring, shared by QODA and Q-GenX.
+
+    Per parameter it keeps ``written`` (the value last written), ``lr`` (the learning rate of that
+    write) and ``written_at`` (the iteration count ``t`` once that write is done)."""
+
+    state: Any
+    group: dict[str, Any]
+
+    def _coefficients(self, st: dict[str, Any], lr: float) -> tuple[Rate, Rate | None]:
+        """``(s, o)`` of ``P = X_1 + s Y - o U`` at the current rate sums and ``lr`` (``o = None``: no offset)."""
+        raise NotImplementedError
+
+    def _init_anchor(self, p: torch.Tensor, lr: float) -> None:
+        st = self.state[p]
+        st["anchor"] = p.detach().clone()
+        st["y"] = torch.zeros_like(p)
+        self._record(p, p, lr, self.group["t"])
+
+    def _record(self, p: torch.Tensor, value: torch.Tensor, lr: float, at: int) -> None:
+        """Remember that ``p`` holds ``value``, written with ``lr``, valid at iteration count ``at``."""
+        st = self.state[p]
+        if "written" in st:
+            st["written"].copy_(value)
+        else:
+            st["written"] = value.detach().clone()
+        st["lr"], st["written_at"] = lr, at
+
+    def _sync(self, p: torch.Tensor, point: torch.Tensor, lr: float) -> None:
+        """Re-anchor ``p`` at ``point`` if anything changed since the optimizer's last write
+        (states saved before this rule carry no record: taken as unchanged)."""
+        st, t = self.state[p], self.group["t"]
+        unchanged = (
+            st.get("written_at", t) == t
+            and st.get("lr", lr) == lr
+            and ("written" not in st or torch.equal(point, st["written"]))
+        )
+        if unchanged:
+            return
+        s, o = self._coefficients(st, lr)
+        anchor = point - s * st["y"]
+        if o is not None:
+            anchor = anchor + o * st["prev"]
+        st["anchor"] = anchor
+        self._record(p, point, lr, t)
+
+
+class QODA(_Anchored, VIOptimizer):
     """Quantized optimistic dual averaging: ONE oracle call and ONE exchange per iteration.
 
     Two variants, one argument apart:
@@ -63,7 +130,13 @@ class QODA(VIOptimizer):
     The parameters always hold the half-iterate at which the next oracle is queried.  ``lr``
     scales both rates; the options of the analysed rules (``c_eta``, ``c_gamma``, ``q``, ``rate``,
     ``scope``, ``delta``) are rejected with ``precondition="adam"``, which does not use them.
-    A learning-rate change (a scheduler) re-anchors, so the iterate does not jump.
+
+    Changes from outside count: at the start of ``step()`` a parameter that differs from what the
+    optimizer last wrote (loaded weights, clipping, a hand-set value), whose group's ``lr``
+    changed (a scheduler; ``lr = 0`` is a step that does not move) or that was skipped (no
+    ``.grad``) re-anchors, ``X_1 <- p - eta' Y + gamma' U`` with the current rates (``U`` the last
+    dual vector, or the last Adam direction ``d``; for Adam ``eta' = gamma' = lr``), so that
+    ``X_1 + eta Y - gamma U`` is the parameter as it now is and the step moves from there.
     """
 
     def __init__(
@@ -85,7 +158,8 @@ class QODA(VIOptimizer):
             raise ValueError(f"precondition: expected one of {PRECONDITIONERS}, got {precondition!r}")
         if lr is None:
             lr = DEFAULT_LR[precondition]
-        for name, v in (("lr", lr), ("c_eta", c_eta), ("c_gamma", c_gamma), ("delta", delta), ("eps", eps)):
+        check_lr("lr", lr)
+        for name, v in (("c_eta", c_eta), ("c_gamma", c_gamma), ("delta", delta), ("eps", eps)):
             check_positive(name, v)
         if precondition == "adam":
             given = {"c_eta": c_eta, "c_gamma": c_gamma, "q": q, "rate": rate, "scope": scope, "delta": delta}
@@ -112,37 +186,27 @@ class QODA(VIOptimizer):
 
     def _init_state(self, p: torch.Tensor) -> None:
         st = self.state[p]
-        st["anchor"] = p.detach().clone()
-        st["y"] = torch.zeros_like(p)
         st["prev"] = torch.zeros_like(p)
         if self.group["scope"] == "coordinate":
             st["sum_diff"] = torch.zeros_like(p)
             st["sum_sq"] = torch.zeros_like(p)
+        self._init_anchor(p, lr_value(self.group_of(p)["lr"]))
 
-    def _reanchor(self) -> None:
-        """Keep the iterate continuous when a group's ``lr`` changes (a scheduler step).
-
-        The iterate is ``X = X_1 + lr f_t Y`` (``f_t`` the rate factor: ``c_eta (1 + S)^(-1/2)``,
-        per coordinate ``c_eta (delta + S)^(-1/2)``, or ``1`` with Adam preconditioning), so a new
-        ``lr`` would move it by ``(lr' - lr) f_t Y``, the whole path rescaled.  Moving the anchor by
-        ``(lr - lr') f_t Y`` keeps ``X`` where it is; later steps use ``lr'``.
-        """
-        g0 = self.group
-        for g, old, new in self._lr_changes():
-            for p in g["params"]:
-                st = self.state[p]
-                if g0["precondition"] == "adam":
-                    f: float | torch.Tensor = 1.0
-                elif g0["scope"] == "coordinate":
-                    f = g0["c_eta"] * (g0["delta"] + st["sum_diff"]).rsqrt()
-                else:
-                    f = g0["c_eta"] * (1.0 + g0["sum_diff"]) ** -0.5
-                st["anchor"].add_((old - new) * f * st["y"])
+    def _coefficients(self, st: dict[str, Any], lr: float) -> tuple[Rate, Rate]:
+        """``(eta, gamma)`` of the parameter with state ``st`` at the current sums (Adam: ``(lr, lr)``)."""
+        g = self.group
+        if g["precondition"] == "adam":
+            return lr, lr
+        if g["scope"] == "coordinate":
+            eta = lr * g["c_eta"] * (g["delta"] + st["sum_diff"]).rsqrt()
+            gamma = eta if g["rate"] == "single" else lr * g["c_gamma"] * (g["delta"] + st["sum_sq"]).pow(g["q"] - 0.5)
+            return eta, gamma
+        return self.rates(lr)
 
     def rates(self, lr: float | None = None) -> tuple[float, float]:
         """``(eta, gamma)`` for a group with learning rate ``lr`` (default: the first group's)."""
         g = self.group
-        lr = g["lr"] if lr is None else lr
+        lr = lr_value(g["lr"]) if lr is None else lr
         eta = lr * g["c_eta"] * (1.0 + g["sum_diff"]) ** -0.5
         if g["rate"] == "single":
             return eta, eta
@@ -150,56 +214,59 @@ class QODA(VIOptimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        self._check_lrs()
         loss = self._call(closure)
         v = self._dual()
-        self._reanchor()
+        if v is None:
+            return loss
+        params, lrs = self.params, self._lrs()
+        for p, vi, lr in zip(params, v, lrs, strict=True):
+            if vi is not None:
+                self._sync(p, p, lr)
         g = self.group
+        active = [(p, vi, lr) for p, vi, lr in zip(params, v, lrs, strict=True) if vi is not None]
         if g["precondition"] == "adam":
-            self._adam_step(v)
-            g["t"] += 1
-            return loss
-        if g["scope"] == "coordinate":
-            self._coordinate_step(v)
-            g["t"] += 1
-            return loss
-        g["sum_diff"] += self._sq([vi - self.state[p]["prev"] for p, vi in zip(self.params, v, strict=True)])
-        g["sum_sq"] += self._sq(v)
-        for p, vi, lr in zip(self.params, v, self._lrs(), strict=True):
-            eta, gamma = self.rates(lr)
-            st = self.state[p]
-            st["y"].sub_(vi)
-            x_next = st["anchor"] + eta * st["y"]
-            p.copy_(x_next - gamma * vi)
-            st["prev"] = vi
+            self._adam_step(active)
+        elif g["scope"] == "coordinate":
+            self._coordinate_step(active)
+        else:
+            g["sum_diff"] += self._sq(vi - self.state[p]["prev"] for p, vi, _ in active)
+            g["sum_sq"] += self._sq(vi for _, vi, _ in active)
+            for p, vi, lr in active:
+                eta, gamma = self.rates(lr)
+                st = self.state[p]
+                st["y"].sub_(vi)
+                x_next = st["anchor"] + eta * st["y"]
+                p.copy_(x_next - gamma * vi)
+                st["prev"] = vi
+        for p, _, lr in active:
+            self._record(p, p, lr, g["t"] + 1)
         g["t"] += 1
         return loss
 
-    def _adam_step(self, v: list[torch.Tensor]) -> None:
-        """The Adam-preconditioned iteration (``precondition="adam"``)."""
-        for p, vi in zip(self.params, v, strict=True):
+    def _adam_step(self, active: list[tuple[torch.Tensor, torch.Tensor, float]]) -> None:
+        """The Adam-preconditioned iteration (``precondition="adam"``); ``prev`` keeps the direction ``d``."""
+        for p, vi, lr in active:
             m_hat, denom = adam_moments(self, p, vi)
             d = m_hat / denom
             st = self.state[p]
-            lr = self.group_of(p)["lr"]
             st["y"].sub_(d)
             p.copy_(st["anchor"] + lr * st["y"] - lr * d)
-            st["prev"] = vi
+            st["prev"] = d
 
-    def _coordinate_step(self, v: list[torch.Tensor]) -> None:
+    def _coordinate_step(self, active: list[tuple[torch.Tensor, torch.Tensor, float]]) -> None:
         """The same iteration with per-coordinate rates (``scope="coordinate"``)."""
-        g = self.group
-        for p, vi, lr in zip(self.params, v, self._lrs(), strict=True):
+        for p, vi, lr in active:
             st = self.state[p]
             st["sum_diff"].add_((vi - st["prev"]).square())
             st["sum_sq"].add_(vi.square())
-            eta = lr * g["c_eta"] * (g["delta"] + st["sum_diff"]).rsqrt()
-            gamma = eta if g["rate"] == "single" else lr * g["c_gamma"] * (g["delta"] + st["sum_sq"]).pow(g["q"] - 0.5)
+            eta, gamma = self._coefficients(st, lr)
             st["y"].sub_(vi)
             p.copy_(st["anchor"] + eta * st["y"] - gamma * vi)
             st["prev"] = vi
 
 
-class QGenX(TwoCallOptimizer):
+class QGenX(_Anchored, TwoCallOptimizer):
     """Q-GenX: extra-gradient in dual-averaging form, TWO oracle calls and exchanges per iteration.
 
     ``extrapolation()`` at ``X_t``: ``X_{t+1/2} = X_t - gamma_t Vbar(X_t)``.
@@ -208,32 +275,45 @@ class QGenX(TwoCallOptimizer):
     """
 
     def __init__(self, params: Iterable[torch.Tensor], lr: float = 1.0, averager: Averager | None = None) -> None:
-        check_positive("lr", lr)
+        check_lr("lr", lr)
         super().__init__(params, {"lr": lr, "sum_diff": 0.0}, averager)
         for p in self.params:
             self._init_state(p)
 
     def _init_state(self, p: torch.Tensor) -> None:
-        self.state[p]["anchor"] = p.detach().clone()
-        self.state[p]["y"] = torch.zeros_like(p)
+        self._init_anchor(p, lr_value(self.group_of(p)["lr"]))
+
+    def _coefficients(self, st: dict[str, Any], lr: float) -> tuple[Rate, None]:
+        return self.gamma(lr), None
 
     def gamma(self, lr: float | None = None) -> float:
-        lr = self.group["lr"] if lr is None else lr
+        lr = lr_value(self.group["lr"]) if lr is None else lr
         return lr * (1.0 + self.group["sum_diff"]) ** -0.5
 
-    def _extrapolate(self, v: list[torch.Tensor]) -> None:
+    def _extrapolate(self, v: list[torch.Tensor | None]) -> None:
         for p, vi, lr in zip(self.params, v, self._lrs(), strict=True):
-            self.state[p]["lead"] = vi
+            st = self.state[p]
+            if vi is None:  # skipped this iteration: no extrapolation, and step() puts it back at X_t
+                st.pop("lead", None)
+                continue
+            self._sync(p, p, lr)
+            st["lead"] = vi
             p.sub_(self.gamma(lr) * vi)
 
-    def _update(self, v: list[torch.Tensor]) -> None:
-        # X_{t+1} = X_1 + lr (1 + S)^(-1/2) Y: a changed lr re-anchors (see QODA._reanchor).
-        f = (1.0 + self.group["sum_diff"]) ** -0.5
-        for g, old, new in self._lr_changes():
-            for p in g["params"]:
-                self.state[p]["anchor"].add_((old - new) * f * self.state[p]["y"])
-        self.group["sum_diff"] += self._sq([vi - self.state[p]["lead"] for p, vi in zip(self.params, v, strict=True)])
-        for p, vi, lr in zip(self.params, v, self._lrs(), strict=True):
+    def _update(self, v: list[torch.Tensor | None]) -> None:
+        lrs = self._lrs()
+        active = [(p, vi, lr) for p, vi, lr in zip(self.params, v, lrs, strict=True)
+                  if vi is not None and "lead" in self.state[p]]  # fmt: skip
+        for p, _, lr in active:  # an lr changed between the two calls re-anchors at X_t
+            self._sync(p, self.state[p]["x_t"], lr)
+        self.group["sum_diff"] += self._sq(vi - self.state[p]["lead"] for p, vi, _ in active)
+        moved = set()
+        for p, vi, lr in active:
             st = self.state[p]
             st["y"].sub_(vi)
             p.copy_(st["anchor"] + self.gamma(lr) * st["y"])
+            self._record(p, p, lr, self.group["t"] + 1)
+            moved.add(id(p))
+        for p in self.params:
+            if id(p) not in moved:
+                self._back_to_x_t(p)
