@@ -93,7 +93,10 @@ class _OneCallAdam(VIOptimizer):
 
 
 class OptimisticAdam(_OneCallAdam):
-    """Optimistic Adam: ``X <- X - 2 d_t + d_{t-1}`` with ``d`` the Adam step; one call per step."""
+    """Optimistic Adam: ``X <- X - 2 d_t + d_{t-1}`` with ``d`` the Adam step; one call per step.
+
+    ``d_{t-1}`` is taken at the current ``lr`` (rescaled when a scheduler changed it; after a step
+    at ``lr = 0`` the next one starts afresh, ``X <- X - d_t``), so ``lr = 0`` does not move."""
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -105,10 +108,13 @@ class OptimisticAdam(_OneCallAdam):
         for p, vi in zip(self.params, v, strict=True):
             if vi is None:
                 continue
+            st, lr = self.state[p], lr_value(self.group_of(p)["lr"])
             d = _adam_direction(self, p, vi)
-            prev = self.state[p].get("prev_dir", d)
+            prev, used = st.get("prev_dir", d), st.get("prev_lr", lr)
+            if used != lr:  # a new lr (a scheduler): the optimistic correction at the current rate
+                prev = prev * (lr / used) if used else d
             p.copy_(_decayed(self, p, p) - (2 * d - prev))
-            self.state[p]["prev_dir"] = d
+            st["prev_dir"], st["prev_lr"] = d, lr
         self.group["t"] += 1
         return loss
 

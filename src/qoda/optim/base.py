@@ -140,7 +140,7 @@ class VIOptimizer(Optimizer):
                 self.param_groups.pop()
                 raise ValueError(
                     f"param_groups[{i}].params[{j}]: complex parameter (shape {tuple(p.shape)}) not supported by "
-                    f"{type(self).__name__}; optimise its real and imaginary parts as real tensors, or use gda, eg or og"
+                    f"{type(self).__name__}; optimise its real and imaginary parts as real tensors (or use gda/eg/og)"
                 )
         if self._initialised:
             for p in g["params"]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -22,6 +22,8 @@ class OptimizerSpec:
     ``calls_per_iteration``: oracle calls = exchanges per iteration (extra-gradient methods: 2).
     ``trains_gans``: offered by the GAN trainer (the constant-step VI baselines are not).
     :attr:`options`: the keyword arguments the constructor accepts (read from its signature).
+    ``variants``: named option sets that change the method (QODA's preconditionings and rate
+    rules); the generic optimizer tests (``tests/test_optim_contract.py``) run on every one.
     """
 
     name: str
@@ -29,6 +31,7 @@ class OptimizerSpec:
     calls_per_iteration: int
     description: str
     trains_gans: bool = False
+    variants: dict[str, dict[str, Any]] = field(default_factory=lambda: {"default": {}}, compare=False)
 
     @property
     def options(self) -> frozenset[str]:
@@ -39,7 +42,11 @@ class OptimizerSpec:
 OPTIMIZERS: dict[str, OptimizerSpec] = {
     s.name: s
     for s in (
-        OptimizerSpec("qoda", QODA, 1, "quantized optimistic dual averaging (Adam-preconditioned by default)", True),
+        OptimizerSpec(
+            "qoda", QODA, 1, "quantized optimistic dual averaging (Adam-preconditioned by default)", True,
+            {"adam": {}, "none": {"precondition": "none"}, "single": {"precondition": "none", "rate": "single"},
+             "coordinate": {"precondition": "none", "scope": "coordinate"}},
+        ),
         OptimizerSpec("qgenx", QGenX, 2, "quantized generalised extra-gradient, dual averaging, adaptive rate", True),
         OptimizerSpec("gda", GDA, 1, "simultaneous gradient descent-ascent, constant step"),
         OptimizerSpec("eg", ExtraGradient, 2, "extra-gradient, constant step"),
@@ -49,6 +56,15 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
         OptimizerSpec("adam", SimultaneousAdam, 1, "simultaneous Adam on both players (GAN baseline)", True),
     )
 }
+
+
+def optimizer_variants() -> list[tuple[str, str, dict[str, Any]]]:
+    """Every registered variant as ``(id, name, options)``: ``("qoda-none", "qoda", {"precondition": "none"})``."""
+    return [
+        (name if len(spec.variants) == 1 else f"{name}-{v}", name, dict(options))
+        for name, spec in OPTIMIZERS.items()
+        for v, options in spec.variants.items()
+    ]
 
 
 def _key(name: str) -> str:
