@@ -348,8 +348,9 @@ ANCHORED = [
 @pytest.mark.parametrize(("name", "hyper"), ANCHORED, ids=["qoda", "qoda-coordinate", "qoda-adam", "qgenx"])
 def test_lr_scheduler_changes_the_step_without_a_jump(name, hyper):
     """Dual averaging's iterate is anchor + lr f_t Y: a scheduler's lr *= 0.1 used to rescale the
-    whole path (one step moved ~30x a normal step).  Now the step after the change is no larger than
-    the steps before it, and the steps after it are ~10x smaller."""
+    whole path (one step moved ~30x a normal step).  Now the change re-anchors (the parameter, its
+    optimistic offset included, is reproduced at the new lr), so the very next step is already
+    ~10x smaller, as the ones after it."""
     prob = bilinear(d=10, seed=1)
     ps = _params(prob)
     opt = create_optimizer(name, ps, **hyper)
@@ -362,7 +363,7 @@ def test_lr_scheduler_changes_the_step_without_a_jump(name, hyper):
         sched.step()
         moves.append(float((torch.cat([p.detach() for p in ps]) - before).norm()))
     typical = float(np.median(moves[180:200]))
-    assert moves[200] <= 2.0 * typical, (moves[200], typical)
+    assert moves[200] <= 0.2 * typical, (moves[200], typical)
     assert float(np.median(moves[220:240])) <= 0.2 * typical
     assert opt.param_groups[0]["lr"] == pytest.approx(hyper["lr"] * 0.1)
 

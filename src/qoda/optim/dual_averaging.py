@@ -272,6 +272,10 @@ class QGenX(_Anchored, TwoCallOptimizer):
     ``extrapolation()`` at ``X_t``: ``X_{t+1/2} = X_t - gamma_t Vbar(X_t)``.
     ``step()`` at ``X_{t+1/2}``: ``Y -= Vbar(X_{t+1/2})``, ``X_{t+1} = X_1 + gamma_{t+1} Y`` with
     ``gamma_t = c (1 + sum_s ||Vbar_{s+1/2} - Vbar_s||^2)^(-1/2)``.
+
+    Changes from outside count: at ``extrapolation()`` a parameter that differs from the last
+    ``X_{t+1}`` written, whose group's ``lr`` changed, or that was skipped re-anchors,
+    ``X_1 <- p - gamma' Y`` (module docstring), so the iteration starts from ``p`` as it is.
     """
 
     def __init__(self, params: Iterable[torch.Tensor], lr: float = 1.0, averager: Averager | None = None) -> None:
