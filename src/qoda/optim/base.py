@@ -14,6 +14,7 @@ in their param group (so the counts live in ``state_dict()``).
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -43,7 +44,7 @@ def check_lr(name: str, lr: Any) -> None:
     """A learning rate must be a finite number ``>= 0`` (``0`` is a step that does not move) or a
     one-element real tensor holding one."""
     v = lr_value(lr)
-    if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) or v < 0:
+    if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v) or v < 0:
         raise ValueError(f"{name}: must be a finite number >= 0 (or a one-element tensor holding one), got {lr!r}")
 
 
