@@ -396,7 +396,7 @@ def _step_all(opt, ps):
 
 
 @pytest.mark.parametrize("name", ALL)
-def test_parameters_without_grad_count_as_zero_and_do_not_move(name):
+def test_parameters_without_grad_do_not_move(name):
     """A frozen parameter (never a .grad) passed to the optimizer stays where it is, as in torch,
     while the others move; a step with no gradient at all does nothing (as torch's)."""
     a, frozen = nn.Parameter(torch.ones(3, dtype=torch.float64)), nn.Parameter(torch.full((2,), 5.0))
