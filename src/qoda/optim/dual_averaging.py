@@ -75,23 +75,32 @@ class _Anchored:
             st["written"] = value.detach().clone()
         st["lr"], st["written_at"] = lr, at
 
-    def _sync(self, p: torch.Tensor, point: torch.Tensor, lr: float) -> None:
-        """Re-anchor ``p`` at ``point`` if anything changed since the optimizer's last write
-        (states saved before this rule carry no record: taken as unchanged)."""
-        st, t = self.state[p], self.group["t"]
-        unchanged = (
-            st.get("written_at", t) == t
-            and st.get("lr", lr) == lr
-            and ("written" not in st or torch.equal(point, st["written"]))
-        )
-        if unchanged:
-            return
-        s, o = self._coefficients(st, lr)
-        anchor = point - s * st["y"]
-        if o is not None:
-            anchor = anchor + o * st["prev"]
-        st["anchor"] = anchor
-        self._record(p, point, lr, t)
+    def _sync_all(self, items: list[tuple[torch.Tensor, torch.Tensor, float]]) -> None:
+        """Re-anchor each ``p`` at ``point`` if anything changed since the optimizer's last write.
+
+        The "changed outside?" flags of all parameters are reduced on their device and read in ONE
+        device-to-host transfer, so a GPU step waits once, not once per parameter.  States saved
+        before this rule carry no record: taken as unchanged."""
+        t = self.group["t"]
+        stale, compare = [], []
+        for p, point, lr in items:
+            st = self.state[p]
+            if st.get("written_at", t) != t or st.get("lr", lr) != lr:
+                stale.append((p, point, lr))
+            elif "written" in st:
+                compare.append((p, point, lr))
+        if compare:
+            device = compare[0][1].device
+            flags = torch.stack([point.ne(self.state[p]["written"]).any().to(device) for p, point, _ in compare])
+            stale += [item for item, changed in zip(compare, flags.tolist(), strict=True) if changed]
+        for p, point, lr in stale:
+            st = self.state[p]
+            s, o = self._coefficients(st, lr)
+            anchor = point - s * st["y"]
+            if o is not None:
+                anchor = anchor + o * st["prev"]
+            st["anchor"] = anchor
+            self._record(p, point, lr, t)
 
 
 class QODA(_Anchored, VIOptimizer):
@@ -220,9 +229,7 @@ class QODA(_Anchored, VIOptimizer):
         if v is None:
             return loss
         params, lrs = self.params, self._lrs()
-        for p, vi, lr in zip(params, v, lrs, strict=True):
-            if vi is not None:
-                self._sync(p, p, lr)
+        self._sync_all([(p, p, lr) for p, vi, lr in zip(params, v, lrs, strict=True) if vi is not None])
         g = self.group
         active = [(p, vi, lr) for p, vi, lr in zip(params, v, lrs, strict=True) if vi is not None]
         if g["precondition"] == "adam":
@@ -295,12 +302,13 @@ class QGenX(_Anchored, TwoCallOptimizer):
         return lr * (1.0 + self.group["sum_diff"]) ** -0.5
 
     def _extrapolate(self, v: list[torch.Tensor | None]) -> None:
-        for p, vi, lr in zip(self.params, v, self._lrs(), strict=True):
+        items = list(zip(self.params, v, self._lrs(), strict=True))
+        self._sync_all([(p, p, lr) for p, vi, lr in items if vi is not None])
+        for p, vi, lr in items:
             st = self.state[p]
             if vi is None:  # skipped this iteration: no extrapolation, and step() puts it back at X_t
                 st.pop("lead", None)
                 continue
-            self._sync(p, p, lr)
             st["lead"] = vi
             p.sub_(self.gamma(lr) * vi)
 
@@ -308,8 +316,8 @@ class QGenX(_Anchored, TwoCallOptimizer):
         lrs = self._lrs()
         active = [(p, vi, lr) for p, vi, lr in zip(self.params, v, lrs, strict=True)
                   if vi is not None and "lead" in self.state[p]]  # fmt: skip
-        for p, _, lr in active:  # an lr changed between the two calls re-anchors at X_t
-            self._sync(p, self.state[p]["x_t"], lr)
+        # an lr changed between the two calls re-anchors at X_t
+        self._sync_all([(p, self.state[p]["x_t"], lr) for p, _, lr in active])
         self.group["sum_diff"] += self._sq(vi - self.state[p]["lead"] for p, vi, _ in active)
         moved = set()
         for p, vi, lr in active:
