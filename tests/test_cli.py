@@ -187,7 +187,7 @@ def test_the_bits_range_is_stated_once_from_the_config(capsys):
     from qoda.quant.allocation import WIDTHS
     from qoda.train.config import BITS_MAX, BITS_MIN, BITS_RANGE
 
-    assert (BITS_MIN, BITS_MAX) == (min(WIDTHS), max(WIDTHS))
+    assert (min(WIDTHS), max(WIDTHS)) == (BITS_MIN, BITS_MAX)
     with pytest.raises(SystemExit):
         main(["train", "--help"])
     help_text = " ".join(capsys.readouterr().out.split())
