@@ -25,7 +25,7 @@ cannot encode still takes part in every collective and every receiver raises
 collective (the status field replaces version 1's failure all-reduce and zero-size messages).
 
 Each type's coordinates form an independent stream with its own levels and, for entropy
-coding, its own frequency table ("protocol 1" of the reference, section 2.2).  Seeds of the
+coding, its own frequency table ("protocol 1" of docs/method.md, section 2.2).  Seeds of the
 segments are derived from the message seed, so one integer reproduces the whole message.
 """
 
