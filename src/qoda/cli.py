@@ -203,12 +203,14 @@ def _report(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------- qoda vi
+_VI_BITS = (2, 12)  # the widths qoda vi simulates (32 stands for unquantized)
 def _vi_parser(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentParser:
     v = sub.add_parser(name, help="monotone-VI suite: methods x problems x noise x bits (simulated workers)")
     v.add_argument("--methods", nargs="+", default=None, help="default: all")
     v.add_argument("--problems", nargs="+", default=None, help="default: all")
     v.add_argument("--noise", nargs="+", default=["relative", "absolute"], choices=["relative", "absolute", "none"])
-    v.add_argument("--bits", nargs="+", type=int, default=[32, 4], help="32 = unquantized (default: 32 4)")
+    v.add_argument("--bits", nargs="+", type=int, default=[32, 4],
+                   help=f"widths in {_VI_BITS[0]}..{_VI_BITS[1]}, or 32 = unquantized (default: 32 4)")  # fmt: skip
     v.add_argument("--iterations", type=_positive_int, default=3000)
     v.add_argument("--workers", type=_positive_int, default=4)
     v.add_argument("--d", type=_positive_int, default=40, help="dimension (even)")
@@ -232,8 +234,9 @@ def _vi(args: argparse.Namespace) -> int:
         if p not in PROBLEMS:
             raise UsageError(f"qoda vi: --problems: unknown problem {p!r} (choose from {sorted(PROBLEMS)})")
     for b in args.bits:
-        if b != 32 and not 2 <= b <= 12:
-            raise UsageError(f"qoda vi: --bits: each must be 32 (unquantized) or in [2, 12], got {b}")
+        if b != 32 and not _VI_BITS[0] <= b <= _VI_BITS[1]:
+            raise UsageError(f"qoda vi: --bits: each must be 32 (unquantized) or in {_VI_BITS[0]}..{_VI_BITS[1]}, "
+                             f"got {b}")  # fmt: skip
     if args.d % 2 or not args.sigma >= 0:
         raise UsageError("qoda vi: --d must be even and --sigma >= 0")
     bits = tuple(None if b == 32 else b for b in args.bits)
