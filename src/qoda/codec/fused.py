@@ -10,8 +10,9 @@ reference and the fallback).
 
 A layout exists only for fixed-width groups of at most 8 bits and raw groups; entropy-coded
 (data-dependent size) and wider groups use the per-segment path.  Decoding returns ``False``
-(nothing written) whenever a check fails before the kernel runs - a size, CRC, header field,
-layer size or norm - so the caller reruns the per-segment path, which raises the precise error.
+(nothing written) whenever a check fails before the kernel runs - a size, a segment length the
+message header declares, CRC, header field, layer size or norm - so the caller reruns the
+per-segment path, which raises the precise error: both paths accept exactly the same messages.
 """
 
 from __future__ import annotations
@@ -179,11 +180,17 @@ def encode_into(layout: MessageLayout, flats: Sequence[torch.Tensor], seed: int,
     return True
 
 
-def decode_into(layout: MessageLayout, buf: np.ndarray, flats: Sequence[torch.Tensor], accumulate: bool) -> bool:
-    """Decode the message ``buf`` (its header already checked) into ``flats``.  ``False``, with
-    nothing written, if a check fails before decoding (see the module docstring); raises
-    :class:`~qoda.codec.format.CodecError` for an invalid code or padding, as the per-segment path."""
-    if buf.size != layout.size:
+def decode_into(
+    layout: MessageLayout, buf: np.ndarray, flats: Sequence[torch.Tensor], accumulate: bool, lengths: Sequence[int]
+) -> bool:
+    """Decode the message ``buf`` (its header already checked) into ``flats``; ``lengths`` are the
+    segment lengths its header declares.  ``False``, with nothing written, if a check fails before
+    decoding (see the module docstring); raises :class:`~qoda.codec.format.CodecError` for an
+    invalid code or padding, as the per-segment path.
+
+    Every segment length must be the layout's, not only their sum (the size): the per-segment
+    path splits the message by these lengths, so shifted lengths fail there (O(segments) here)."""
+    if buf.size != layout.size or tuple(lengths) != layout.lengths:
         return False
     addrs = _addresses(layout, flats)
     if addrs is None:

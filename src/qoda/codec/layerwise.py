@@ -17,6 +17,7 @@ A message is the unit a worker sends per round:
     ..          ok: the segments, one per type in plan order (each with its own header and
                 CRC), then one raw float32 segment for the uncompressed layers (if any);
                 failed: u32 n, n bytes of UTF-8 error text, u32 CRC-32 of the text, zero padding
+                (the text is printable: control characters travel escaped, :func:`printable`)
 
 A failed message has the size the receivers expect (:func:`failure_message`), so a rank that
 cannot encode still takes part in every collective and every receiver raises
@@ -24,7 +25,7 @@ cannot encode still takes part in every collective and every receiver raises
 collective (the status field replaces version 1's failure all-reduce and zero-size messages).
 
 Each type's coordinates form an independent stream with its own levels and, for entropy
-coding, its own frequency table ("protocol 1" of the reference, section 2.2).  Seeds of the
+coding, its own frequency table ("protocol 1" of docs/method.md, section 2.2).  Seeds of the
 segments are derived from the message seed, so one integer reproduces the whole message.
 """
 
@@ -67,6 +68,15 @@ class SenderFailed(CodecError):
         self.status, self.origin, self.text = status, origin, text
         what = "could not encode" if status is MessageStatus.ENCODE_FAILED else "could not decode what it received"
         super().__init__(f"rank {origin} {what}: {text}")
+
+
+def printable(text: str) -> str:
+    """``text`` with every non-printable character (ESC, newlines, other control and format
+    characters) replaced by its Python escape (``\\x1b``, ``\\n``): a failure reason written by
+    another rank stays one line in messages and logs and cannot drive the terminal."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
 
 
 def fixed_message_bits(plan: LayerPlan) -> int:
@@ -114,14 +124,15 @@ def failure_message(
     out: np.ndarray | None = None,
 ) -> np.ndarray:  # fmt: skip
     """A message reporting that rank ``origin`` failed (``status``), ``size`` bytes long (the size
-    the receivers expect; ``None``: as short as the text allows).  The text is cut to fit."""
+    the receivers expect; ``None``: as short as the text allows).  The text is made
+    :func:`printable`, then cut to fit."""
     if status is MessageStatus.OK:
         raise ValueError("status: a failure message needs a failure status")
     head = _message_head([0] * n_segments, tag, status, origin)
     room = None if size is None else size - len(head) - 2 * _TEXT.size
     if room is not None and room < 0:
         raise ValueError(f"size: {size} bytes cannot hold a failure message of {n_segments} segments")
-    raw = text.encode("utf-8", "replace")
+    raw = printable(text).encode("utf-8", "replace")
     if room is not None and len(raw) > room:
         raw = raw[:room].decode("utf-8", "ignore").encode()  # cut on a character boundary
     body = _TEXT.pack(len(raw)) + raw + _TEXT.pack(zlib.crc32(raw))
@@ -142,7 +153,9 @@ def _failure_text(buf: np.ndarray, end: int) -> str:
         return "(no reason: the message is truncated)"
     raw = buf[end + 4 : end + 4 + n].tobytes()
     (crc,) = _TEXT.unpack_from(buf[end + 4 + n : end + 8 + n].tobytes())
-    return raw.decode("utf-8", "replace") if zlib.crc32(raw) == crc else "(its reason was damaged in transit)"
+    if zlib.crc32(raw) != crc:
+        return "(its reason was damaged in transit)"
+    return printable(raw.decode("utf-8", "replace"))  # whatever the sender wrote
 
 
 def message_status(payload: object) -> tuple[MessageStatus, int] | None:
@@ -384,7 +397,8 @@ class LayerwiseCodec:
         before it may already be in ``flats``, so callers decode into scratch buffers."""
         segs = unpack_message(payload, len(self.groups), self.plan_id ^ tag)
         layout = self._layout(pieces)
-        if layout is not None and fused.decode_into(layout, as_bytes_array(payload), flats, accumulate):
+        lengths = [seg.size for seg in segs]  # as the header declares them
+        if layout is not None and fused.decode_into(layout, as_bytes_array(payload), flats, accumulate, lengths):
             return  # one kernel call; on any failed check it wrote nothing and the loop below raises
         for k, (g, seg, flat) in enumerate(zip(self.groups, segs, flats, strict=True)):
             numels = g.numels if pieces is None else pieces[k]
@@ -400,9 +414,21 @@ class LayerwiseCodec:
             raise ValueError(
                 f"tensors: expected {len(self.plan.entries)} tensors (one per plan entry), got {len(tensors)}"
             )
-        for t, e in zip(tensors, self.plan.entries, strict=True):
+        for i, (t, e) in enumerate(zip(tensors, self.plan.entries, strict=True)):
             if t.numel() != e.numel:
-                raise ValueError(f"tensors: {e.name} has {t.numel()} elements, the plan says {e.numel}")
+                raise ValueError(self._mismatch(i, t))
+
+    def _mismatch(self, i: int, t: torch.Tensor) -> str:
+        """Why tensor ``i`` does not fit the plan: what was passed (its shape, and the plan entries
+        of that shape, the tensor it most likely is) against the entry the plan expects there."""
+        e = self.plan.entries[i]
+        like = [f.name for f in self.plan.entries if f.shape == t.shape]
+        passed = f"tensor {i} has shape {tuple(t.shape)} ({t.numel()} elements)"
+        if like:
+            passed += f", the shape of {' or '.join(like[:3])}{' or others' if len(like) > 3 else ''}"
+        order = ", ".join(f.name for f in self.plan.entries[:4]) + (", ..." if len(self.plan.entries) > 4 else "")
+        return (f"tensors: {passed}, where the plan has {e.name} (shape {tuple(e.shape)}, {e.numel} elements): "
+                f"pass the tensors in the plan's order ({order})")  # fmt: skip
 
     def encode(self, tensors: Sequence[torch.Tensor], seed: int) -> EncodedMessage:
         """One message for ``tensors`` (one per plan entry, in plan order)."""

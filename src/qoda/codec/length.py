@@ -1,4 +1,4 @@
-"""Code-length accounting and bounds for both codings (reference section 2.2).
+"""Code-length accounting and bounds for both codings (docs/method.md section 2.2).
 
 Fixed width is exact: ``header + 64 n_layers + 32 n_buckets + n * code_bits`` (plus at most
 7 padding bits).  For the rANS coding, with ``p_bar`` the expected code distribution given

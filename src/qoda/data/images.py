@@ -27,6 +27,9 @@ import torch
 import torch.nn.functional as F
 
 DATASETS = ("mnist", "digits", "cifar10", "cifar100", "folder")
+#: Image channels of each data set, as :func:`load_dataset` returns it (folder: its default, RGB);
+#: the launcher checks the model's layer plan with it before any data is read.
+CHANNELS = {"mnist": 1, "digits": 1, "cifar10": 3, "cifar100": 3, "folder": 3}
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif")
 
 

@@ -1,7 +1,7 @@
 """WGAN-GP generators and critics.
 
 * :class:`ResNetGenerator` / :class:`ResNetCritic`: the ResNet pair of the published WGAN-GP
-  experiments (latent 128, 128 filters, 32x32 images; reference section 5), with GroupNorm(1, C)
+  experiments (latent 128, 128 filters, 32x32 images; docs/method.md section 5), with GroupNorm(1, C)
   in place of BatchNorm for data parallelism (``norm="group"``, the default) or BatchNorm.
 * :class:`DCGANGenerator` / :class:`DCGANCritic`: a small DCGAN-style pair for CPU runs.
 """

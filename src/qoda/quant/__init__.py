@@ -1,7 +1,7 @@
 """Pure tensor maths of unbiased stochastic quantization (no collectives, no models).
 
 ``levels`` (level families), ``config`` (one quantizer's settings), ``quantizer`` (bucketed
-unbiased rounding; reference section 2), ``policy`` (parameter -> type -> settings),
+unbiased rounding; docs/method.md section 2), ``policy`` (parameter -> type -> settings),
 ``adapt`` (statistics, ALQ/AMQ level fitting, bit allocation), ``variance`` (exact variance and
 the ``eps_Q`` bound), ``rng`` (the counter hash), ``kernels`` (numba CPU and torch paths).
 """

@@ -10,7 +10,7 @@ For compressed tensors ``i`` (the plan's typed entries) with statistics ``S_i``
 
 1. per (type ``t``, width ``b``): levels ``L_{t,b}`` fitted (ALQ or AMQ) to the type's summed
    statistics ``sum_{i in t} S_i``;
-2. ``error_i(b) = S_i.variance(L_{t(i),b})`` (the exact expected variance, section 2.1) and
+2. ``error_i(b) = S_i.variance(L_{t(i),b})`` (the exact expected variance, docs/method.md section 2.1) and
    ``cost_i(b) = numel_i * b`` code bits;
 3. the budget's fixed part is measured, not guessed: ``message_bits`` of the plan with every
    tensor at the smallest width (norms, headers, layer sizes, raw tensors, padding) plus, for

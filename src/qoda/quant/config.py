@@ -24,7 +24,7 @@ class Norm(StrEnum):
 
 
 class Coding(StrEnum):
-    """How level indices go on the wire (section 2.2)."""
+    """How level indices go on the wire (docs/method.md section 2.2)."""
 
     FIXED = "fixed"  #: sign + ceil(log2(s+2)) bits per coordinate, bit-packed
     ENTROPY = "entropy"  #: rANS code of the (sign, index) symbols with per-payload frequencies

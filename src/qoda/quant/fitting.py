@@ -1,6 +1,6 @@
 """Level fitting: statistics of normalised magnitudes and ALQ / AMQ fitting.
 
-Reference section 2.1.  For one type, the quantization variance of a gradient is
+docs/method.md section 2.1.  For one type, the quantization variance of a gradient is
 
     E||Q(g) - g||^2 = sum_buckets ||v||_q^2 sum_i (u_i - l_j)(l_{j+1} - u_i),
 

@@ -5,7 +5,7 @@ A level set is the only thing that distinguishes QSGD (uniform levels), NUQSGD
 gradient distribution).  Levels are stored as float32 because that is the precision in
 which coordinates are quantized and dequantized on every device.
 
-Reference: ``shared/reference/algorithms.md`` section 2.
+The method: ``docs/method.md`` section 2.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Layer-wise policy: parameter -> type -> quantizer settings.
 
-A *type* groups layers that share one level set (reference section 2: ``M = 1`` is global
+A *type* groups layers that share one level set (docs/method.md section 2: ``M = 1`` is global
 quantization, ``M = number of layers`` fully per-layer).  The policy decides, for every
 parameter of a model, either a type name or ``None`` (sent uncompressed as float32).
 

@@ -1,4 +1,4 @@
-"""Unbiased stochastic quantization of tensors (section 2 of the reference).
+"""Unbiased stochastic quantization of tensors (docs/method.md section 2).
 
 For each bucket ``v`` (``B`` consecutive coordinates of one layer) and coordinate ``i``:
 

@@ -1,4 +1,4 @@
-"""Exact quantization variance and the variance bound ``eps_Q`` (reference section 2).
+"""Exact quantization variance and the variance bound ``eps_Q`` (docs/method.md section 2).
 
 Given ``x``, every coordinate of every bucket ``v`` contributes independently
 

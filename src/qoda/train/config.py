@@ -20,6 +20,7 @@ from qoda.comm.aggregate import Mode
 from qoda.data.images import DATASETS
 from qoda.eval.features import EXTRACTORS
 from qoda.optim.factory import OPTIMIZERS
+from qoda.quant.allocation import WIDTHS
 from qoda.train.compressions import COMPRESSIONS
 
 #: The optimizers the GAN trainer offers (registry flag ``trains_gans``).
@@ -30,6 +31,13 @@ NORMS = ("group", "batch", "none")
 QUANT_NORMS = ("auto", "l2", "linf")
 BIT_ALLOCATIONS = ("auto", "uniform", "dp")
 CODINGS = ("fixed", "entropy")
+#: ``bits``: the widths the trainer quantizes with, the bit allocation's choices.  One width per
+#: tensor: an integer in ``BITS_MIN..BITS_MAX``; with bit allocation dp an average budget in
+#: ``(BITS_MIN, BITS_MAX]`` (every tensor at BITS_MIN plus norms and headers is above BITS_MIN).
+BITS_MIN, BITS_MAX = min(WIDTHS), max(WIDTHS)
+#: The range of ``bits`` in words, as the CLI help, the error messages and docs/training.md state it.
+BITS_RANGE = (f"an integer in {BITS_MIN}..{BITS_MAX}; with bit allocation dp an average budget in "
+              f"({BITS_MIN}, {BITS_MAX}], fractions allowed")  # fmt: skip
 # Values of options added later, for checkpoints written before they existed (the behaviour then).
 LEGACY_DEFAULTS = {"bit_allocation": "uniform"}
 
@@ -176,27 +184,38 @@ class TrainConfig:
             raise ConfigError(f"betas: two numbers in [0, 1), got {self.betas!r}")
         one_of("bit_allocation", BIT_ALLOCATIONS)
         one_of("coding", CODINGS)
-        if self.allocation == "dp":
-            if not self.adaptive:
-                raise ConfigError(
-                    f"bit_allocation: 'dp' fits levels per width, which needs fitted levels (compression "
-                    f"{' or '.join(n for n, s in COMPRESSIONS.items() if s.adaptive)}); got {self.compression!r}"
-                )
-            b = self.bits
-            if not isinstance(b, int | float) or isinstance(b, bool) or not (b == b) or not 2 < b <= 8:
-                raise ConfigError(
-                    f"bits: must be a number in (2, 8], got {b!r} (with bit allocation dp, the average bits per "
-                    "coordinate; bit_allocation = 'uniform' for one width)"
-                )
-        elif not isinstance(self.bits, int) or isinstance(self.bits, bool) or not 1 <= self.bits <= 8:
-            raise ConfigError(f"bits: must be an integer in 1..8, got {self.bits!r} (fractional budgets need "
-                              "bit_allocation = 'dp')")  # fmt: skip
+        if self.allocation == "dp" and not self.adaptive:
+            raise ConfigError(
+                f"bit_allocation: 'dp' fits levels per width, which needs fitted levels (compression "
+                f"{' or '.join(n for n, s in COMPRESSIONS.items() if s.adaptive)}); got {self.compression!r}"
+            )
+        self._check_bits()
         if any(not isinstance(s, int) or s < 0 for s in self.refit_steps):
             raise ConfigError(f"refit_steps: non-negative integers, got {self.refit_steps!r}")
         if self.width % 4 or (self.model == "resnet" and self.width % 8):
             raise ConfigError(f"width: must be a multiple of 4 (8 for resnet), got {self.width}")
         if self.dataset in ("cifar10", "cifar100", "folder") and not self.data_root:
             raise ConfigError(f"data_root: dataset {self.dataset!r} is read from a local directory; pass --data-root")
+
+    def _check_bits(self) -> None:
+        """``bits`` in :data:`BITS_RANGE`, then the quantizer it implies built as a worker builds it
+        (so every refusal of the quantizer comes here, in the parent, not in a worker).  With
+        ``bit_allocation = 'auto'`` an integer may fall back to one width, so the integer range holds."""
+        b = self.bits
+        if isinstance(b, int | float) and not isinstance(b, bool) and b == b:
+            budget = self.allocation == "dp" and not (self.bit_allocation == "auto" and isinstance(b, int))
+            ok = BITS_MIN < b <= BITS_MAX if budget else isinstance(b, int) and BITS_MIN <= b <= BITS_MAX
+        else:
+            ok = False
+        if not ok:
+            raise ConfigError(f"bits: must be {BITS_RANGE}; got {b!r}")
+        if self.quantized:
+            from qoda.train.compression import quantizer_config  # imports this module
+
+            try:
+                quantizer_config(self)
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
 
     # ------------------------------------------------------------------ construction
     @classmethod

@@ -11,9 +11,11 @@
 ``timeout_seconds`` bounds every collective: a dead or stalled worker makes the others fail
 with a clear error after at most that long instead of hanging.
 
-Before anything starts, the launcher refuses bad input in one line: ``--device cuda`` without
-CUDA, an ``--out`` that is a file or already holds a run (unless ``--resume`` or
-``--overwrite``), ``--resume`` with nothing to resume, and a committed checkpoint that is
+Before anything starts, the launcher refuses bad input in one line: every option the config
+refuses (:class:`~qoda.train.config.TrainConfig`, the quantizer it implies included), a bit budget
+the model's layer plan cannot hold (:func:`check_plan`), ``--device cuda`` without CUDA, an
+``--out`` that is a file or already holds a run (unless ``--resume`` or ``--overwrite``),
+``--resume`` with nothing to resume, and a committed checkpoint that is
 damaged, foreign or of another config (every file is read, :func:`checkpoint.verify`).
 
 SIGINT (Ctrl-C, to the launcher alone or to the whole process group) and SIGTERM stop every
@@ -43,10 +45,13 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch import nn
 
+from qoda.data.images import CHANNELS
 from qoda.train import checkpoint, rundir
+from qoda.train.compression import layer_plan, resolve_allocation
 from qoda.train.config import TrainConfig
-from qoda.train.trainer import resolve_device, run_worker
+from qoda.train.trainer import build_models, resolve_device, run_worker
 
 GRACE_SECONDS = 5.0  # after SIGTERM, workers still alive this long later are SIGKILLed
 
@@ -117,12 +122,28 @@ def _spawned(rank: int, cfg: TrainConfig, world: int, port: int, progress: Any) 
         os._exit(0)  # skip the interpreter's slow teardown (seconds with torch loaded)
 
 
+def check_plan(cfg: TrainConfig) -> None:
+    """Refuse here, as every worker would when it builds its averager, a bit budget that the
+    model's layer plan cannot hold (``ConfigError`` naming ``bits``).  The models are built on the
+    meta device (shapes only: no memory, no data read); with ``overlap`` each player is planned on
+    its own, as :func:`~qoda.train.compression.build_averager` does."""
+    if not cfg.adaptive:
+        return
+    with torch.device("meta"):
+        generator, critic = build_models(cfg, CHANNELS[cfg.dataset])
+    players = nn.ModuleDict({"generator": generator, "critic": critic})
+    parts = [nn.ModuleDict({n: m}) for n, m in players.named_children()] if cfg.overlap else [players]
+    for part in parts:
+        resolve_allocation(cfg, layer_plan(cfg, part))
+
+
 def train(cfg: TrainConfig) -> dict[str, Any] | None:
     """Run ``cfg`` (see the module docstring for how workers start); returns rank 0's report.
 
     Raises ``ConfigError`` / ``CheckpointError`` on bad input before any worker starts,
     :class:`WorkerError` when a spawned worker fails and :class:`Interrupted` on SIGINT/SIGTERM."""
     resolve_device(cfg.device)  # --device cuda without CUDA: one line, before any process starts
+    check_plan(cfg)
     out = Path(cfg.out)
     if under_torchrun():
         rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])

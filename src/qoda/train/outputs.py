@@ -71,15 +71,31 @@ def grid_tensor(images: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(image_grid(images)).permute(2, 0, 1).contiguous()
 
 
+#: The image formats a grid is written in, by file suffix (case-insensitive); matplotlib hands
+#: them to Pillow.  Lossless but JPEG.
+GRID_FORMATS = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".bmp": "bmp", ".tif": "tiff", ".tiff": "tiff"}
+
+
+def grid_format(path: Path) -> str:
+    """The format ``path``'s suffix names (:data:`GRID_FORMATS`); ``ValueError`` for any other suffix."""
+    fmt = GRID_FORMATS.get(Path(path).suffix.lower())
+    if fmt is None:
+        raise ValueError(f"{path}: unknown image suffix {Path(path).suffix or '(none)'!r}; use one of "
+                         f"{', '.join(GRID_FORMATS)}")  # fmt: skip
+    return fmt
+
+
 def save_grid(images: torch.Tensor, path: Path, scale: int = 3) -> None:
-    """Write the grid of ``images`` (in ``[-1, 1]``) as a PNG, each pixel ``scale`` x ``scale``."""
+    """Write the grid of ``images`` (in ``[-1, 1]``), each pixel ``scale`` x ``scale``, in the format
+    ``path``'s suffix names (:func:`grid_format`)."""
+    fmt = grid_format(path)
     grid = image_grid(images)
     grid = grid.repeat(scale, axis=0).repeat(scale, axis=1)
     buf = io.BytesIO()
     if grid.shape[2] == 1:
-        plt.imsave(buf, grid[:, :, 0], cmap="gray", vmin=0, vmax=1, format="png")
+        plt.imsave(buf, grid[:, :, 0], cmap="gray", vmin=0, vmax=1, format=fmt)
     else:
-        plt.imsave(buf, grid, format="png")
+        plt.imsave(buf, grid, format=fmt)
     atomic_write_bytes(buf.getvalue(), path)
 
 

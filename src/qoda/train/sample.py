@@ -22,7 +22,7 @@ from torch import nn
 
 from qoda.gan.models import LATENT, DCGANGenerator, ResNetGenerator
 from qoda.train import checkpoint
-from qoda.train.outputs import save_grid
+from qoda.train.outputs import grid_format, save_grid
 
 SAMPLE_SEED_OFFSET = 12345  # samples/*.png of a run use the latents of seed ``config.seed + 12345``
 
@@ -112,7 +112,9 @@ def sample_images(generator: nn.Module, n: int, seed: int = 0, batch_size: int =
 
 def write_sample_grid(run_dir: str | Path, out: str | Path, n: int = 64, raw: bool = False,
                       seed: int | None = None) -> dict[str, Any]:  # fmt: skip
-    """Write a PNG grid of ``n`` samples of the run's EMA (or ``raw``) generator to ``out``.
+    """Write a grid of ``n`` samples of the run's EMA (or ``raw``) generator to ``out``, in the format
+    its suffix names (PNG, JPEG, BMP, TIFF: :data:`~qoda.train.outputs.GRID_FORMATS`), into a folder
+    that exists (it is not created: a mistyped path is refused, not silently made).
 
     ``seed`` defaults to the run's own sample seed, so ``n = 64`` redraws ``samples/final.png``
     (``final_raw.png`` with ``raw``) of a finished run.  Returns what was drawn (step, seed, ...)."""
@@ -120,7 +122,14 @@ def write_sample_grid(run_dir: str | Path, out: str | Path, n: int = 64, raw: bo
         raise ValueError(f"--n: must be >= 1, got {n}")
     out = Path(out)
     if out.is_dir():
-        raise ValueError(f"--out {out} is a folder; name the PNG file to write")
+        raise ValueError(f"--out {out} is a folder; name the image file to write")
+    if not out.parent.is_dir():
+        what = "is not a folder" if out.parent.exists() else "does not exist"
+        raise ValueError(f"--out {out}: its folder {out.parent} {what} (it is not created)")
+    try:
+        grid_format(out)
+    except ValueError as e:
+        raise ValueError(f"--out {e}") from None
     common = load_checkpoint(run_dir)
     if seed is None:
         seed = int(common["config"].get("seed", 0)) + SAMPLE_SEED_OFFSET

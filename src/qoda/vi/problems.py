@@ -1,7 +1,7 @@
 """Monotone VI problems with known solutions, noise models and the restricted gap.
 
 Every problem has a solution ``z*`` with ``A(z*) = 0`` and a ball ``C = B(z*, R)`` for the
-restricted gap ``Gap_C(x) = sup_{z in C} <A(z), x - z>`` (reference section 1).
+restricted gap ``Gap_C(x) = sup_{z in C} <A(z), x - z>`` (docs/method.md section 1).
 
 Affine problems ``A(z) = G z + q`` (``G = P + K``, ``P`` symmetric PSD, ``K`` skew): with
 ``z = z* + w``, ``<A(z), x - z> = w^T G^T (x - z*) - w^T P w``, a concave quadratic whose
