@@ -73,6 +73,8 @@ from qoda.quant.policy import LayerEntry, LayerPlan, LayerPolicy
 from qoda.quant.variance import exact_variance
 
 STATE_DICT_VERSION = 2
+#: The default ``adapt`` (quantized modes; ``fp32``/``fp16`` ignore it): adaptive levels, as the trainer.
+DEFAULT_ADAPT = AdaptConfig()
 
 #: One exchange: parameter names in model order (a DDP bucket, or a group of a restored layout).
 Group = tuple[str, ...]
@@ -174,7 +176,7 @@ class QodaHookState:
         start_iter: int = 10,
         seed: int = 0,
         process_group: dist.ProcessGroup | None = None,
-        adapt: AdaptConfig | None = AdaptConfig(),  # noqa: B008 (frozen dataclass)
+        adapt: AdaptConfig | None = DEFAULT_ADAPT,
         overlap: bool = True,
     ) -> None:
         if isinstance(model, LayerPolicy):  # QodaHookState(policy, ...)
@@ -195,6 +197,8 @@ class QodaHookState:
             raise ValueError(f"start_iter: must be a non-negative int, got {start_iter!r}")
         if adapt is not None and not isinstance(adapt, AdaptConfig):
             raise TypeError(f"adapt: expected an AdaptConfig, got {type(adapt).__name__}")
+        if adapt is DEFAULT_ADAPT and mode in (Mode.FP32, Mode.FP16):
+            adapt = None  # nothing to adapt in an uncompressed mode
         if adapt is not None and mode in (Mode.FP32, Mode.FP16):
             raise ValueError(
                 f"adapt: adaptive levels need a quantized mode (allgather or two_phase), got {mode.value} "

@@ -31,7 +31,7 @@ from qoda.comm.ddp_hook import QodaHookState, qoda_hook
 
 CHECKPOINT_KEY = "qoda_hook_state"
 
-__all__ = ["CHECKPOINT_KEY", "QodaDDPStrategy", "QodaHookCallback"]
+__all__ = ["CHECKPOINT_KEY", "QodaDDPStrategy", "QodaHookCallback", "summary_metrics"]
 
 
 def _register(state: QodaHookState, model: Any) -> None:
@@ -84,15 +84,41 @@ class QodaDDPStrategy(DDPStrategy):
         return checkpoint
 
 
+def summary_metrics(state: QodaHookState, prefix: str = "qoda/") -> dict[str, float]:
+    """:meth:`QodaHookState.summary` as flat scalars for a logger: bits on the wire per coordinate,
+    the relative variance, and every compressed parameter's width and variance."""
+    s = state.summary()
+    out: dict[str, float] = {}
+    for key in ("bits_per_coordinate", "variance"):
+        if s[key] is not None:
+            out[prefix + key] = float(s[key])
+    for name, p in s["parameters"].items():
+        if p["type"] is not None:
+            out[f"{prefix}bits/{name}"] = float(p["bits"])
+            if p["variance"] is not None:
+                out[f"{prefix}variance/{name}"] = float(p["variance"])
+    return out
+
+
 class QodaHookCallback(Callback):
-    """Registers the hook on the DDP model of any DDP strategy at fit start and checkpoints the
-    state with the callback states (restored before training resumes)."""
+    """Registers the hook on the DDP model of any DDP strategy at fit start, checkpoints the
+    state with the callback states (restored before training resumes) and, when the trainer has
+    a logger, logs :func:`summary_metrics` every ``log_every_n_steps`` (TensorBoard: ``qoda/...``).
+    With :class:`QodaDDPStrategy` it only logs and checkpoints (the strategy registers the hook)."""
 
     def __init__(self, hook_state: QodaHookState) -> None:
         if not isinstance(hook_state, QodaHookState):
             raise TypeError(f"hook_state: expected a QodaHookState, got {type(hook_state).__name__}")
         self.hook_state = hook_state
         self._registered: int | None = None  # id of the DDP model the hook is on
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
+        every = max(int(getattr(trainer, "log_every_n_steps", 50) or 1), 1)
+        if trainer.logger is None or trainer.global_step % every or not trainer.is_global_zero:
+            return
+        metrics = summary_metrics(self.hook_state)
+        if metrics:
+            trainer.logger.log_metrics(metrics, step=trainer.global_step)
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         model = trainer.strategy.model
