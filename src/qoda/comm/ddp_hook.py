@@ -403,6 +403,18 @@ class QodaHookState:
             "parameters": params,
         }
 
+    def metrics(self, prefix: str = "qoda/") -> dict[str, float]:
+        """:meth:`summary` as flat scalars for a logger (TensorBoard, ``accelerator.log``): bits per
+        coordinate, the relative variance, and every compressed parameter's width and variance."""
+        s = self.summary()
+        out = {prefix + k: float(s[k]) for k in ("bits_per_coordinate", "variance") if s[k] is not None}
+        for name, p in s["parameters"].items():
+            if p["type"] is not None:
+                out[f"{prefix}bits/{name}"] = float(p["bits"])
+                if p["variance"] is not None:
+                    out[f"{prefix}variance/{name}"] = float(p["variance"])
+        return out
+
     # ------------------------------------------------------------------ checkpoints
     def _refresh_adapter_state(self) -> None:
         if self._adapter is not None:

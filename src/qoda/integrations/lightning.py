@@ -31,7 +31,7 @@ from qoda.comm.ddp_hook import QodaHookState, qoda_hook
 
 CHECKPOINT_KEY = "qoda_hook_state"
 
-__all__ = ["CHECKPOINT_KEY", "QodaDDPStrategy", "QodaHookCallback", "summary_metrics"]
+__all__ = ["CHECKPOINT_KEY", "QodaDDPStrategy", "QodaHookCallback"]
 
 
 def _register(state: QodaHookState, model: Any) -> None:
@@ -84,26 +84,10 @@ class QodaDDPStrategy(DDPStrategy):
         return checkpoint
 
 
-def summary_metrics(state: QodaHookState, prefix: str = "qoda/") -> dict[str, float]:
-    """:meth:`QodaHookState.summary` as flat scalars for a logger: bits on the wire per coordinate,
-    the relative variance, and every compressed parameter's width and variance."""
-    s = state.summary()
-    out: dict[str, float] = {}
-    for key in ("bits_per_coordinate", "variance"):
-        if s[key] is not None:
-            out[prefix + key] = float(s[key])
-    for name, p in s["parameters"].items():
-        if p["type"] is not None:
-            out[f"{prefix}bits/{name}"] = float(p["bits"])
-            if p["variance"] is not None:
-                out[f"{prefix}variance/{name}"] = float(p["variance"])
-    return out
-
-
 class QodaHookCallback(Callback):
     """Registers the hook on the DDP model of any DDP strategy at fit start, checkpoints the
     state with the callback states (restored before training resumes) and, when the trainer has
-    a logger, logs :func:`summary_metrics` every ``log_every_n_steps`` (TensorBoard: ``qoda/...``).
+    a logger, logs :meth:`QodaHookState.metrics` every ``log_every_n_steps`` (TensorBoard: ``qoda/...``).
     With :class:`QodaDDPStrategy` it only logs and checkpoints (the strategy registers the hook)."""
 
     def __init__(self, hook_state: QodaHookState) -> None:
@@ -116,7 +100,7 @@ class QodaHookCallback(Callback):
         every = max(int(getattr(trainer, "log_every_n_steps", 50) or 1), 1)
         if trainer.logger is None or trainer.global_step % every or not trainer.is_global_zero:
             return
-        metrics = summary_metrics(self.hook_state)
+        metrics = self.hook_state.metrics()
         if metrics:
             trainer.logger.log_metrics(metrics, step=trainer.global_step)
 
