@@ -274,6 +274,7 @@ def _lightning_buckets_worker(rank, world, tmp):
 
     class Memory(Logger):
         name, version = "memory", 0
+
         def __init__(self):
             super().__init__()
             self.metrics = []

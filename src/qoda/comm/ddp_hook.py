@@ -8,7 +8,9 @@ Usage (the state can be built before the model is wrapped, like PyTorch's ``Powe
 
 The tuning guide is :class:`QodaHookState`'s docstring.  Checkpoints: ``state.state_dict()`` /
 ``load_state_dict()`` (plain Python and tensors), or ``pickle`` (the process group and the
-model binding are dropped; bind again after loading).  Lightning and accelerate:
+model binding are dropped; bind again after loading); resume is bit for bit whatever DDP's
+buckets (the state is per parameter; see *Per-parameter state* there).  ``state.summary()``:
+widths, levels, variance and bits per coordinate.  Lightning and accelerate:
 :mod:`qoda.integrations`.
 
 Collective order.  Every collective of a step is *issued from the hook body*, in bucket order,
