@@ -53,8 +53,8 @@ def main() -> None:
     if accelerator.is_main_process:
         params = torch.cat([p.detach().reshape(-1) for p in accelerator.unwrap_model(model).parameters()])
         np.save(args.out, params.numpy())
-        info = {"processes": accelerator.num_processes, "layout": [list(g) for g in state.layout],
-                "summary_bits": state.summary()["bits_per_coordinate"]}  # fmt: skip
+        layout = getattr(state, "layout", [])  # the hook's groups of the last pass: DDP's buckets
+        info = {"processes": accelerator.num_processes, "layout": [list(g) for g in layout]}
         with open(args.out + ".json", "w") as f:
             json.dump(info, f)
 

@@ -255,10 +255,10 @@ def test_accelerate_under_torchrun_with_three_buckets_resumes_bit_exactly(tmp_pa
     pytest.importorskip("accelerate")
     tmp = str(tmp_path)
     straight, info = _torchrun(tmp, "straight", "--steps", "8")
-    assert info["processes"] == 2 and len(info["layout"]) >= 3
     _torchrun(tmp, "first", "--steps", "4", "--save-at", "4", "--dir", os.path.join(tmp, "ckpt"))
     resumed, _ = _torchrun(tmp, "resumed", "--steps", "8", "--from-step", "4", "--load", os.path.join(tmp, "ckpt"))
     assert np.array_equal(straight, resumed)
+    assert info["processes"] == 2 and len(info["layout"]) >= 3
 
 
 # ----------------------------------------------------------------------------- Lightning, several buckets
@@ -316,7 +316,7 @@ def _lightning_buckets_worker(rank, world, tmp):
         trainer.fit(module, loader, ckpt_path=ckpt)
         if save:
             trainer.save_checkpoint(save)
-        return _params(module), len(state.layout), logger.metrics
+        return _params(module), len(getattr(state, "layout", ())), logger.metrics
 
     straight, buckets, metrics = fit(8)
     path = os.path.join(tmp, "half.ckpt")
@@ -330,8 +330,8 @@ def test_lightning_ckpt_path_resumes_bit_exactly_with_three_buckets_and_logs_the
     pytest.importorskip("lightning")
     res = values(run(_lightning_buckets_worker, 2, str(tmp_path), timeout=240, pg_timeout=60))
     for straight, resumed, buckets, _ in res:
-        assert buckets >= 3
         assert np.array_equal(straight, resumed)  # Trainer.fit(ckpt_path=...): bit for bit
+        assert buckets >= 3
     assert np.array_equal(res[0][0], res[1][0])
     logged = res[0][3]  # rank 0 logs
     assert "qoda/bits_per_coordinate" in logged and "qoda/variance" in logged
