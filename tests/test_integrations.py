@@ -242,7 +242,7 @@ def _torchrun(tmp, out, *extra):
     src = os.path.dirname(os.path.dirname(os.path.abspath(qoda.__file__)))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == 0, (done.stdout[-1500:], done.stderr[-3000:])
     import json
 
     with open(os.path.join(tmp, out + ".json")) as f:
