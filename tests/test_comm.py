@@ -211,7 +211,7 @@ def _ddp_worker(rank, world, use_hook, steps, split, adapt=None):
     if use_hook:
         bits = 8 if adapt is None else 4
         policy = LayerPolicy.global_(QuantizerConfig.qsgd(bits, 256), min_numel=64)
-        state = QodaHookState(model, policy, mode="two_phase", start_iter=2, adapt=adapt)
+        state = QodaHookState(model, policy, mode="two_phase", start_iter=2, adapt=adapt)  # adapt None: fixed levels
         ddp.register_comm_hook(state, qoda_hook)
     opt = torch.optim.SGD(ddp.parameters(), lr=0.05)
     x, y = _regression_data(rank)
@@ -230,7 +230,7 @@ def _ddp_worker(rank, world, use_hook, steps, split, adapt=None):
         losses.append(float(loss.detach()))
     params = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
     grad_norm2 = max(float(sum(p.grad.square().sum() for p in model.parameters())), 1e-12)
-    fits = sum(s["fits"] for s in state.state_dict()["adapter_states"].values()) if state and state.adapt else 0
+    fits = state.state_dict()["adapter"]["fits"] if state and state.adapt else 0
     return losses, params.numpy(), grad_norm2, (state.stats.as_dict() if state else None), fits
 
 
@@ -343,6 +343,7 @@ def _hook_run(rank, mode, coding, overlap, bound=True, steps=5, nan_at=None, **s
     model = Deep()
     ddp = nn.parallel.DistributedDataParallel(model, bucket_cap_mb=0.1)
     policy = LayerPolicy.global_(QuantizerConfig.qsgd(4, 256, coding=coding), min_numel=64)
+    state_kw.setdefault("adapt", None)  # fixed levels (the default adapts them)
     state = QodaHookState(policy=policy, mode=mode, start_iter=2, seed=3, overlap=overlap, **state_kw)
     if bound:
         state.register(ddp)
@@ -428,9 +429,10 @@ def _hook_suite_worker(rank, world):
     fresh = QodaHookState(policy=LayerPolicy.global_(QuantizerConfig.qsgd(4, 256)), mode="allgather", start_iter=1,
                           adapt=AdaptConfig(observe_every=1))  # fmt: skip
     fresh.load_state_dict(torch.load(buf, weights_only=True))
-    levels = {i: s["levels"] for i, s in fresh.adapter_states.items()}
-    live = {i: a.state_dict()["adapter"]["levels"] for i, (_, a) in state._aggregators.items()}
-    res["state_dict"] = (fresh.iter, fresh.stats.calls == state.stats.calls > 0, levels == live)
+    levels = fresh.adapter_state["levels"]
+    live = state.summary()["parameters"]
+    same = all(tuple(levels[p["type"]]) == p["levels"] for p in live.values() if p["type"] is not None)
+    res["state_dict"] = (fresh.iter, fresh.stats.calls == state.stats.calls > 0, same and bool(levels))
     res["wrong_settings"] = _error_of(lambda: QodaHookState(mode="two_phase").load_state_dict(state.state_dict()))
     return res
 
@@ -495,7 +497,7 @@ def _ddp_grads(rank, world):
         ddp = nn.parallel.DistributedDataParallel(model)
         if variant is not None:
             policy = LayerPolicy.global_(QuantizerConfig.qsgd(4, 256), min_numel=64)
-            state = QodaHookState(model, policy, mode=variant[0], start_iter=variant[1])
+            state = QodaHookState(model, policy, mode=variant[0], start_iter=variant[1], adapt=None)
             ddp.register_comm_hook(state, qoda_hook)
         grads = []
         for step in range(3):

@@ -226,3 +226,113 @@ def test_top_level_api_is_light_and_complete():
         assert name in qoda.__all__ and getattr(qoda, name) is not None
     with pytest.raises(AttributeError):
         qoda.no_such_name  # noqa: B018
+
+
+# ----------------------------------------------------------------------------- accelerate, as documented
+def _torchrun(tmp, out, *extra):
+    import subprocess
+
+    from distributed import free_port
+
+    script = os.path.join(os.path.dirname(__file__), "accelerate_script.py")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+           str(free_port()), script, os.path.join(tmp, out), *extra]  # fmt: skip
+    import qoda
+
+    src = os.path.dirname(os.path.dirname(os.path.abspath(qoda.__file__)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
+    assert done.returncode == 0, (done.stdout[-1500:], done.stderr[-3000:])
+    import json
+
+    with open(os.path.join(tmp, out + ".json")) as f:
+        return np.load(os.path.join(tmp, out + ".npy")), json.load(f)
+
+
+def test_accelerate_under_torchrun_with_three_buckets_resumes_bit_exactly(tmp_path):
+    """The README's accelerate command (torchrun, Accelerator(cpu=True)): 2 processes, 3 DDP buckets,
+    DP-allocated widths; save_state at step 4 and load_state in new processes: the same parameters."""
+    pytest.importorskip("accelerate")
+    tmp = str(tmp_path)
+    straight, info = _torchrun(tmp, "straight", "--steps", "8")
+    _torchrun(tmp, "first", "--steps", "4", "--save-at", "4", "--dir", os.path.join(tmp, "ckpt"))
+    resumed, _ = _torchrun(tmp, "resumed", "--steps", "8", "--from-step", "4", "--load", os.path.join(tmp, "ckpt"))
+    assert np.array_equal(straight, resumed)
+    assert info["processes"] == 2 and len(info["layout"]) >= 3
+
+
+# ----------------------------------------------------------------------------- Lightning, several buckets
+def _lightning_buckets_worker(rank, world, tmp):
+    import lightning as L
+    from lightning.pytorch.loggers import Logger
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from qoda import AdaptConfig, LayerPolicy, QodaHookState, RefitSchedule
+    from qoda.integrations.lightning import QodaDDPStrategy, QodaHookCallback
+
+    _env(rank, world)
+
+    class Memory(Logger):
+        name, version = "memory", 0
+
+        def __init__(self):
+            super().__init__()
+            self.metrics = []
+
+        def log_metrics(self, metrics, step=None):
+            self.metrics.append(dict(metrics))
+
+        def log_hyperparams(self, *args, **kwargs):
+            pass
+
+    class Module(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.net = nn.Sequential(
+                nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 512), nn.ReLU(), nn.Linear(512, 256), nn.ReLU(),
+                nn.Linear(256, 10),
+            )  # fmt: skip
+
+        def training_step(self, batch, _):
+            return nn.functional.cross_entropy(self.net(batch[0]), batch[1])
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.05)
+
+    g = torch.Generator().manual_seed(rank)
+    loader = DataLoader(TensorDataset(torch.randn(32, 64, generator=g), torch.randint(0, 10, (32,), generator=g)),
+                        batch_size=32)  # fmt: skip
+
+    def fit(steps, ckpt=None, save=None):
+        adapt = AdaptConfig(allocation="dp", budget=3.0, schedule=RefitSchedule((0, 4), every=3), observe_every=1)
+        state = QodaHookState(policy=LayerPolicy.global_(QuantizerConfig.qsgd(4, 256)), start_iter=1, adapt=adapt)
+        module, logger = Module(), Memory()
+        trainer = L.Trainer(accelerator="cpu", devices=world, max_steps=steps, logger=logger, log_every_n_steps=1,
+                            strategy=QodaDDPStrategy(state, process_group_backend="gloo", bucket_cap_mb=0.25),
+                            callbacks=[QodaHookCallback(state)], enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False,
+                            use_distributed_sampler=False)  # fmt: skip
+        trainer.fit(module, loader, ckpt_path=ckpt)
+        if save:
+            trainer.save_checkpoint(save)
+        return _params(module), len(getattr(state, "layout", ())), logger.metrics
+
+    straight, buckets, metrics = fit(8)
+    path = os.path.join(tmp, "half.ckpt")
+    fit(4, save=path)
+    resumed, _, _ = fit(8, ckpt=path)
+    logged = sorted({k for m in metrics for k in m if k.startswith("qoda/")})
+    return straight, resumed, buckets, logged
+
+
+def test_lightning_ckpt_path_resumes_bit_exactly_with_three_buckets_and_logs_the_summary(tmp_path):
+    pytest.importorskip("lightning")
+    res = values(run(_lightning_buckets_worker, 2, str(tmp_path), timeout=240, pg_timeout=60))
+    for straight, resumed, buckets, _ in res:
+        assert np.array_equal(straight, resumed)  # Trainer.fit(ckpt_path=...): bit for bit
+        assert buckets >= 3
+    assert np.array_equal(res[0][0], res[1][0])
+    logged = res[0][3]  # rank 0 logs
+    assert "qoda/bits_per_coordinate" in logged and "qoda/variance" in logged
+    assert any(k.startswith("qoda/bits/net.") for k in logged)

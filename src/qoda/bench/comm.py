@@ -74,7 +74,9 @@ def _measure(mode: str, bits: int, numel: int, steps: int, warmup: int) -> tuple
         ps = powerSGD_hook.PowerSGDState(process_group=None, matrix_approximation_rank=1, start_powerSGD_iter=2)
         ddp.register_comm_hook(ps, powerSGD_hook.powerSGD_hook)
     elif mode != "fp32":
-        state = QodaHookState(model, LayerPolicy.global_(QuantizerConfig.qsgd(bits, 1024)), mode=mode, start_iter=0)
+        state = QodaHookState(
+            model, LayerPolicy.global_(QuantizerConfig.qsgd(bits, 1024)), mode=mode, start_iter=0, adapt=None
+        )  # fixed levels: the measured configuration
         ddp.register_comm_hook(state, qoda_hook)
     times = []
     for step in range(warmup + steps):

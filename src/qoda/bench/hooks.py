@@ -66,7 +66,7 @@ def _ddp(method: str, layers: int, width: int, bucket_mb: float, bits: int) -> t
     elif method.startswith("qoda_"):
         mode = "two_phase" if "two_phase" in method else "allgather"
         policy = LayerPolicy.global_(QuantizerConfig.qsgd(bits, 1024))
-        state = QodaHookState(policy=policy, mode=mode, start_iter=0, overlap=method.endswith("overlap"))
+        state = QodaHookState(policy=policy, mode=mode, start_iter=0, overlap=method.endswith("overlap"), adapt=None)
         state.register(ddp)
     return ddp, state
 

@@ -2,13 +2,15 @@
 
 Usage (the state can be built before the model is wrapped, like PyTorch's ``PowerSGDState``)::
 
-    state = QodaHookState(policy=LayerPolicy.global_(QuantizerConfig.qsgd(4)), mode="allgather")
+    state = QodaHookState(policy=LayerPolicy.global_(QuantizerConfig.qsgd(4)))  # allgather, adaptive levels
     ddp_model = DistributedDataParallel(model)
     state.register(ddp_model)            # = state.bind(model); ddp_model.register_comm_hook(state, qoda_hook)
 
 The tuning guide is :class:`QodaHookState`'s docstring.  Checkpoints: ``state.state_dict()`` /
 ``load_state_dict()`` (plain Python and tensors), or ``pickle`` (the process group and the
-model binding are dropped; bind again after loading).  Lightning and accelerate:
+model binding are dropped; bind again after loading); resume is bit for bit whatever DDP's
+buckets (the state is per parameter; see *Per-parameter state* there).  ``state.summary()``:
+widths, levels, variance and bits per coordinate.  Lightning and accelerate:
 :mod:`qoda.integrations`.
 
 Collective order.  Every collective of a step is *issued from the hook body*, in bucket order,
@@ -61,29 +63,69 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from qoda.comm.adaptive import AdaptiveAggregator
-from qoda.comm.aggregate import AggregationError, Aggregator, Mode, compare_across_ranks
+from qoda.codec.layerwise import fixed_message_bits
+from qoda.comm.aggregate import AggregationError, Aggregator, Mode, allreduce_sum, compare_across_ranks
 from qoda.comm.averager import CommStats
 from qoda.comm.protocol import AllgatherExchange, TwoPhaseExchange
-from qoda.quant.adapt import AdaptConfig
+from qoda.quant.adapt import AdaptConfig, LevelAdapter
+from qoda.quant.allocation import minimum_budget
 from qoda.quant.config import QuantizerConfig
+from qoda.quant.fitting import MagnitudeStats
 from qoda.quant.policy import LayerEntry, LayerPlan, LayerPolicy
+from qoda.quant.variance import exact_variance
 
-STATE_DICT_VERSION = 1
+STATE_DICT_VERSION = 2
+#: The default ``adapt`` (quantized modes; ``fp32``/``fp16`` ignore it): adaptive levels, as the trainer.
+DEFAULT_ADAPT = AdaptConfig()
+
+#: One exchange: parameter names in model order (a DDP bucket, or a group of a restored layout).
+Group = tuple[str, ...]
+
+
+def sub_plan(plan: LayerPlan, names: Sequence[str]) -> LayerPlan:
+    """The entries ``names`` of ``plan`` (in that order) with their types' settings."""
+    by_name = {e.name: e for e in plan.entries}
+    entries = tuple(by_name[n] for n in names)
+    types = {e.type_name for e in entries if e.type_name is not None}
+    return LayerPlan(entries, {t: plan.configs[t] for t in plan.types if t in types})
+
+
+def _sparse_modules(model: nn.Module) -> list[str]:
+    return [
+        n for n, m in model.named_modules()
+        if isinstance(m, nn.Embedding | nn.EmbeddingBag) and m.sparse and m.weight.requires_grad
+    ]  # fmt: skip
+
+
+class _Pass:
+    """One backward pass: DDP's buckets so far, the gradients waiting for their group, the
+    groups exchanged (by parameter name)."""
+
+    def __init__(self, layout: list[Group] | None, defer: bool) -> None:
+        self.layout = layout  # the groups to exchange (None: each DDP bucket as it comes)
+        self.defer = defer  # groups unknown until the last bucket (unbound adaptive state, first pass)
+        self.buckets: list[Group] = []  # DDP's buckets of this pass
+        self.views: dict[str, torch.Tensor] = {}
+        self.done: dict[str, torch.futures.Future] = {}  # name -> its group's exchange
+        self.waiting: list[tuple[Group, torch.Tensor, torch.futures.Future]] = []  # DDP buckets not yet averaged
+        self.refreshed = False
+        self.fresh: dict[str, MagnitudeStats] = {}  # this rank's statistics of this pass (observation steps)
 
 
 class QodaHookState:
-    """State of :func:`qoda_hook`: settings, counters, one averager per bucket.
+    """State of :func:`qoda_hook`: settings, counters, per-parameter adaptive state.
 
     Args:
         model: the model DDP wraps (optional: see *binding*). For backward compatibility a
             :class:`LayerPolicy` given first is taken as ``policy``.
         policy: what is quantized and how (default: global 4-bit QSGD, buckets of 1024).
-        mode: ``allgather`` or ``two_phase`` (``fp32``/``fp16`` for comparisons).
-        start_iter: plain fp32 all-reduce iterations before compression.
+        mode: ``allgather`` (default) or ``two_phase`` (``fp32``/``fp16`` for comparisons).
+        start_iter: plain fp32 all-reduce iterations before compression (default 10).
         seed: base seed of the quantization noise (same on every rank).
         process_group: the group (default: the world).
-        adapt: fit levels to gradient statistics (ALQ/AMQ) on a schedule.
+        adapt: fit levels to gradient statistics (ALQ/AMQ) on a schedule (default
+            ``AdaptConfig()``: adaptive levels at the policy's widths, as the trainer; ``None``:
+            fixed levels; ``AdaptConfig(allocation="dp", budget=b)``: per-tensor widths too).
         overlap: issue the exchange asynchronously and decode in the future's continuation.
 
     Tuning guide:
@@ -92,43 +134,51 @@ class QodaHookState:
        ``by_module_class`` to give convolutions, linear layers and embeddings their own settings
        (embeddings are the most sensitive); tensors under ``min_numel`` and 1-D tensors go
        uncompressed by default.
-    2. ``mode``: ``two_phase`` keeps the bytes per rank constant as workers are added (best from
-       ~4 workers or on slow links); ``allgather`` has the lowest variance (one quantization) and
-       the fewest rounds (best for 2 workers).
+    2. ``mode``: ``allgather`` has the lowest variance (one quantization) and the fewest rounds
+       (best for 2 workers); ``two_phase`` keeps the bytes per rank constant as workers are added
+       (best from ~4 workers or on slow links).
     3. ``overlap`` (default on): hides the exchange behind the rest of backward, with the same
-       results bit for bit.  Gains grow with slow links and several DDP buckets
-       (``bucket_cap_mb``): measured 0.75x (allgather) and 0.85x (two-phase) of the synchronous
-       step at 100 Mbit/s, no worse on 127.0.0.1 or with one bucket (``python -m
-       qoda.bench.hooks``).  ``overlap=False`` raises :class:`AggregationError` itself rather
-       than DDP's ``RuntimeError`` carrying its message.
+       results bit for bit; gains grow with slow links and several DDP buckets
+       (``bucket_cap_mb``).  The measured figure is in docs/communication.md ("The overlapping
+       DDP hook").  ``overlap=False`` raises :class:`AggregationError` itself rather than DDP's
+       ``RuntimeError`` carrying its message.
     4. ``start_iter`` (default 10): iterations of fp32 all-reduce before compression, as in
        PowerSGD: a clean start for the optimizer and time for DDP to rebuild its buckets.
-       With ``adapt`` (:class:`~qoda.quant.adapt.AdaptConfig`) statistics are gathered from the
-       start, levels are fitted (identical on every rank) at the first compressed iteration and
-       re-fitted on the adapter's schedule.
+       With ``adapt`` statistics are gathered from the start, levels are fitted (identical on
+       every rank, from the statistics of the earlier iterations) at the first compressed
+       iteration and re-fitted on the adapter's schedule.
     5. bits: 8 near-lossless, 4 usually fine with an adaptive optimizer, 2 needs error-tolerant
        training.
+
+    Per-parameter state.  Statistics, fitted levels and allocated widths belong to the *model*
+    (one :class:`~qoda.quant.adapt.LevelAdapter` over every parameter, keyed by name), not to
+    DDP's buckets: the ``dp`` budget holds for the whole model (every message's bits counted;
+    a budget the model cannot hold is raised to the smallest feasible one with a warning), and
+    a resumed state meets the same tensors whatever DDP's buckets are.
 
     Binding: the policy names parameters (``fc1.weight``) and looks at their modules, so the
     state maps DDP's bucket tensors to the model: pass ``model``, call :meth:`bind` or
     :meth:`register`.  A ``global`` policy without name rules does not depend on names: an
-    unbound state then binds itself to the bucket's parameters at the first hook call.
+    unbound state then names the parameters in the order of DDP's first pass of the process.
 
-    Checkpoints: :meth:`state_dict` / :meth:`load_state_dict` (iteration = quantization seeds,
-    costs, fitted levels and statistics) or ``pickle``; a resumed state quantizes exactly like an
-    uninterrupted one.  The adapters' statistics are per rank (summed over ranks at each re-fit);
-    a checkpoint written by one rank carries that rank's.
+    Checkpoints: :meth:`state_dict` / :meth:`load_state_dict` or ``pickle``.  A resumed state
+    quantizes exactly like an uninterrupted one: besides the iteration and the adaptive state,
+    the checkpoint holds the parameters' grouping into exchanges (DDP's buckets of the last
+    pass), and a new process exchanges in those groups until DDP's own buckets match them
+    (DDP starts every process with its first-pass buckets and rebuilds them after one pass).
+    Statistics are per rank (summed over ranks at each re-fit); a checkpoint written by one rank
+    carries that rank's.  Read the current widths, levels and variance with :meth:`summary`.
     """
 
     def __init__(
         self,
         model: nn.Module | LayerPolicy | None = None,
         policy: LayerPolicy | None = None,
-        mode: Mode | str = Mode.TWO_PHASE,
+        mode: Mode | str = Mode.ALLGATHER,
         start_iter: int = 10,
         seed: int = 0,
         process_group: dist.ProcessGroup | None = None,
-        adapt: AdaptConfig | None = None,
+        adapt: AdaptConfig | None = DEFAULT_ADAPT,
         overlap: bool = True,
     ) -> None:
         if isinstance(model, LayerPolicy):  # QodaHookState(policy, ...)
@@ -149,8 +199,13 @@ class QodaHookState:
             raise ValueError(f"start_iter: must be a non-negative int, got {start_iter!r}")
         if adapt is not None and not isinstance(adapt, AdaptConfig):
             raise TypeError(f"adapt: expected an AdaptConfig, got {type(adapt).__name__}")
+        if adapt is DEFAULT_ADAPT and mode in (Mode.FP32, Mode.FP16):
+            adapt = None  # nothing to adapt in an uncompressed mode
         if adapt is not None and mode in (Mode.FP32, Mode.FP16):
-            raise ValueError(f"adapt: adaptive levels need a quantized mode (allgather or two_phase), got {mode.value}")
+            raise ValueError(
+                f"adapt: adaptive levels need a quantized mode (allgather or two_phase), got {mode.value} "
+                "(pass adapt=None)"
+            )
         # ---- configuration (pickled)
         self.policy = policy
         self.mode = mode
@@ -158,10 +213,12 @@ class QodaHookState:
         self.seed = int(seed)
         self.adapt = adapt
         self.overlap = bool(overlap)
-        # ---- counters (pickled): the iteration drives the quantization seeds
+        # ---- counters and per-parameter state (pickled)
         self.iter = 0
         self.stats = CommStats()
-        self.adapter_states: dict[int, dict] = {}  # per bucket, refreshed when saved
+        self.adapter_state: dict | None = None  # the LevelAdapter's, refreshed when saved
+        self.layout: list[Group] = []  # the groups of the last pass (DDP's buckets, or the restored ones)
+        self.shapes: dict[str, tuple[int, ...]] = {}  # every parameter's shape, in model order
         # ---- runtime only (not pickled)
         self.process_group = process_group
         self._init_runtime()
@@ -169,20 +226,26 @@ class QodaHookState:
             self.bind(model)
 
     def _init_runtime(self) -> None:
-        self._params: dict[int, tuple[str, nn.Module, str]] = {}
-        self._rank_of: dict[int, int] = {}  # id(param) -> position in the model (canonical bucket order)
-        # per bucket index: (its parameters' ids, its averager): an AdaptiveAggregator with
-        # ``adapt`` (built at the bucket's first call), else an Aggregator (built after warm-up)
-        self._aggregators: dict[int, tuple[tuple[int, ...], Aggregator | AdaptiveAggregator]] = {}
+        self._names: dict[int, str] = {}  # id(param) -> name
+        self._modules: dict[str, tuple[nn.Module, str]] = {}  # name -> (owning module, local name)
+        self._bound = False
+        self._adapter: LevelAdapter | None = None
+        self._aggregators: dict[tuple[Group, int], tuple[int, Aggregator]] = {}  # (group, index) -> (version, agg)
+        self._version = 0  # bumped when the adapter's plan changes
+        self._pinned: list[Group] | None = None  # restored layout, used until DDP's buckets match it
+        self._previous: list[Group] | None = None  # DDP's buckets of the pass before
+        self._pass: _Pass | None = None
         self._checked = False
         self._lock = threading.Lock()  # stats are updated from gloo's threads (overlap)
         self._pending: list[_TwoPhase] = []  # two-phase overlap: phase 1 in flight, phase 2 due
+        self._variance: dict[str, tuple[float, float]] = {}  # name -> (E||Q(g)-g||^2, ||g||^2), last observed
+        self._wire: dict[int, list[int]] = {}  # iteration -> [payload bits, coordinates]
 
     # ------------------------------------------------------------------ binding
     @property
     def bound(self) -> bool:
-        """Whether a model is bound (else: bound lazily to the buckets, ``global`` policies only)."""
-        return bool(self._params)
+        """Whether a model is bound (else: parameters named in the order of DDP's first pass)."""
+        return self._bound
 
     def bind(self, model: nn.Module) -> None:
         """Attach to ``model`` (the module DDP wraps; a DDP wrapper is unwrapped): parameter names
@@ -191,12 +254,25 @@ class QodaHookState:
             model = model.module
         if not isinstance(model, nn.Module):
             raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
-        self._params = {
-            id(p): (f"{mn}.{local}" if mn else local, mod, local)
-            for mn, mod in model.named_modules()
-            for local, p in mod.named_parameters(recurse=False)
-        }
-        self._rank_of = {id(p): i for i, p in enumerate(model.parameters())}
+        sparse = _sparse_modules(model)
+        if sparse:
+            raise TypeError(
+                f"qoda hook: {', '.join(sparse)} produce sparse gradients (sparse=True), which layer-wise "
+                "quantization cannot encode: build them with sparse=False"
+            )
+        names: dict[int, str] = {}
+        modules: dict[str, tuple[nn.Module, str]] = {}
+        shapes: dict[str, tuple[int, ...]] = {}
+        for mn, mod in model.named_modules():
+            for local, p in mod.named_parameters(recurse=False):
+                if id(p) in names or not p.requires_grad:
+                    continue
+                name = f"{mn}.{local}" if mn else local
+                names[id(p)], modules[name], shapes[name] = name, (mod, local), tuple(p.shape)
+        if self.shapes and self.shapes != shapes:
+            raise ValueError("hook state: its parameters (restored from a checkpoint) are not this model's")
+        self._names, self._modules, self.shapes, self._bound = names, modules, shapes, True
+        self._adapter = None
         self._aggregators = {}
 
     def register(self, ddp_model: nn.parallel.DistributedDataParallel) -> nn.parallel.DistributedDataParallel:
@@ -212,49 +288,199 @@ class QodaHookState:
     def _names_matter(self) -> bool:
         return self.policy.mode != "global" or bool(self.policy.rules)
 
+    def _binding_error(self, params: Sequence[torch.Tensor]) -> str:
+        if not self._bound:
+            if self._names_matter():
+                return (
+                    "QodaHookState is not bound to a model and its policy types parameters by name or module "
+                    f"(mode {self.policy.mode!r}, {len(self.policy.rules)} rules): call state.bind(model) or "
+                    "state.register(ddp_model)"
+                )
+            return ""
+        if any(id(p) not in self._names for p in params):
+            return (
+                "a DDP bucket parameter is not in the model bound to QodaHookState: bind the model that "
+                "DDP wraps (state.bind(model) or state.register(ddp_model))"
+            )
+        return ""
+
+    def _bucket_tensors(self, bucket: dist.GradBucket) -> tuple[Group, list[torch.Tensor]]:
+        """The bucket's parameter names and gradient views, in model order."""
+        params, views = bucket.parameters(), bucket.gradients()
+        if not self._bound:  # name-independent policy: names in the order of the process's first pass
+            for p in params:
+                if id(p) not in self._names:
+                    name = f"param{len(self._names)}"
+                    self._names[id(p)], self._modules[name] = name, (nn.Module(), "param")
+                    self.shapes.setdefault(name, tuple(p.shape))
+        if any(id(p) not in self._names for p in params):
+            raise AggregationError(f"qoda hook: {self._binding_error(params)}")
+        order = {n: i for i, n in enumerate(self.shapes)}
+        idx = sorted(range(len(params)), key=lambda i: order[self._names[id(params[i])]])
+        return tuple(self._names[id(params[i])] for i in idx), [views[i] for i in idx]
+
+    # ------------------------------------------------------------------ plans
+    def _policy_plan(self, names: Sequence[str]) -> LayerPlan:
+        entries = []
+        for n in names:
+            mod, local = self._modules[n]
+            p = torch.empty(self.shapes[n], device="meta")
+            entries.append(LayerEntry(n, torch.Size(self.shapes[n]), self.policy.type_of(n, mod, local, p)))
+        types = {e.type_name for e in entries if e.type_name is not None}
+        return LayerPlan(tuple(entries), {t: self.policy.config_for(t) for t in types})
+
+    def _message_bits(self, plan: LayerPlan) -> int:
+        """Bits on the wire of ``plan`` as one message (the budget's measure; each further DDP bucket
+        adds its own message header, which the budget does not count)."""
+        return fixed_message_bits(plan)
+
+    def _adapter_now(self) -> LevelAdapter:
+        """The model's adapter (built at first use, restored from a checkpoint)."""
+        if self._adapter is None:
+            assert self.adapt is not None
+            widths = self.adapt.widths
+            self._adapter = LevelAdapter(
+                self._policy_plan(list(self.shapes)), self.adapt, reduce=None,
+                message_bits=self._message_bits, per_tensor=True,
+                budget_floor=lambda plan: minimum_budget(plan, widths, self._message_bits),
+            )  # fmt: skip
+            if self.adapter_state is not None:
+                try:
+                    self._adapter.load_state_dict(self.adapter_state)
+                except (ValueError, KeyError) as e:
+                    self._adapter = None
+                    raise ValueError(f"hook state: the checkpoint's adaptive state is not this model's ({e})") from None
+            self._version += 1
+        return self._adapter
+
+    def _plan(self) -> LayerPlan | None:
+        """The current plan of every parameter (``None`` before the parameters are known)."""
+        if not self.shapes:
+            return None
+        if self.adapt is not None and (self._adapter is not None or self._bound or self.adapter_state is not None):
+            return self._adapter_now().plan
+        return self._policy_plan(list(self.shapes))
+
+    def _aggregator(self, names: Group, index: int) -> Aggregator:
+        key = (names, index)
+        cached = self._aggregators.get(key)
+        if cached is not None and cached[0] == self._version:
+            return cached[1]
+        plan = sub_plan(self._adapter_now().plan, names) if self.adapt is not None else self._policy_plan(names)
+        agg = Aggregator(plan, self.mode, self.process_group, seed=self.seed ^ (index << 32))
+        self._aggregators[key] = (self._version, agg)
+        return agg
+
+    # ------------------------------------------------------------------ public reading
+    def summary(self) -> dict[str, Any]:
+        """What the hook does now, per parameter and overall (plain Python).
+
+        ``parameters[name]``: ``type`` (``None``: sent uncompressed), ``bits`` (code bits per
+        coordinate, 32 uncompressed), ``levels`` (the level set), ``variance`` (this rank's exact
+        ``E||Q(g)-g||^2 / ||g||^2`` at the last compressed observation step, ``None`` before).
+        Overall: ``iteration``, ``compressing``, ``bits_per_coordinate`` (bits this rank encoded
+        per coordinate in the last complete compressed iteration, bucket norms and headers
+        included; ``None`` before), ``variance`` (``sum E||Q(g)-g||^2 / sum ||g||^2`` over the
+        compressed parameters at the last observation).
+        """
+        plan = self._plan()
+        params: dict[str, dict[str, Any]] = {}
+        for e in plan.entries if plan is not None else ():
+            cfg = plan.configs[e.type_name] if e.type_name is not None else None
+            v = self._variance.get(e.name)
+            params[e.name] = {
+                "type": e.type_name, "bits": cfg.bits if cfg else 32,
+                "levels": tuple(float(x) for x in cfg.levels.values) if cfg else None,
+                "variance": (v[0] / v[1] if v[1] > 0 else 0.0) if v else None,
+            }  # fmt: skip
+        with self._lock:
+            done = sorted(i for i in self._wire if i < self.iter)
+            wire = self._wire[done[-1]] if done else None
+        num, den = sum(v[0] for v in self._variance.values()), sum(v[1] for v in self._variance.values())
+        return {
+            "iteration": self.iter,
+            "compressing": self.iter >= self.start_iter,
+            "bits_per_coordinate": wire[0] / wire[1] if wire and wire[1] else None,
+            "variance": num / den if den > 0 else None,
+            "parameters": params,
+        }
+
+    def metrics(self, prefix: str = "qoda/") -> dict[str, float]:
+        """:meth:`summary` as flat scalars for a logger (TensorBoard, ``accelerator.log``): bits per
+        coordinate, the relative variance, and every compressed parameter's width and variance."""
+        s = self.summary()
+        out = {prefix + k: float(s[k]) for k in ("bits_per_coordinate", "variance") if s[k] is not None}
+        for name, p in s["parameters"].items():
+            if p["type"] is not None:
+                out[f"{prefix}bits/{name}"] = float(p["bits"])
+                if p["variance"] is not None:
+                    out[f"{prefix}variance/{name}"] = float(p["variance"])
+        return out
+
     # ------------------------------------------------------------------ checkpoints
-    def _refresh_adapter_states(self) -> None:
-        for idx, (_, avg) in self._aggregators.items():
-            if isinstance(avg, AdaptiveAggregator):
-                self.adapter_states[idx] = avg.state_dict()["adapter"]
+    def _refresh_adapter_state(self) -> None:
+        if self._adapter is not None:
+            self.adapter_state = self._adapter.state_dict()
 
     def state_dict(self) -> dict[str, Any]:
-        """Counters, costs and fitted levels/statistics (tensors and plain Python: safe for
-        ``torch.load(weights_only=True)``)."""
-        self._refresh_adapter_states()
-        adapters = {
-            int(i): {**s, "stats": {t: {**st, "counts": torch.as_tensor(st["counts"])} for t, st in s["stats"].items()}}
-            for i, s in self.adapter_states.items()
-        }
+        """Counters, costs, the per-parameter adaptive state and the grouping of the last pass
+        (tensors and plain Python: safe for ``torch.load(weights_only=True)``)."""
+        self._refresh_adapter_state()
+        a = self.adapter_state
+        adapter = None
+        if a is not None:
+            adapter = {
+                **a,
+                "stats": {k: {**st, "counts": torch.as_tensor(st["counts"])} for k, st in a["stats"].items()},
+            }
         return {
             "version": STATE_DICT_VERSION,
             "iter": self.iter,
             "stats": self.stats.as_dict(),
-            "adapter_states": adapters,
+            "adapter": adapter,
+            "layout": [list(g) for g in (self._pinned or self.layout)],
+            "shapes": [[n, list(s)] for n, s in self.shapes.items()],
             "settings": self._settings(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`'s output; the settings must match (mode, seed, start_iter, adapt)."""
-        if int(state.get("version", -1)) != STATE_DICT_VERSION:
-            raise ValueError(f"hook state: version {state.get('version')!r}, expected {STATE_DICT_VERSION}")
+        version = int(state.get("version", -1))
+        if version == 1 and not state.get("adapter_states"):
+            state = {**state, "adapter": None, "layout": [], "shapes": []}  # nothing per bucket to convert
+        elif version != STATE_DICT_VERSION:
+            raise ValueError(
+                f"hook state: version {state.get('version')!r}, expected {STATE_DICT_VERSION} (version 1 "
+                "checkpoints kept adaptive state per DDP bucket and cannot be restored per parameter)"
+            )
         saved, mine = state["settings"], self._settings()
         diff = [k for k in ("mode", "seed", "start_iter", "adapt") if saved.get(k) != mine[k]]
         if diff:
             desc = ", ".join(f"{k}: saved {saved.get(k)!r}, now {mine[k]!r}" for k in diff)
             raise ValueError(f"hook state: the checkpoint was written with other settings ({desc})")
+        shapes = {str(n): tuple(int(x) for x in s) for n, s in state["shapes"]}
+        if self._bound and shapes and shapes != self.shapes:
+            raise ValueError("hook state: the checkpoint's parameters are not those of the bound model")
         self.iter = int(state["iter"])
         self.stats = CommStats(**state["stats"])
-        self.adapter_states = {
-            int(i): {
-                **s,
-                "stats": {
-                    t: {**st, "counts": np.asarray(st["counts"], dtype=np.float64)} for t, st in s["stats"].items()
-                },
+        a = copy.deepcopy(state["adapter"])
+        if a is not None:
+            a["stats"] = {
+                k: {**st, "counts": np.asarray(st["counts"], dtype=np.float64)} for k, st in a["stats"].items()
             }
-            for i, s in copy.deepcopy(state["adapter_states"]).items()
-        }
-        self._aggregators = {}  # rebuilt (adapters from adapter_states) at the next hook call
+        self.adapter_state = a
+        if shapes:
+            self.shapes = shapes
+        self.layout = [tuple(str(n) for n in g) for g in state["layout"]]
+        self._restored()
+
+    def _restored(self) -> None:
+        """After loading: the restored grouping is used until DDP's buckets match it."""
+        self._pinned = list(self.layout) or None
+        self._previous = None
+        self._adapter = None
+        self._aggregators = {}
+        self._variance, self._wire = {}, {}
         self._checked = False  # compare the restored iteration across ranks at the next call
 
     def _settings(self) -> dict[str, Any]:
@@ -264,117 +490,136 @@ class QodaHookState:
         }  # fmt: skip
 
     def __getstate__(self) -> dict[str, Any]:
-        self._refresh_adapter_states()
-        keep = ("policy", "mode", "start_iter", "seed", "iter", "stats", "adapt", "adapter_states", "overlap")
-        return {k: self.__dict__[k] for k in keep}
+        self._refresh_adapter_state()
+        keep = ("policy", "mode", "start_iter", "seed", "iter", "stats", "adapt", "adapter_state", "overlap", "shapes")
+        return {**{k: self.__dict__[k] for k in keep}, "layout": list(self._pinned or self.layout)}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         state.setdefault("overlap", False)  # pickles of earlier versions: they ran synchronously
         self.__dict__.update(state)
         self.process_group = None
         self._init_runtime()
+        self._restored()
 
-    # ------------------------------------------------------------------ per bucket
-    def _order(self, params: Sequence[torch.Tensor]) -> list[int]:
-        """The bucket's parameters in model order.  DDP lays a bucket out in definition order at
-        its first iteration and in gradient-ready order after rebuilding it; quantizing in one
-        canonical order makes a restarted process (a resumed checkpoint) quantize like the
-        uninterrupted one.  Unbound states keep DDP's order."""
-        n = len(self._rank_of)
-        return sorted(range(len(params)), key=lambda i: self._rank_of.get(id(params[i]), n + i))
+    # ------------------------------------------------------------------ one pass
+    def _begin(self) -> _Pass:
+        if self._pass is None:
+            unknown = not self._bound and not self._pinned and self._previous is None
+            defer = unknown and self.adapt is not None and self.iter >= self.start_iter
+            self._pass = _Pass(self._pinned, defer)
+        return self._pass
 
-    def _bucket_params(self, bucket: dist.GradBucket) -> list[torch.Tensor]:
-        params = bucket.parameters()
-        return [params[i] for i in self._order(params)]
+    def _end(self) -> None:
+        """After the last bucket: remember DDP's buckets; drop a restored grouping once DDP's buckets
+        match it (or DDP has settled on other buckets: two passes alike)."""
+        p, self._pass = self._pass, None
+        if p is None:
+            return
+        if self._due():
+            self._merge_statistics(p)
+        if self._pinned is not None and p.buckets in (self._pinned, self._previous):
+            self._pinned = None
+        self._previous = p.buckets
+        self.layout = self._pinned or p.buckets
 
-    def bucket_gradients(self, bucket: dist.GradBucket) -> list[torch.Tensor]:
-        """The bucket's gradient views in the order of its plan."""
-        views = bucket.gradients()
-        return [views[i] for i in self._order(bucket.parameters())]
+    def _due(self) -> bool:
+        """Whether this pass is an observation step of the adapter."""
+        return self.adapt is not None and (
+            self.iter % self.adapt.observe_every == 0 or self.adapt.schedule.due(self.iter)
+        )
 
-    def _bucket_plan(self, params: list[torch.Tensor], index: int) -> LayerPlan:
-        entries = []
-        if not self._params:
-            if self._names_matter():
-                raise RuntimeError(
-                    "QodaHookState is not bound to a model and its policy types parameters by name or module "
-                    f"(mode {self.policy.mode!r}, {len(self.policy.rules)} rules): call state.bind(model) or "
-                    "state.register(ddp_model)"
+    def _merge_statistics(self, p: _Pass) -> None:
+        """End of an observed pass: sum this pass's statistics over the ranks (one small all-reduce,
+        issued from the last bucket's body) into the model's adapter.  Every rank then holds the same
+        statistics, so a checkpoint written by any rank restores every rank exactly."""
+        adapter = self._adapter_now()
+        keys = [e.name for e in adapter.base_plan.entries if e.type_name is not None]
+        bins = self.adapt.bins if self.adapt is not None else 0
+        counts = np.stack([p.fresh[k].counts if k in p.fresh else np.zeros(bins) for k in keys]) if keys else None
+        if counts is None:
+            return
+        counts = allreduce_sum(self.process_group)(counts)
+        for k, c in zip(keys, counts, strict=True):
+            st = adapter.stats[k]
+            st.counts = st.decay * st.counts + c
+
+    def _run_groups(self, p: _Pass, last: bool) -> None:
+        """Exchange every group of the pass whose gradients have all arrived (in layout order)."""
+        groups = p.layout if not p.defer else (p.buckets if last else [])
+        if groups is None:
+            return
+        for index, g in enumerate(groups):
+            if g[0] not in p.done and all(n in p.views for n in g):
+                fut = self._exchange(p, g, [p.views[n] for n in g], index, None)
+                for n in g:
+                    p.done[n] = fut
+        if last:
+            missing = sorted(set(p.views) - set(p.done))
+            if missing:
+                raise AggregationError(
+                    f"qoda hook: the restored grouping of the parameters (checkpoint) does not cover {missing[:3]}: "
+                    "the checkpoint was written for another model"
                 )
-            placeholder = nn.Module()
-            for j, p in enumerate(params):  # name-independent: any stable name will do
-                name = f"bucket{index}.{j}"
-                entries.append(LayerEntry(name, p.shape, self.policy.type_of(name, placeholder, "param", p)))
-        else:
-            for p in params:
-                if id(p) not in self._params:
-                    raise RuntimeError(
-                        "a DDP bucket parameter is not in the model bound to QodaHookState: bind the model that "
-                        "DDP wraps (state.bind(model) or state.register(ddp_model))"
-                    )
-                name, mod, local = self._params[id(p)]
-                entries.append(LayerEntry(name, p.shape, self.policy.type_of(name, mod, local, p)))
-        types = {e.type_name for e in entries if e.type_name is not None}
-        return LayerPlan(tuple(entries), {t: self.policy.config_for(t) for t in types})
+        still = []
+        for names, buffer, result in p.waiting:
+            if not all(n in p.done for n in names):
+                still.append((names, buffer, result))
+                continue
+            futs = list({id(f): f for f in (p.done[n] for n in names)}.values())
+            torch.futures.collect_all(futs).add_done_callback(
+                lambda all_f, result=result, buffer=buffer: _complete(all_f, result, buffer)
+            )
+        p.waiting = still
 
-    def _averager_for(self, bucket: dist.GradBucket) -> Aggregator | AdaptiveAggregator:
-        """The bucket's averager, rebuilt when DDP rebuilds its buckets (other parameters): with
-        ``adapt`` an :class:`AdaptiveAggregator` (levels and statistics carried over a rebuild,
-        restored from a checkpoint), else an :class:`Aggregator`."""
-        params = self._bucket_params(bucket)
-        key = tuple(id(p) for p in params)
-        index = bucket.index()
-        cached = self._aggregators.get(index)
-        if cached is not None and cached[0] == key:
-            return cached[1]
-        plan = self._bucket_plan(params, index)
-        seed = self.seed ^ (index << 32)
-        avg: Aggregator | AdaptiveAggregator
-        if self.adapt is None:
-            avg = Aggregator(plan, self.mode, self.process_group, seed=seed)
-        else:  # its aggregator is built (and compared across ranks) at the first refresh
-            avg = AdaptiveAggregator(plan, self.mode, self.process_group, seed=seed, adapt=self.adapt, check=False)
-            if cached is not None:  # DDP rebuilt its buckets: keep the levels and statistics gathered so far
-                self.adapter_states[index] = cached[1].state_dict()["adapter"]
-            saved = self.adapter_states.get(index)
-            if saved is not None:
-                try:
-                    avg.load_adapter_state(saved)
-                except ValueError:
-                    if cached is None:  # a checkpoint written for another model or bucket layout
-                        raise
-                    # a rebuilt bucket holding other tensors or types starts its statistics afresh
-        self._aggregators[index] = (key, avg)
-        return avg
+    def _exchange(
+        self, p: _Pass, names: Group, views: list[torch.Tensor], index: int, buffer: torch.Tensor | None
+    ) -> torch.futures.Future:
+        """Average one group (``buffer``: DDP's bucket buffer when the group is that bucket)."""
+        compressed = self.iter >= self.start_iter
+        if self.adapt is not None and compressed and not p.refreshed:  # before this pass's statistics
+            p.refreshed = True
+            adapter = self._adapter_now()
+            if adapter.refit(self.iter, force=adapter.fits == 0) is not None:
+                self._version += 1
+        if self._due():
+            plan = self._policy_plan(names)
+            for e, v in zip(plan.entries, views, strict=True):
+                if e.type_name is not None:
+                    st = p.fresh[e.name] = MagnitudeStats(self.adapt.bins)
+                    st.update(v, plan.configs[e.type_name])
+        if not compressed:
+            return _allreduce_async(views, buffer, self.process_group)
+        agg = self._aggregator(names, index)
+        if self._due():
+            for e, v in zip(agg.plan.entries, views, strict=True):
+                if e.type_name is not None:
+                    cfg = agg.plan.configs[e.type_name]
+                    self._variance[e.name] = (exact_variance(v, cfg), float(v.double().square().sum()))
+        if self.overlap and agg.mode is Mode.ALLGATHER:
+            return _allgather_async(self, agg, views, buffer, self.iter)
+        if self.overlap and agg.mode is Mode.TWO_PHASE:
+            return _two_phase_async(self, agg, views, buffer, self.iter)
+        self._add_stats(agg, agg.average_(views, step=self.iter), self.iter, counted=True)
+        done: torch.futures.Future = torch.futures.Future()
+        done.set_result(buffer)
+        return done
 
-    def adaptive_for(self, bucket: dist.GradBucket) -> AdaptiveAggregator:
-        """The bucket's :class:`AdaptiveAggregator` (``adapt`` only)."""
-        avg = self._averager_for(bucket)
-        if not isinstance(avg, AdaptiveAggregator):
-            raise RuntimeError("adaptive_for: this hook state has no adapt settings")
-        return avg
-
-    def aggregator_for(self, bucket: dist.GradBucket) -> Aggregator:
-        """The aggregator that averages this bucket now.  With ``adapt``: the bucket's
-        :class:`AdaptiveAggregator` re-fits its levels first when due (collective: once per
-        bucket and iteration, from the hook body) and hands over the aggregator of its levels."""
-        avg = self._averager_for(bucket)
-        return avg.refresh(self.iter) if isinstance(avg, AdaptiveAggregator) else avg
-
-    def _add_stats(self, agg: Aggregator, st: CommStats) -> None:
+    def _add_stats(self, agg: Aggregator, st: CommStats, step: int, counted: bool = False) -> None:
         st.calls = 1
         with self._lock:
-            agg.stats += st
+            if not counted:
+                agg.stats += st
             self.stats += st
+            wire = self._wire.setdefault(step, [0, 0])
+            wire[0] += st.payload_bits
+            wire[1] += sum(e.numel for e in agg.plan.entries)
+            for old in [i for i in self._wire if i < step - 1]:
+                del self._wire[old]
 
     # ------------------------------------------------------------------ cross-rank check
     def _check(self, bucket: dist.GradBucket) -> None:
         """Compare settings, iteration and binding across ranks (one small all-gather, once)."""
-        binding = ""
-        try:
-            self._bucket_plan(self._bucket_params(bucket), bucket.index())
-        except RuntimeError as e:
-            binding = str(e)
+        binding = self._binding_error(bucket.parameters())
         s = self._settings()
         fields = {
             "mode": s["mode"], "start_iter": s["start_iter"], "seed": s["seed"], "overlap": s["overlap"],
@@ -396,50 +641,97 @@ class QodaHookState:
             )
 
 
+def _complete(all_f: torch.futures.Future, result: torch.futures.Future, buffer: torch.Tensor) -> None:
+    try:
+        for f in all_f.value():
+            f.value()  # re-raises a failed exchange
+    except Exception as e:
+        result.set_exception(e)
+        return
+    result.set_result(buffer)
+
+
+def _allreduce_async(
+    views: list[torch.Tensor], buffer: torch.Tensor | None, group: dist.ProcessGroup | None
+) -> torch.futures.Future:
+    """fp32 average (warm-up): of DDP's bucket buffer, or of a group's gradients concatenated."""
+    world = dist.get_world_size(group)
+    flat = buffer if buffer is not None else torch.cat([v.reshape(-1) for v in views])
+    flat.div_(world)
+    fut = dist.all_reduce(flat, group=group, async_op=True).get_future()
+    if buffer is not None:
+        return fut.then(lambda f: f.value()[0])
+
+    def scatter(f: torch.futures.Future) -> None:
+        out, offset = f.value()[0], 0
+        for v in views:
+            v.copy_(out[offset : offset + v.numel()].view_as(v))
+            offset += v.numel()
+
+    return fut.then(scatter)
+
+
 # ---------------------------------------------------------------------------- the hook
 def qoda_hook(state: QodaHookState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
     """Average the bucket's gradients across ranks with layer-wise quantization.
 
     1. At the first call in a process: settings are compared across ranks.
-    2. With ``adapt``: the bucket's :class:`AdaptiveAggregator` observes its gradients (from
-       the first iteration on, warm-up included).
-    3. During warm-up (``state.iter < start_iter``): fp32 all-reduce of the bucket.
-    4. Otherwise: the bucket's per-parameter gradient views are averaged by the bucket's
-       :class:`Aggregator` (with ``adapt``: the one its adaptive averager holds after re-fitting
-       when due): in the body (a completed future), or with ``overlap`` by an asynchronous
-       exchange whose future decodes and averages.
-    5. The iteration counter advances after the last bucket.
+    2. The bucket's gradients are averaged as one group, or (after a restore, until DDP's
+       buckets match the checkpoint's grouping) wait for the restored group(s) holding them.
+    3. Per group, with ``adapt``: at the pass's first compressed group the model's levels (and
+       widths) are re-fitted when due (collective, identical on every rank); the group's local
+       gradients feed the per-parameter statistics (warm-up included).
+    4. During warm-up (``state.iter < start_iter``): fp32 all-reduce.
+    5. Otherwise: the group's :class:`Aggregator` averages (in the body, or with ``overlap`` by
+       an asynchronous exchange whose future decodes and averages).
+    6. The iteration counter advances after the last bucket.
     """
+    if not isinstance(state, QodaHookState):
+        raise TypeError(
+            f"qoda_hook: the hook state must be a QodaHookState, got {type(state).__name__}: "
+            "register it with ddp_model.register_comm_hook(QodaHookState(...), qoda_hook) or state.register(ddp_model)"
+        )
     buffer = bucket.buffer()
-    group = state.process_group
+    last = bucket.is_last()
     try:
+        if buffer.layout != torch.strided:
+            raise TypeError(
+                f"qoda hook: DDP bucket {bucket.index()} holds sparse gradients (e.g. nn.Embedding(sparse=True)), "
+                "which layer-wise quantization cannot encode: use dense gradients (sparse=False)"
+            )
         if not state._checked:
             state._check(bucket)
-        if state.adapt is not None:  # statistics of the local gradients (no communication)
-            state.adaptive_for(bucket).observe(state.bucket_gradients(bucket), state.iter)
-        if state.iter < state.start_iter:
-            buffer.div_(dist.get_world_size(group))
-            fut = dist.all_reduce(buffer, group=group, async_op=True).get_future()
-            return fut.then(lambda f: f.value()[0])
-        agg = state.aggregator_for(bucket)  # adapt: identical levels on every rank (all-reduced statistics)
-        grads = state.bucket_gradients(bucket)
-        if state.overlap and agg.mode is Mode.ALLGATHER:
-            return _allgather_async(state, agg, grads, buffer, state.iter)
-        if state.overlap and agg.mode is Mode.TWO_PHASE:
-            return _two_phase_async(state, agg, grads, buffer, state.iter, bucket.is_last())
-        st = agg.average_(grads, step=state.iter)
-        with state._lock:
-            state.stats += st
-        done: torch.futures.Future[torch.Tensor] = torch.futures.Future()
-        done.set_result(buffer)
-        return done
+        p = state._begin()
+        names, views = state._bucket_tensors(bucket)
+        p.buckets.append(names)
+        index = bucket.index()
+        own = p.layout is None or (index < len(p.layout) and p.layout[index] == names)
+        if own and not p.defer:  # the DDP bucket is a group
+            fut = state._exchange(p, names, views, index, buffer)
+            p.done.update(dict.fromkeys(names, fut))
+            if last:
+                _flush_phase2(state)
+            return fut
+        result: torch.futures.Future[torch.Tensor] = torch.futures.Future()
+        p.views.update(zip(names, views, strict=True))
+        p.waiting.append((names, buffer, result))
+        state._run_groups(p, last)
+        if last:
+            _flush_phase2(state)
+        return result.then(_value)
     except BaseException as e:  # no phase 2 left behind for the next iteration to issue
         for job in state._pending:
             job.fail(AggregationError(f"a later bucket's hook failed: {e}"))
         state._pending = []
+        if state._pass is not None:
+            for _, _, result in state._pass.waiting:
+                if not result.done():
+                    result.set_exception(AggregationError(f"a later bucket's hook failed: {e}"))
+        state._pass = None
         raise
     finally:
-        if bucket.is_last():
+        if last:
+            state._end()
             state.iter += 1
 
 
@@ -447,7 +739,7 @@ def qoda_hook(state: QodaHookState, bucket: dist.GradBucket) -> torch.futures.Fu
 # The protocols themselves live in qoda.comm.protocol (one implementation, shared with the
 # synchronous Aggregator): here they are only issued from hook bodies and finished in futures.
 def _allgather_async(
-    state: QodaHookState, agg: Aggregator, grads: Sequence[torch.Tensor], buffer: torch.Tensor, step: int
+    state: QodaHookState, agg: Aggregator, grads: Sequence[torch.Tensor], buffer: torch.Tensor | None, step: int
 ) -> torch.futures.Future[torch.Tensor]:
     ex = AllgatherExchange(agg, grads, step)
     ex.start()
@@ -455,7 +747,7 @@ def _allgather_async(
 
     def finish(f: torch.futures.Future) -> torch.Tensor:
         f.value()  # re-raises a failed collective
-        state._add_stats(agg, ex.finish())
+        state._add_stats(agg, ex.finish(), step)
         return buffer
 
     return ex.work.get_future().then(finish)
@@ -465,9 +757,14 @@ class _TwoPhase:
     """One bucket's overlapped two-phase exchange: phase 1 in flight, phase 2 not yet issued."""
 
     def __init__(
-        self, state: QodaHookState, agg: Aggregator, grads: Sequence[torch.Tensor], buffer: torch.Tensor, step: int
+        self,
+        state: QodaHookState,
+        agg: Aggregator,
+        grads: Sequence[torch.Tensor],
+        buffer: torch.Tensor | None,
+        step: int,
     ) -> None:
-        self.state, self.agg, self.buffer = state, agg, buffer
+        self.state, self.agg, self.buffer, self.step = state, agg, buffer, step
         self.exchange = TwoPhaseExchange(agg, grads, step)
         self.result: torch.futures.Future[torch.Tensor] = torch.futures.Future()  # what DDP waits for
 
@@ -482,7 +779,7 @@ class _TwoPhase:
         def finish(f: torch.futures.Future) -> None:
             try:
                 f.value()
-                self.state._add_stats(self.agg, self.exchange.finish())
+                self.state._add_stats(self.agg, self.exchange.finish(), self.step)
             except Exception as e:
                 self.result.set_exception(e)
                 return
@@ -496,23 +793,20 @@ class _TwoPhase:
 
 
 def _two_phase_async(
-    state: QodaHookState, agg: Aggregator, grads: Sequence[torch.Tensor], buffer: torch.Tensor, step: int,
-    last: bool,
+    state: QodaHookState, agg: Aggregator, grads: Sequence[torch.Tensor], buffer: torch.Tensor | None, step: int,
 ) -> torch.futures.Future[torch.Tensor]:  # fmt: skip
     """Pipelined two-phase exchange.  Order of collectives in every rank's hook bodies:
     ``P1(0) | P1(1) P2(0) | P1(2) P2(1) | ... | P1(n-1) P2(n-2) P2(n-1)``: phase 1 of a bucket
     travels while backward computes the next bucket; its phase 2 (which needs phase 1's result)
-    is issued from the next bucket's body, never from a callback."""
+    is issued from the next group's exchange or, for the pass's last group, by
+    :func:`_flush_phase2` at the end of the last bucket's body; never from a callback."""
     job = _TwoPhase(state, agg, grads, buffer, step)
     pending, state._pending = state._pending, []
     try:
         job.start_phase1()
         for older in pending:
             older.start_phase2()
-        if last:
-            job.start_phase2()
-        else:
-            state._pending = [job]
+        state._pending = [job]
     except Exception as e:
         for j in (*pending, job):
             j.fail(e)
@@ -522,8 +816,20 @@ def _two_phase_async(
     return job.result.then(_value)
 
 
+def _flush_phase2(state: QodaHookState) -> None:
+    """End of the last bucket's body: issue the phase 2 still due (two-phase overlap)."""
+    pending, state._pending = state._pending, []
+    try:
+        for job in pending:
+            job.start_phase2()
+    except Exception as e:
+        for job in pending:
+            job.fail(e)
+        raise
+
+
 def _value(f: torch.futures.Future[torch.Tensor]) -> torch.Tensor:
     return f.value()
 
 
-__all__ = ["STATE_DICT_VERSION", "QodaHookState", "qoda_hook"]
+__all__ = ["STATE_DICT_VERSION", "Group", "QodaHookState", "qoda_hook", "sub_plan"]

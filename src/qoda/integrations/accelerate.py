@@ -16,6 +16,10 @@ hook after ``prepare()`` instead::
     accelerator.save_state("ckpt")                    # also writes the hook state
     accelerator.load_state("ckpt")                    # restores iteration, costs, fitted levels
 
+Launch on CPU with ``torchrun --nproc_per_node 2 script.py`` (``accelerate launch --multi_gpu
+--num_processes 2`` also works; ``accelerate launch --cpu`` starts one process).  Log the hook with
+``accelerator.log(state.metrics(), step=step)``.
+
 ``register_for_checkpointing`` restores custom objects by registration order: register the
 hook state at the same point in the resumed script as in the original one.
 """

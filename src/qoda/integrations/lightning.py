@@ -85,14 +85,24 @@ class QodaDDPStrategy(DDPStrategy):
 
 
 class QodaHookCallback(Callback):
-    """Registers the hook on the DDP model of any DDP strategy at fit start and checkpoints the
-    state with the callback states (restored before training resumes)."""
+    """Registers the hook on the DDP model of any DDP strategy at fit start, checkpoints the
+    state with the callback states (restored before training resumes) and, when the trainer has
+    a logger, logs :meth:`QodaHookState.metrics` every ``log_every_n_steps`` (TensorBoard: ``qoda/...``).
+    With :class:`QodaDDPStrategy` it only logs and checkpoints (the strategy registers the hook)."""
 
     def __init__(self, hook_state: QodaHookState) -> None:
         if not isinstance(hook_state, QodaHookState):
             raise TypeError(f"hook_state: expected a QodaHookState, got {type(hook_state).__name__}")
         self.hook_state = hook_state
         self._registered: int | None = None  # id of the DDP model the hook is on
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
+        every = max(int(getattr(trainer, "log_every_n_steps", 50) or 1), 1)
+        if trainer.logger is None or trainer.global_step % every or not trainer.is_global_zero:
+            return
+        metrics = self.hook_state.metrics()
+        if metrics:
+            trainer.logger.log_metrics(metrics, step=trainer.global_step)
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         model = trainer.strategy.model

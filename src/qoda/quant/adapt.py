@@ -14,6 +14,7 @@ The statistics, fitting and allocation names are re-exported here for compatibil
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
@@ -126,16 +127,27 @@ class LevelAdapter:
     ``message_bits`` measures a plan's message (:mod:`qoda.comm` passes the codec's exact size;
     the default counts codes, norms and raw tensors but no headers).  Before the first fit the
     widths spread the budget evenly by size, with uniform levels.
+
+    ``per_tensor``: keep statistics per compressed tensor (by name) with ``uniform`` allocation
+    too, summed per type (in plan order) at each re-fit; :meth:`observe` then accepts any subset of
+    the tensors by name, in any order (the DDP hook observes bucket by bucket).
+    ``budget_floor``: with ``dp``, a budget the plan cannot hold is raised to ``budget_floor(plan)``
+    (for example :func:`~qoda.quant.allocation.minimum_budget`) with a one-time warning, instead of
+    failing.
     """
 
     def __init__(
         self, plan: LayerPlan, config: AdaptConfig | None = None,
         reduce: Callable[[np.ndarray], np.ndarray] | None = None, message_bits: MessageBits | None = None,
+        per_tensor: bool = False, budget_floor: Callable[[LayerPlan], float] | None = None,
     ) -> None:  # fmt: skip
         self.base_plan = plan
         self.config = config or AdaptConfig()
         self.reduce = reduce
         self.message_bits = message_bits or estimate_message_bits
+        self.per_tensor = per_tensor or self.config.allocates
+        self.budget_floor = budget_floor
+        self._warned_budget = False
         self.fits = 0
         self.last_fit_step = -1
         self.allocation: Allocation | None = None
@@ -150,24 +162,51 @@ class LevelAdapter:
     @property
     def _keys(self) -> tuple[str, ...]:
         """What statistics are kept for: types (uniform) or compressed tensors by name (dp)."""
-        if self.config.allocates:
+        if self.per_tensor:
             return tuple(e.name for e in self.base_plan.entries if e.type_name is not None)
         return self.base_plan.types
 
     def _empty_stats(self) -> dict[str, MagnitudeStats]:
         return {k: MagnitudeStats(self.config.bins) for k in self._keys}
 
-    def observe(self, step: int, tensors: Sequence[torch.Tensor]) -> None:
-        """Add this worker's gradients (plan order) to the statistics if ``step`` is an observation step."""
-        if step % self.config.observe_every and not self.config.schedule.due(step):
+    def observes(self, step: int) -> bool:
+        """Whether ``step`` is an observation step."""
+        return not (step % self.config.observe_every) or self.config.schedule.due(step)
+
+    def observe(self, step: int, tensors: Sequence[torch.Tensor], names: Sequence[str] | None = None) -> None:
+        """Add this worker's gradients to the statistics if ``step`` is an observation step: all of
+        them in plan order, or (``per_tensor``) the tensors of the entries ``names``."""
+        if not self.observes(step):
             return
-        plan_statistics(self.base_plan, tensors, self.config.allocates, self.config.bins, into=self.stats)
+        if names is None:
+            plan_statistics(self.base_plan, tensors, self.per_tensor, self.config.bins, into=self.stats)
+            return
+        if not self.per_tensor:
+            raise ValueError("observe: tensors by name need per-tensor statistics (per_tensor=True)")
+        types = {e.name: e.type_name for e in self.base_plan.entries}
+        for name, x in zip(names, tensors, strict=True):
+            t = types[name]
+            if t is not None:
+                self.stats[name].update(x, self.base_plan.configs[t])
 
     # ------------------------------------------------------------------ fitting
     def _allocate(self, stats: dict[str, MagnitudeStats]) -> Allocation:
         c = self.config
         assert c.budget is not None
-        return allocate_plan(self.base_plan, stats, c.budget, c.widths, c.method, self.message_bits)
+        budget = float(c.budget)
+        if self.budget_floor is not None:
+            floor = self.budget_floor(self.base_plan)
+            if budget < floor:
+                if not self._warned_budget:
+                    warnings.warn(
+                        f"budget: {budget:g} bits per coordinate cannot hold this plan (every tensor at "
+                        f"{c.widths[0]} bits, bucket norms, headers and uncompressed tensors need {floor:.4f}); "
+                        f"using {floor:.4f}",
+                        stacklevel=2,
+                    )
+                    self._warned_budget = True
+                budget = floor
+        return allocate_plan(self.base_plan, stats, budget, c.widths, c.method, self.message_bits)
 
     def refit(self, step: int, force: bool = False) -> LayerPlan | None:
         """Re-fit if ``step`` is due (or ``force``) and statistics exist; returns the new plan (else ``None``).
@@ -183,6 +222,12 @@ class LevelAdapter:
         if float(counts.sum()) == 0.0:
             return None
         summed = {k: MagnitudeStats(self.config.bins, 0.0, c.copy()) for k, c in zip(keys, counts, strict=True)}
+        if self.per_tensor and not self.config.allocates:  # per type, summed in plan order
+            summed = {
+                t: MagnitudeStats(self.config.bins, 0.0, np.sum([summed[e.name].counts for e in self.base_plan.entries
+                                                                  if e.type_name == t], axis=0))
+                for t in self.base_plan.types
+            }  # fmt: skip
         if self.config.allocates:
             self.allocation = self._allocate(summed)
             self.plan = self.allocation.plan

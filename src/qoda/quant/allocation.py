@@ -213,6 +213,41 @@ def allocated_plan(base: LayerPlan, widths: Mapping[str, int], levels: Mapping[s
     return LayerPlan(tuple(entries), configs)
 
 
+def _fixed_bits(base: LayerPlan, widths: Sequence[int], message_bits: MessageBits) -> tuple[int, int]:
+    """Step 3: the budget's fixed part (``message_bits`` of the all-smallest plan less its codes)
+    and the reserve for the framing of the segments a split by width can add."""
+    units = [e for e in base.entries if e.type_name is not None]
+    wmin = widths[0]
+    cheapest = allocated_plan(base, {e.name: wmin for e in units}, {})
+    fixed = message_bits(cheapest) - sum(e.numel * wmin for e in units)
+    extra_segments, framing = 0, 0
+    for t in base.types:
+        members = [e for e in units if e.type_name == t]
+        extra_segments += min(len(members), len(widths)) - 1
+    if extra_segments:  # one more segment's framing: split one tensor of a multi-tensor type off
+        t = next(t for t in base.types if sum(e.type_name == t for e in units) > 1)
+        first = next(e for e in units if e.type_name == t)
+        split = LayerPlan(
+            tuple(LayerEntry(e.name, e.shape, f"{e.type_name}/split") if e.name == first.name else e
+                      for e in cheapest.entries),
+            {**cheapest.configs, width_type(t, wmin) + "/split": cheapest.configs[width_type(t, wmin)]},
+        )  # fmt: skip
+        framing = message_bits(split) - message_bits(cheapest) + 16  # + padding of both segments
+    return fixed, extra_segments * framing + 8 * (len(base.types) + extra_segments)
+
+
+def minimum_budget(
+    base: LayerPlan, widths: Sequence[int] = WIDTHS, message_bits: MessageBits = estimate_message_bits
+) -> float:
+    """The smallest budget (bits per coordinate) :func:`allocate_plan` accepts for ``base``: every
+    tensor at the smallest width plus the fixed part and the framing reserve."""
+    widths = check_widths(widths)
+    fixed, reserve = _fixed_bits(base, widths, message_bits)
+    numel = sum(e.numel for e in base.entries)
+    codes = sum(e.numel * widths[0] for e in base.entries if e.type_name is not None)
+    return (fixed + reserve + codes) / max(numel, 1) * (1 + 1e-12) + 1e-12
+
+
 def allocate_plan(
     base: LayerPlan,
     stats: Mapping[str, MagnitudeStats],
@@ -238,26 +273,10 @@ def allocate_plan(
     bins = next((s.bins for s in stats.values()), None)
     have = bins is not None and any(float(stats[e.name].counts.sum()) > 0 for e in units if e.name in stats)
     wmin = widths[0]
-    # 3. the fixed part of the budget, measured on the plan with every tensor at the smallest width
-    cheapest = allocated_plan(base, {e.name: wmin for e in units}, {})
-    fixed = message_bits(cheapest) - sum(e.numel * wmin for e in units)
-    extra_segments, framing = 0, 0
-    for t in base.types:
-        members = [e for e in units if e.type_name == t]
-        extra_segments += min(len(members), len(widths)) - 1
-    if extra_segments:  # one more segment's framing: split one tensor of a multi-tensor type off
-        t = next(t for t in base.types if sum(e.type_name == t for e in units) > 1)
-        first = next(e for e in units if e.type_name == t)
-        split = LayerPlan(
-            tuple(LayerEntry(e.name, e.shape, f"{e.type_name}/split") if e.name == first.name else e
-                      for e in cheapest.entries),
-            {**cheapest.configs, width_type(t, wmin) + "/split": cheapest.configs[width_type(t, wmin)]},
-        )  # fmt: skip
-        framing = message_bits(split) - message_bits(cheapest) + 16  # + padding of both segments
-    reserve = extra_segments * framing + 8 * (len(base.types) + extra_segments)
+    fixed, reserve = _fixed_bits(base, widths, message_bits)
     total = budget * numel
     if total < fixed + reserve + sum(e.numel * wmin for e in units) - 1e-9:
-        smallest = (fixed + reserve + sum(e.numel * wmin for e in units)) / max(numel, 1)
+        smallest = minimum_budget(base, widths, message_bits)
         raise ValueError(
             f"budget: {budget:g} bits per coordinate cannot hold this plan; the smallest is {smallest:.4f} "
             f"(every tensor at {wmin} bits, plus bucket norms, headers and uncompressed tensors)"
@@ -306,5 +325,5 @@ def allocate_plan(
 
 __all__ = [
     "EXACT_UNITS", "WIDTHS", "Allocation", "allocate_bits", "allocate_plan", "allocated_plan", "check_widths",
-    "estimate_message_bits", "width_type",
+    "estimate_message_bits", "minimum_budget", "width_type",
 ]  # fmt: skip
