@@ -36,9 +36,9 @@ from qoda.quant.kernels.cpu import (
     _first_invalid,
     _load_u32,
     _pack_codes8,
+    _per_mode,
     _store_u32,
     _unpack_codes8,
-    _per_mode,
     _unpack_tree_segment,
     tree_levels,
 )
