@@ -1,3 +1,6 @@
+import sys
+import time
+
 import pytest
 import torch
 from torch import nn
@@ -12,6 +15,32 @@ def _shared_cache(tmp_path_factory):
 
     os.environ["QODA_CACHE"] = str(tmp_path_factory.mktemp("qoda-cache"))
     yield
+
+
+#: Imports of the tests that start worker processes (the gloo runner, ``qoda train``, the CLI,
+#: the benchmarks), found in a test module's source.
+_SPAWNING = ("distributed import run", "qoda.utils.procs", "qoda.train.launch", "qoda.cli import", "qoda.bench")
+
+
+def _spawns(path) -> bool:
+    return any(mark in path.read_text() for mark in _SPAWNING)
+
+
+def pytest_collection_finish(session):
+    """Compile the codec kernels here, once, when a selected test starts worker processes.
+
+    Workers started later load them from numba's on-disk cache; without this every worker of
+    the first such tests compiled them itself on a cold cache (minutes on a loaded machine),
+    inside the tests' wall-clock timeouts."""
+    if not any(_spawns(path) for path in {item.path for item in session.items}):
+        return
+    from qoda.quant.kernels.warmup import warm_up
+
+    start = time.monotonic()
+    warm_up(("fixed", "entropy"), (True, False))
+    if time.monotonic() - start > 2.0:
+        print(f"\ncodec kernels compiled for the multi-process tests in {time.monotonic() - start:.0f} s",
+              file=sys.stderr)  # fmt: skip
 
 
 @pytest.fixture(autouse=True)

@@ -48,6 +48,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from qoda.data.images import CHANNELS
+from qoda.quant.kernels.warmup import announce_if_slow, warm_up
 from qoda.train import checkpoint, rundir
 from qoda.train.compression import layer_plan, resolve_allocation
 from qoda.train.config import TrainConfig
@@ -83,6 +84,23 @@ def _init(cfg: TrainConfig, rank: int, world: int) -> None:
                          is_master=(rank == 0 and not agent_store), timeout=timeout)  # fmt: skip
     store = dist.PrefixStore(f"qoda/round-{os.environ['TORCHELASTIC_RESTART_COUNT']}", base)
     dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
+
+
+def prepare_kernels(cfg: TrainConfig, announce: bool = True) -> None:
+    """Compile the codec kernels ``cfg`` calls, in this process, before any worker starts
+    (:mod:`qoda.quant.kernels.warmup`): the workers then load them from numba's on-disk cache
+    instead of each compiling them before its first step.  When that takes more than a few
+    seconds (a cold cache: a fresh install, or changed kernels) a line says so on stderr."""
+    if not cfg.quantized:
+        return
+    modes = (True, False) if cfg.mode == "two_phase" else (True,)
+
+    def write(message: str) -> None:
+        if announce:
+            print(f"qoda train: {message}", file=sys.stderr, flush=True)
+
+    with announce_if_slow("compiling the codec kernels (once; numba caches them on disk)...", write):
+        warm_up((cfg.coding,), modes)
 
 
 def _parent_death_signal(sig: int) -> None:
@@ -152,6 +170,7 @@ def train(cfg: TrainConfig) -> dict[str, Any] | None:
             rundir.clear(out)  # before the rendezvous: nobody writes until every rank has joined
         if cfg.resume and rank == 0 and checkpoint.latest(out) is None:
             print(f"qoda train: --resume: no committed checkpoint in {out} yet; starting at step 0", file=sys.stderr)
+        prepare_kernels(cfg, announce=rank == 0)
         _init(cfg, rank, world)
         try:
             return run_worker(cfg, rank, world)
@@ -162,6 +181,7 @@ def train(cfg: TrainConfig) -> dict[str, Any] | None:
         checkpoint.verify(out, cfg, cfg.workers)
     elif cfg.overwrite:
         rundir.clear(out)
+    prepare_kernels(cfg)  # once, here: spawned workers load the compiled kernels from the cache
     if cfg.workers == 1:
         return _train_here(cfg)
     return _train_spawned(cfg)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -38,11 +39,12 @@ from qoda.comm.aggregate import derive_seed
 from qoda.comm.averager import Averager
 from qoda.data.images import ImageDataset, load_dataset
 from qoda.data.sampler import ShardSampler
-from qoda.eval.features import build_extractor
+from qoda.eval.features import build_extractor, default_cache_dir
 from qoda.eval.fid import FIDEvaluator
 from qoda.gan.models import LATENT, DCGANCritic, DCGANGenerator, ResNetCritic, ResNetGenerator
 from qoda.optim import OPTIMIZERS, create_optimizer
 from qoda.optim.base import TwoCallOptimizer, VIOptimizer
+from qoda.quant.kernels.warmup import announce_if_slow
 from qoda.quant.policy import LayerPlan
 from qoda.quant.variance import plan_variance
 from qoda.train import checkpoint
@@ -141,6 +143,13 @@ def _is_transport_failure(e: RuntimeError) -> bool:
         return False
     msg = str(e).lower()
     return any(m in msg for m in _TRANSPORT_MARKERS)
+
+
+def _console(message: str) -> None:
+    """One ``qoda train:`` line on stderr, above the progress bar if one is shown."""
+    from tqdm import tqdm
+
+    tqdm.write(f"qoda train: {message}", file=sys.stderr)
 
 
 class NonFiniteGradientError(FloatingPointError):
@@ -337,14 +346,19 @@ class Trainer:
                 ex = build_extractor(cfg.fid_extractor, self.data, cache, model)
                 return FIDEvaluator(ex, cfg.fid_extractor, self.data, cfg.fid_samples, cache_dir=cache)
 
+            def announced() -> FIDEvaluator:  # a cold cache trains the classifier: ~40 s without output
+                what = f"{cfg.fid_extractor} on {self.data.name}, cached in {cache or default_cache_dir()}"
+                with announce_if_slow(f"preparing the FID features ({what})...", _console):
+                    return make()
+
             if self.world > 1:  # rank 0 trains/caches the extractor and real statistics first
                 if self.rank == 0:
-                    self.fid = make()
+                    self.fid = announced()
                 dist.barrier()
                 if self.rank != 0:
                     self.fid = make()
             else:
-                self.fid = make()
+                self.fid = announced()
         assert self.fid is not None
         return self.fid
 

@@ -252,7 +252,7 @@ def select_rows(lv, inv_width):  # pragma: no cover - compiled
     return out.view(np.int32)
 
 
-@nb.njit(inline="always")
+@nb.njit(forceinline=True)
 def _halve16(m, r):  # pragma: no cover - compiled
     """The upper half of the 16-tuple ``r`` where the all-ones mask ``m`` is set, else its lower half."""
     return (
@@ -261,19 +261,19 @@ def _halve16(m, r):  # pragma: no cover - compiled
     )  # fmt: skip
 
 
-@nb.njit(inline="always")
+@nb.njit(forceinline=True)
 def _halve8(m, r):  # pragma: no cover - compiled
     """:func:`_halve16` of an 8-tuple."""
     return _pick(m, r[0], r[4]), _pick(m, r[1], r[5]), _pick(m, r[2], r[6]), _pick(m, r[3], r[7])
 
 
-@nb.njit(inline="always")
+@nb.njit(forceinline=True)
 def _halve4(m, r):  # pragma: no cover - compiled
     """:func:`_halve16` of a 4-tuple."""
     return _pick(m, r[0], r[2]), _pick(m, r[1], r[3])
 
 
-@nb.njit(inline="always")
+@nb.njit(forceinline=True)
 def _select_codes(xb, xib, a, pre, inv, sel, k1, k2, cs, K):  # pragma: no cover - compiled
     """Codes for at most ``K`` (a constant power of two) levels by a branch-free binary search.
 
@@ -332,7 +332,7 @@ def _select_codes(xb, xib, a, pre, inv, sel, k1, k2, cs, K):  # pragma: no cover
         cs[t] = _code(_index_bits(c3, c2, c1, c0), _uniform(a, t, k1, k2) < p, xib[t] < 0)
 
 
-@nb.njit(inline="always")
+@nb.njit(forceinline=True)
 def _codes_into(
     xb, xib, a, norm, lv, inv_width, table, shift, one_step, intervals, sel, k1, k2, cs, sc
 ):  # pragma: no cover
@@ -448,7 +448,7 @@ def _unpack8(v, width):  # pragma: no cover - compiled
     return (v & m1) | ((v << (np.uint64(8) - w)) & (m1 << np.uint64(8)))
 
 
-@nb.njit(inline="always")
+@nb.njit(forceinline=True)
 def _pack_codes8(cs, n, width, out, pos, end, carry, nacc):  # pragma: no cover - compiled
     """Append ``n`` codes of ``width <= 8`` bits (``cs``: uint8) to ``out`` at byte ``pos``,
     LSB-first, after ``nacc < 8`` pending bits held in ``carry``; never writes at or past ``end``.
@@ -529,7 +529,7 @@ def tree_levels(slv, bad, width):  # pragma: no cover - compiled
     return mags, lim
 
 
-@nb.njit(inline="always")
+@nb.njit(forceinline=True)
 def _pick(m, a, b):  # pragma: no cover - compiled
     """``b`` where the all-ones mask ``m`` is set, else ``a`` (integer bit patterns)."""
     return a ^ ((a ^ b) & m)
@@ -541,7 +541,7 @@ def _scaled(nrm, mags, k):  # pragma: no cover - compiled
     return np.float32(nrm * mags[k]).view(np.int32)
 
 
-@nb.njit(inline="always")
+@nb.njit(forceinline=True)
 def _scaled_levels(nrm, mags):  # pragma: no cover - compiled
     """The 16 scaled levels of a bucket, as a tuple (registers in the decode loop)."""
     return (
@@ -552,7 +552,7 @@ def _scaled_levels(nrm, mags):  # pragma: no cover - compiled
     )  # fmt: skip
 
 
-@nb.njit(inline="always")
+@nb.njit(forceinline=True)
 def _tree_value(c, K, m):  # pragma: no cover - compiled
     """``float32(nrm * slv[c])`` for a valid code ``c`` of ``K = 2^(width - 1)`` magnitudes (a
     constant), from the scaled levels ``m`` (:func:`_scaled_levels`): the bits of ``nrm * l_j``
@@ -589,7 +589,7 @@ def _invalid(c, lim):  # pragma: no cover - compiled
 @nb.njit(inline="always")
 def _read_code(data, pos, nacc, width):  # pragma: no cover - compiled
     """One ``width``-bit code LSB-first from byte ``pos`` after ``nacc`` consumed bits, bit by
-    bit across byte boundaries (the tails of the unpackers); returns ``(code, pos, nacc)``."""
+    bit across byte boundaries (the tails of the unpackers); returns ``(code, pos, nacc)`` (the code an int32)."""
     c = np.int32(0)
     for b in range(width):
         bit = (np.int32(data[pos]) >> nacc) & 1
@@ -598,7 +598,7 @@ def _read_code(data, pos, nacc, width):  # pragma: no cover - compiled
         if nacc == 8:
             nacc = 0
             pos += 1
-    return c, pos, nacc
+    return np.int32(c), pos, nacc
 
 
 @nb.njit(inline="always")
@@ -617,7 +617,7 @@ def _unpack_tree(data, pos, nacc, n, width, K, lim, m, ob, cb, accumulate):  # p
         for t in range(db.shape[0]):
             byte = np.int32(db[t])
             for k in range(per):
-                c = (byte >> np.int32(width * k)) & mask
+                c = np.int32((byte >> np.int32(width * k)) & mask)
                 flag |= _invalid(c, lim)
                 _emit(ob, per * t + k, _tree_value(c, K, m), accumulate)
         return pos + n // per, nacc, flag
@@ -641,7 +641,7 @@ def _unpack_tree(data, pos, nacc, n, width, K, lim, m, ob, cb, accumulate):  # p
     return pos, nacc, flag
 
 
-@nb.njit(inline="always")
+@nb.njit(forceinline=True)
 def _unpack_codes8(data, pos, nacc, a, n, width, bad, nrm, slv, out, accumulate):  # pragma: no cover
     """Dequantize ``n`` codes of ``width <= 8`` bits from byte ``pos`` (after ``nacc`` consumed
     bits) into ``out[a : a + n]`` (``+=`` if ``accumulate``).  Returns ``(pos, nacc, bad)``:
@@ -737,7 +737,7 @@ def quantize_pack(
     cs8 = np.empty(scratch.shape[1], dtype=np.uint8)
     cs16 = np.empty(scratch.shape[1] if width > 8 else 0, dtype=np.uint16)
     carry = np.uint64(0)
-    nacc = 0
+    nacc = np.int64(0)  # typed int64, not the literal 0: one compiled _pack_codes8
     pos = 0
     end = out.shape[0]
     for b in range(starts.shape[0] - 1):
@@ -775,7 +775,7 @@ def _emit(out, i, v, accumulate):  # pragma: no cover - compiled
         out[i] = v
 
 
-@nb.njit(inline="always")
+@nb.njit(nogil=True)
 def _unpack_tree_buckets(data, starts, norms, bad, mags, lim, width, K, out, accumulate):  # pragma: no cover
     """:func:`unpack_dequantize` by :func:`_unpack_tree` (constant ``width``, ``K``, mode); codes
     from byte 0 of ``data``.  Returns ``(status, index)`` as :func:`unpack_dequantize`."""
@@ -798,29 +798,56 @@ def _unpack_tree_buckets(data, starts, norms, bad, mags, lim, width, K, out, acc
     return OK, -1
 
 
-@nb.njit(inline="always")
+@nb.njit(forceinline=True)
 def _unpack_tree_segment(data, starts, norms, bad, mags, lim, width, out, accumulate):  # pragma: no cover
     """:func:`_unpack_tree_buckets` for a runtime ``width`` in 2..5 (``lim > 0``, see
-    :func:`tree_levels`) and mode: one instantiation per constant width and mode."""
-    if accumulate:
-        if width == 2:
-            return _unpack_tree_buckets(data, starts, norms, bad, mags, lim, 2, 2, out, True)
-        if width == 3:
-            return _unpack_tree_buckets(data, starts, norms, bad, mags, lim, 3, 4, out, True)
-        if width == 4:
-            return _unpack_tree_buckets(data, starts, norms, bad, mags, lim, 4, 8, out, True)
-        return _unpack_tree_buckets(data, starts, norms, bad, mags, lim, 5, 16, out, True)
+    :func:`tree_levels`): one instantiation per constant width.  ``accumulate`` is a compile-time
+    constant of the calling kernel (see :func:`_per_mode`), so only its mode is compiled."""
     if width == 2:
-        return _unpack_tree_buckets(data, starts, norms, bad, mags, lim, 2, 2, out, False)
+        return _unpack_tree_buckets(data, starts, norms, bad, mags, lim, 2, 2, out, accumulate)
     if width == 3:
-        return _unpack_tree_buckets(data, starts, norms, bad, mags, lim, 3, 4, out, False)
+        return _unpack_tree_buckets(data, starts, norms, bad, mags, lim, 3, 4, out, accumulate)
     if width == 4:
-        return _unpack_tree_buckets(data, starts, norms, bad, mags, lim, 4, 8, out, False)
-    return _unpack_tree_buckets(data, starts, norms, bad, mags, lim, 5, 16, out, False)
+        return _unpack_tree_buckets(data, starts, norms, bad, mags, lim, 4, 8, out, accumulate)
+    return _unpack_tree_buckets(data, starts, norms, bad, mags, lim, 5, 16, out, accumulate)
 
 
-@nb.njit(nogil=True, cache=True)
-def unpack_dequantize(data, starts, norms, slv, bad, width, out, accumulate, codes, want_codes):  # pragma: no cover
+def _per_mode(make):  # type: ignore[no-untyped-def]
+    """``(make(False), make(True))``: a kernel compiled separately (and lazily) per decoding mode.
+
+    Numba types every branch of a kernel, so a runtime ``accumulate`` compiled both modes of
+    every decoder; a closure constant compiles one (both are cached on disk, keyed by it)."""
+    return make(False), make(True)
+
+
+def _unpack_dequantize_kernel(accumulate: bool):  # type: ignore[no-untyped-def]
+    @nb.njit(nogil=True, cache=True)
+    def unpack_dequantize_mode(data, starts, norms, slv, bad, width, out, codes, want_codes):  # pragma: no cover
+        if want_codes or width > 8:
+            return _unpack_code_by_code(data, starts, norms, slv, bad, width, out, accumulate, codes, want_codes)
+        mags, lim = tree_levels(slv, bad, width)
+        if lim > 0:  # widths 2-5: one loop over buckets, no per-bucket dispatch
+            return _unpack_tree_segment(data, starts, norms, bad, mags, lim, width, out, accumulate)
+        pos = 0
+        nacc = np.int64(0)  # not the literal 0: one compiled _unpack_codes8
+        for b in range(starts.shape[0] - 1):
+            a = starts[b]
+            e = starts[b + 1]
+            bitpos = 8 * pos + nacc
+            pos, nacc, flag = _unpack_codes8(data, pos, nacc, a, e - a, width, bad, norms[b], slv, out, accumulate)
+            if flag:
+                return ERR_BAD_CODE, _first_invalid(data, bitpos, a, e - a, width, bad)
+        if nacc > 0 and (np.int32(data[pos]) >> nacc) != 0:
+            return ERR_BAD_PADDING, -1
+        return OK, -1
+
+    return unpack_dequantize_mode
+
+
+_UNPACK_DEQUANTIZE = _per_mode(_unpack_dequantize_kernel)
+
+
+def unpack_dequantize(data, starts, norms, slv, bad, width, out, accumulate, codes, want_codes):  # type: ignore[no-untyped-def]
     """Fused unpacking + dequantization (+ accumulation into ``out``).
 
     ``slv``/``bad`` come from :func:`signed_level_table`.  ``data`` must hold exactly
@@ -829,23 +856,7 @@ def unpack_dequantize(data, starts, norms, slv, bad, width, out, accumulate, cod
     reported; the bucket holding an invalid code may already have been written.
     With ``want_codes`` the codes are also written to ``codes`` (int32).
     """
-    if want_codes or width > 8:
-        return _unpack_code_by_code(data, starts, norms, slv, bad, width, out, accumulate, codes, want_codes)
-    mags, lim = tree_levels(slv, bad, width)
-    if lim > 0:  # widths 2-5: one loop over buckets, no per-bucket dispatch
-        return _unpack_tree_segment(data, starts, norms, bad, mags, lim, width, out, accumulate)
-    pos = 0
-    nacc = 0
-    for b in range(starts.shape[0] - 1):
-        a = starts[b]
-        e = starts[b + 1]
-        bitpos = 8 * pos + nacc
-        pos, nacc, flag = _unpack_codes8(data, pos, nacc, a, e - a, width, bad, norms[b], slv, out, accumulate)
-        if flag:
-            return ERR_BAD_CODE, _first_invalid(data, bitpos, a, e - a, width, bad)
-    if nacc > 0 and (np.int32(data[pos]) >> nacc) != 0:
-        return ERR_BAD_PADDING, -1
-    return OK, -1
+    return _UNPACK_DEQUANTIZE[bool(accumulate)](data, starts, norms, slv, bad, width, out, codes, want_codes)
 
 
 @nb.njit(nogil=True, cache=True)

@@ -36,6 +36,7 @@ from qoda.quant.kernels.cpu import (
     _first_invalid,
     _load_u32,
     _pack_codes8,
+    _per_mode,
     _store_u32,
     _unpack_codes8,
     _unpack_tree_segment,
@@ -112,7 +113,7 @@ def encode_message(
         pos = row[M_CODES]
         end = row[M_END]
         carry = np.uint64(0)
-        nacc = 0
+        nacc = np.int64(0)  # not the literal 0: one compiled _pack_codes8
         for b in range(st.shape[0] - 1):
             a = st[b]
             e = st[b + 1]
@@ -132,8 +133,71 @@ def encode_message(
     return OK, -1, -1
 
 
-@nb.njit(nogil=True, cache=True)
-def decode_message(addrs, meta, starts, slvs, bads, tmpl, data, base, accumulate):  # pragma: no cover - compiled
+def _decode_message_kernel(accumulate: bool):  # type: ignore[no-untyped-def]
+    @nb.njit(nogil=True, cache=True)
+    def decode_message_mode(addrs, meta, starts, slvs, bads, tmpl, data, base):  # pragma: no cover - compiled
+        """:func:`decode_message` with ``accumulate`` a compile-time constant."""
+        # 1. headers (CRC field excluded) and layer sizes equal the templates; norms valid
+        for s in range(meta.shape[0]):
+            row = meta[s]
+            h = row[M_HDR]
+            lo = row[M_TMPL_LO]
+            for t in range(row[M_TMPL_HI] - lo):
+                if (t < 40 or t >= 44) and data[base + h + t] != tmpl[lo + t]:
+                    return ERR_HEADER, s, -1
+            if row[M_NUMEL] < 0:
+                continue
+            npos = base + row[M_NORMS]
+            for b in range(row[M_ST_HI] - row[M_ST_LO] - 1):
+                bits = _load_u32(data, npos + 4 * b)
+                # negative (sign bit set), Inf or NaN; -0.0 passes, as in the per-segment check
+                if bits >= np.uint32(0x7F800000) and bits != np.uint32(0x80000000):
+                    return ERR_NORM, s, b
+        # 2. decode
+        norms = np.empty(0, dtype=np.float32)  # the bucket norms of a tree-decoded segment
+        for s in range(meta.shape[0]):
+            row = meta[s]
+            n = row[M_NUMEL]
+            if n < 0:
+                continue
+            out = nb.carray(_f32_at(addrs[s]), (n,))
+            st = starts[row[M_ST_LO] : row[M_ST_HI]]
+            slv = slvs[row[M_SLV_LO] : row[M_SLV_HI]]
+            bad = bads[row[M_SLV_LO] : row[M_SLV_HI]]
+            width = row[M_WIDTH]
+            mags, lim = tree_levels(slv, bad, width)
+            npos = base + row[M_NORMS]
+            pos = base + row[M_CODES]
+            if lim > 0:  # widths 2-5: one bucket loop per segment (as the per-segment decoder)
+                nb_ = st.shape[0] - 1
+                if norms.shape[0] < nb_:
+                    norms = np.empty(nb_, dtype=np.float32)
+                for b in range(nb_):
+                    norms[b] = np.uint32(_load_u32(data, npos + 4 * b)).view(np.float32)
+                status, i = _unpack_tree_segment(data[pos:], st, norms[:nb_], bad, mags, lim, width, out, accumulate)
+                if status != OK:
+                    return status, s, i
+                continue
+            nacc = np.int64(0)  # not the literal 0: one compiled _unpack_codes8
+            for b in range(st.shape[0] - 1):
+                a = st[b]
+                e = st[b + 1]
+                nrm = np.uint32(_load_u32(data, npos + 4 * b)).view(np.float32)
+                bitpos = 8 * pos + nacc
+                pos, nacc, flag = _unpack_codes8(data, pos, nacc, a, e - a, width, bad, nrm, slv, out, accumulate)
+                if flag:
+                    return ERR_BAD_CODE, s, _first_invalid(data, bitpos, a, e - a, width, bad)
+            if nacc > 0 and (np.int32(data[pos]) >> nacc) != 0:
+                return ERR_BAD_PADDING, s, -1
+        return OK, -1, -1
+
+    return decode_message_mode
+
+
+_DECODE_MESSAGE = _per_mode(_decode_message_kernel)
+
+
+def decode_message(addrs, meta, starts, slvs, bads, tmpl, data, base, accumulate):  # type: ignore[no-untyped-def]
     """Check every segment of the message ``data`` (segments from byte ``base``) against the
     receiver's templates and its norms, then unpack, dequantize and add (or write) every
     quantized segment into its group buffer.  CRCs are checked by the caller beforehand.
@@ -142,56 +206,4 @@ def decode_message(addrs, meta, starts, slvs, bads, tmpl, data, base, accumulate
     written; ``ERR_BAD_CODE`` (index: the coordinate in the segment; that bucket and earlier
     segments may be written) or ``ERR_BAD_PADDING``.
     """
-    # 1. headers (CRC field excluded) and layer sizes equal the templates; norms valid
-    for s in range(meta.shape[0]):
-        row = meta[s]
-        h = row[M_HDR]
-        lo = row[M_TMPL_LO]
-        for t in range(row[M_TMPL_HI] - lo):
-            if (t < 40 or t >= 44) and data[base + h + t] != tmpl[lo + t]:
-                return ERR_HEADER, s, -1
-        if row[M_NUMEL] < 0:
-            continue
-        npos = base + row[M_NORMS]
-        for b in range(row[M_ST_HI] - row[M_ST_LO] - 1):
-            bits = _load_u32(data, npos + 4 * b)
-            # negative (sign bit set), Inf or NaN; -0.0 passes, as in the per-segment check
-            if bits >= np.uint32(0x7F800000) and bits != np.uint32(0x80000000):
-                return ERR_NORM, s, b
-    # 2. decode
-    norms = np.empty(0, dtype=np.float32)  # the bucket norms of a tree-decoded segment
-    for s in range(meta.shape[0]):
-        row = meta[s]
-        n = row[M_NUMEL]
-        if n < 0:
-            continue
-        out = nb.carray(_f32_at(addrs[s]), (n,))
-        st = starts[row[M_ST_LO] : row[M_ST_HI]]
-        slv = slvs[row[M_SLV_LO] : row[M_SLV_HI]]
-        bad = bads[row[M_SLV_LO] : row[M_SLV_HI]]
-        width = row[M_WIDTH]
-        mags, lim = tree_levels(slv, bad, width)
-        npos = base + row[M_NORMS]
-        pos = base + row[M_CODES]
-        if lim > 0:  # widths 2-5: one bucket loop per segment (as the per-segment decoder)
-            nb_ = st.shape[0] - 1
-            if norms.shape[0] < nb_:
-                norms = np.empty(nb_, dtype=np.float32)
-            for b in range(nb_):
-                norms[b] = np.uint32(_load_u32(data, npos + 4 * b)).view(np.float32)
-            status, i = _unpack_tree_segment(data[pos:], st, norms[:nb_], bad, mags, lim, width, out, accumulate)
-            if status != OK:
-                return status, s, i
-            continue
-        nacc = 0
-        for b in range(st.shape[0] - 1):
-            a = st[b]
-            e = st[b + 1]
-            nrm = np.uint32(_load_u32(data, npos + 4 * b)).view(np.float32)
-            bitpos = 8 * pos + nacc
-            pos, nacc, flag = _unpack_codes8(data, pos, nacc, a, e - a, width, bad, nrm, slv, out, accumulate)
-            if flag:
-                return ERR_BAD_CODE, s, _first_invalid(data, bitpos, a, e - a, width, bad)
-        if nacc > 0 and (np.int32(data[pos]) >> nacc) != 0:
-            return ERR_BAD_PADDING, s, -1
-    return OK, -1, -1
+    return _DECODE_MESSAGE[bool(accumulate)](addrs, meta, starts, slvs, bads, tmpl, data, base)
