@@ -387,6 +387,10 @@ def _hook_suite_worker(rank, world):
         res[mode, coding] = (sync, over)
     for mode in ("allgather", "two_phase"):
         res["nan", mode] = _hook_run(rank, mode, "fixed", overlap=True, nan_at=3)
+        # adaptive levels observe the gradients before encoding them: a NaN there must fail collectively too
+        res["nan observed", mode] = _hook_run(
+            rank, mode, "fixed", overlap=True, nan_at=3, adapt=AdaptConfig(observe_every=1)
+        )
         if rank == 1:  # rank 1 sends damaged bytes once compressing (phase 1 in two-phase mode)
             enc = LayerwiseCodec.encode_flats
 
@@ -459,9 +463,10 @@ def test_overlapping_hook_equals_the_synchronous_one_bit_for_bit(hook_suite, mod
         assert hook_suite[0][mode, coding][1][3] is False
 
 
+@pytest.mark.parametrize("observed", [False, True], ids=["fixed levels", "adaptive, observation step"])
 @pytest.mark.parametrize("mode", ["allgather", "two_phase"])
-def test_overlapping_hook_fails_every_rank_on_a_nan(hook_suite, mode):
-    msgs = [r["nan", mode] for r in hook_suite]
+def test_overlapping_hook_fails_every_rank_on_a_nan(hook_suite, mode, observed):
+    msgs = [r["nan observed" if observed else "nan", mode] for r in hook_suite]
     assert isinstance(msgs[1], str) and "NaN or Inf" in msgs[1], msgs
     # the failure travels in rank 1's payload: rank 0 names it and its reason
     assert isinstance(msgs[0], str) and "rank 1 could not encode" in msgs[0] and "NaN or Inf" in msgs[0], msgs

@@ -329,11 +329,6 @@ class QodaHookState:
         types = {e.type_name for e in entries if e.type_name is not None}
         return LayerPlan(tuple(entries), {t: self.policy.config_for(t) for t in types})
 
-    def _message_bits(self, plan: LayerPlan) -> int:
-        """Bits on the wire of ``plan`` as one message (the budget's measure; each further DDP bucket
-        adds its own message header, which the budget does not count)."""
-        return fixed_message_bits(plan)
-
     def _adapter_now(self) -> LevelAdapter:
         """The model's adapter (built at first use, restored from a checkpoint)."""
         if self._adapter is None:
@@ -341,8 +336,10 @@ class QodaHookState:
             widths = self.adapt.widths
             self._adapter = LevelAdapter(
                 self._policy_plan(list(self.shapes)), self.adapt, reduce=None,
-                message_bits=self._message_bits, per_tensor=True,
-                budget_floor=lambda plan: minimum_budget(plan, widths, self._message_bits),
+                # the budget counts the model as one message: each further DDP bucket adds its own
+                # header, which the budget does not count (docs/communication.md)
+                message_bits=fixed_message_bits, per_tensor=True,
+                budget_floor=lambda plan: minimum_budget(plan, widths, fixed_message_bits),
             )  # fmt: skip
             if self.adapter_state is not None:
                 try:
@@ -581,16 +578,11 @@ class QodaHookState:
             adapter = self._adapter_now()
             if adapter.refit(self.iter, force=adapter.fits == 0) is not None:
                 self._version += 1
-        if self._due():
-            plan = self._policy_plan(names)
-            for e, v in zip(plan.entries, views, strict=True):
-                if e.type_name is not None:
-                    st = p.fresh[e.name] = MagnitudeStats(self.adapt.bins)
-                    st.update(v, plan.configs[e.type_name])
+        observed = self._due() and self._observe(p, names, views)
         if not compressed:
             return _allreduce_async(views, buffer, self.process_group)
         agg = self._aggregator(names, index)
-        if self._due():
+        if observed:
             for e, v in zip(agg.plan.entries, views, strict=True):
                 if e.type_name is not None:
                     cfg = agg.plan.configs[e.type_name]
@@ -603,6 +595,23 @@ class QodaHookState:
         done: torch.futures.Future = torch.futures.Future()
         done.set_result(buffer)
         return done
+
+    def _observe(self, p: _Pass, names: Group, views: list[torch.Tensor]) -> bool:
+        """This rank's statistics of the group's gradients (no communication).  A non-finite
+        gradient is not observed (``False``): the exchange that follows reports it on every rank
+        (a failure message, wire format 2), where raising here would leave the other ranks
+        waiting in that exchange."""
+        plan = self._policy_plan(names)
+        fresh = {}
+        try:
+            for e, v in zip(plan.entries, views, strict=True):
+                if e.type_name is not None:
+                    fresh[e.name] = MagnitudeStats(self.adapt.bins)
+                    fresh[e.name].update(v, plan.configs[e.type_name])
+        except ValueError:  # NaN or Inf (normalized_magnitudes)
+            return False
+        p.fresh.update(fresh)
+        return True
 
     def _add_stats(self, agg: Aggregator, st: CommStats, step: int, counted: bool = False) -> None:
         st.calls = 1
