@@ -521,9 +521,7 @@ class QodaHookState:
 
     def _due(self) -> bool:
         """Whether this pass is an observation step of the adapter."""
-        return self.adapt is not None and (
-            self.iter % self.adapt.observe_every == 0 or self.adapt.schedule.due(self.iter)
-        )
+        return self.adapt is not None and self.adapt.observes(self.iter)
 
     def _merge_statistics(self, p: _Pass) -> None:
         """End of an observed pass: sum this pass's statistics over the ranks (one small all-reduce,

@@ -108,6 +108,10 @@ class AdaptConfig:
         elif b is not None:
             raise ValueError("budget: only used with allocation='dp' (uniform allocation keeps the plan's widths)")
 
+    def observes(self, step: int) -> bool:
+        """Whether ``step`` is an observation step (every ``observe_every`` steps and every re-fit step)."""
+        return not (step % self.observe_every) or self.schedule.due(step)
+
     @property
     def allocates(self) -> bool:
         return self.allocation == "dp"
@@ -129,8 +133,8 @@ class LevelAdapter:
     widths spread the budget evenly by size, with uniform levels.
 
     ``per_tensor``: keep statistics per compressed tensor (by name) with ``uniform`` allocation
-    too, summed per type (in plan order) at each re-fit; :meth:`observe` then accepts any subset of
-    the tensors by name, in any order (the DDP hook observes bucket by bucket).
+    too, summed per type (in plan order) at each re-fit (the DDP hook keeps them so, whatever its
+    buckets).
     ``budget_floor``: with ``dp``, a budget the plan cannot hold is raised to ``budget_floor(plan)``
     (for example :func:`~qoda.quant.allocation.minimum_budget`) with a one-time warning, instead of
     failing.
@@ -169,25 +173,10 @@ class LevelAdapter:
     def _empty_stats(self) -> dict[str, MagnitudeStats]:
         return {k: MagnitudeStats(self.config.bins) for k in self._keys}
 
-    def observes(self, step: int) -> bool:
-        """Whether ``step`` is an observation step."""
-        return not (step % self.config.observe_every) or self.config.schedule.due(step)
-
-    def observe(self, step: int, tensors: Sequence[torch.Tensor], names: Sequence[str] | None = None) -> None:
-        """Add this worker's gradients to the statistics if ``step`` is an observation step: all of
-        them in plan order, or (``per_tensor``) the tensors of the entries ``names``."""
-        if not self.observes(step):
-            return
-        if names is None:
+    def observe(self, step: int, tensors: Sequence[torch.Tensor]) -> None:
+        """Add this worker's gradients (plan order) to the statistics if ``step`` is an observation step."""
+        if self.config.observes(step):
             plan_statistics(self.base_plan, tensors, self.per_tensor, self.config.bins, into=self.stats)
-            return
-        if not self.per_tensor:
-            raise ValueError("observe: tensors by name need per-tensor statistics (per_tensor=True)")
-        types = {e.name: e.type_name for e in self.base_plan.entries}
-        for name, x in zip(names, tensors, strict=True):
-            t = types[name]
-            if t is not None:
-                self.stats[name].update(x, self.base_plan.configs[t])
 
     # ------------------------------------------------------------------ fitting
     def _allocate(self, stats: dict[str, MagnitudeStats]) -> Allocation:
