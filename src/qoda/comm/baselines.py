@@ -118,14 +118,23 @@ class PowerSGDAverager(Averager):
     def state_dict(self) -> dict[str, Any]:
         """Error feedback, warm-start memories, the iteration and the hook's RNG: a resumed run
         compresses exactly as an uninterrupted one."""
-        # the slots PowerSGDState.__getstate__ pickles, without its warning on every save
-        hook = {k: getattr(self.state, k) for k in self.state.__slots__ if k != "process_group"}
-        return {**super().state_dict(), "hook": hook}
+        return {**super().state_dict(), "hook": powersgd_state_dict(self.state)}
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
-        for k, v in sd["hook"].items():
-            setattr(self.state, k, v)
+        load_powersgd_state(self.state, sd["hook"])
         super().load_state_dict(sd)
+
+
+def powersgd_state_dict(state: Any) -> dict[str, Any]:
+    """A ``PowerSGDState``'s slots but its process group (what its ``__getstate__`` pickles,
+    without its warning on every save): error feedback, warm-start memories, iteration, RNG."""
+    return {k: getattr(state, k) for k in state.__slots__ if k != "process_group"}
+
+
+def load_powersgd_state(state: Any, saved: dict[str, Any]) -> None:
+    """Restore :func:`powersgd_state_dict`'s output into ``state``."""
+    for k, v in saved.items():
+        setattr(state, k, v)
 
 
 class LocalAverager(Averager):

@@ -34,3 +34,26 @@ def batches(data: torch.Tensor, batch: int, length: int, gen: torch.Generator) -
     idx = starts[:, None] + torch.arange(length + 1)
     w = data[idx].long()
     return w[:, :-1], w[:, 1:]
+
+
+#: The share of the corpus held out for validation (its end; training reads only the rest).
+VALIDATION_FRACTION = 0.1
+
+
+def split(data: torch.Tensor, fraction: float = VALIDATION_FRACTION) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(train, validation)``: the corpus cut once, the last ``fraction`` of its bytes held out."""
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"fraction: must be in (0, 1), got {fraction!r}")
+    cut = int(data.numel() * (1.0 - fraction))
+    return data[:cut], data[cut:]
+
+
+def windows(data: torch.Tensor, length: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``count`` non-overlapping (input, next-byte target) windows of ``data`` (fewer
+    if ``data`` holds fewer): a fixed evaluation set."""
+    n = min(count, (data.numel() - 1) // length)
+    if n < 1:
+        raise ValueError(f"windows: {data.numel()} bytes hold no window of {length + 1}")
+    idx = torch.arange(n)[:, None] * length + torch.arange(length + 1)
+    w = data[idx].long()
+    return w[:, :-1], w[:, 1:]

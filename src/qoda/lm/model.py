@@ -7,8 +7,13 @@ from torch import nn
 
 
 class ByteTransformer(nn.Module):
+    """Logits of the next byte at every position: byte and position embeddings, ``layers`` pre-norm
+    blocks (causal self-attention, a ``ff``-wide feed-forward, two LayerNorms each), a final norm and
+    a linear head over the 256 byte values.  Inputs of up to ``context`` bytes."""
+
     def __init__(self, d: int = 128, heads: int = 4, layers: int = 2, ff: int = 512, context: int = 128) -> None:
         super().__init__()
+        self.context = context
         self.embed = nn.Embedding(256, d)
         self.pos = nn.Embedding(context, d)
         layer = nn.TransformerEncoderLayer(d, heads, ff, dropout=0.0, batch_first=True, norm_first=True)

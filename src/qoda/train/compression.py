@@ -1,4 +1,5 @@
-"""From the trainer's compression options to an averager (one exchange of the joint operator).
+"""From the trainer's compression options to an averager (one exchange of the joint operator; the
+language model's DDP hooks are built from the same policy and adaptation in :mod:`qoda.train.ddp`).
 
 The choices and their capabilities are the registry :data:`qoda.train.compressions.COMPRESSIONS`
 (transport, level family, layer-wise or not, bits on the wire); this module builds the averager a
@@ -70,15 +71,22 @@ def adapt_config(cfg: TrainConfig) -> AdaptConfig:
     )  # fmt: skip
 
 
-def layer_plan(cfg: TrainConfig, players: nn.Module) -> LayerPlan:
-    """The layer plan over both players' parameters (``players`` = ModuleDict generator/critic)."""
+def layer_policy(cfg: TrainConfig) -> LayerPolicy:
+    """What is quantized and how: one level set for all tensors (the global compressions), one per
+    module class (``player_class`` / ``module_class``) or one per tensor (``per_layer``)."""
     qc = quantizer_config(cfg)
-    if COMPRESSIONS[cfg.compression].layerwise:
-        if cfg.layer_types == "per_layer":
-            return LayerPolicy.per_layer(qc).plan(players)
-        plan = LayerPolicy.by_module_class(qc).plan(players)
-        return _prefix_types(plan) if cfg.layer_types == "player_class" else plan
-    return LayerPolicy.global_(qc).plan(players)
+    if not COMPRESSIONS[cfg.compression].layerwise:
+        return LayerPolicy.global_(qc)
+    return LayerPolicy.per_layer(qc) if cfg.layer_types == "per_layer" else LayerPolicy.by_module_class(qc)
+
+
+def layer_plan(cfg: TrainConfig, players: nn.Module) -> LayerPlan:
+    """The layer plan over the task's parameters: both players' (``players`` = ModuleDict
+    generator/critic; ``player_class`` qualifies every type with its player) or the language
+    model's (one model: ``player_class`` and ``module_class`` coincide)."""
+    plan = layer_policy(cfg).plan(players)
+    by_player = cfg.task == "gan" and COMPRESSIONS[cfg.compression].layerwise and cfg.layer_types == "player_class"
+    return _prefix_types(plan) if by_player else plan
 
 
 def build_averager(cfg: TrainConfig, players: nn.Module, group: dist.ProcessGroup | None = None) -> Averager:

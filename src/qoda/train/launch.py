@@ -144,8 +144,15 @@ def check_plan(cfg: TrainConfig) -> None:
     """Refuse here, as every worker would when it builds its averager, a bit budget that the
     model's layer plan cannot hold (``ConfigError`` naming ``bits``).  The models are built on the
     meta device (shapes only: no memory, no data read); with ``overlap`` each player is planned on
-    its own, as :func:`~qoda.train.compression.build_averager` does."""
+    its own, as :func:`~qoda.train.compression.build_averager` does.  The language model
+(``--task lm``) is planned as its DDP hook plans it."""
     if not cfg.adaptive:
+        return
+    if cfg.task == "lm":
+        from qoda.lm.task import build_model
+
+        with torch.device("meta"):
+            resolve_allocation(cfg, layer_plan(cfg, build_model(cfg)))
         return
     with torch.device("meta"):
         generator, critic = build_models(cfg, CHANNELS[cfg.dataset])

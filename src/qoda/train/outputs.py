@@ -48,6 +48,13 @@ REPORT_UNITS: dict[str, str] = {
     "an upper bound (bits_per_step is measured)",
     "skipped_steps": "iterations dropped by nonfinite = skip",
     "step": "iterations",
+    # --task lm
+    "val_loss": "mean cross-entropy of the next byte on the held-out validation windows (nats per byte)",
+    "val_perplexity": "exp(val_loss): perplexity per byte",
+    "val_bits_per_byte": "val_loss / ln 2 (bits per byte)",
+    "val_bytes": "predicted bytes per validation",
+    "train_loss": "mean cross-entropy of rank 0's training batches over the last log window (nats per byte)",
+    "train_seconds": "s, sum of the step times so far (evaluations and checkpoints excluded)",
 }
 
 
@@ -125,6 +132,28 @@ def plot_curves(history: list[dict[str, Any]], evals: list[dict[str, Any]], path
             b.set_title(f"FID against {xlabel}")
             b.legend(fontsize=8)
     fig.suptitle(title, fontsize=9)
+    _save_figure(fig, path)
+
+
+def plot_lm_curves(history: list[dict[str, Any]], evals: list[dict[str, Any]], path: Path, title: str) -> None:
+    """The language model's training loss (rank 0's batches) and validation loss, against
+    wall-clock seconds (left) and iterations (right)."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, (xkey, xlabel) in zip(axes, (("seconds", "wall-clock seconds"), ("step", "iterations")), strict=True):
+        if history:
+            ax.plot([h[xkey] for h in history], [h["train_loss"] for h in history], lw=1, label="training batches")
+        if evals:
+            ax.plot([e[xkey] for e in evals], [e["val_loss"] for e in evals], "o-", label="validation")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("cross-entropy (nats per byte)")
+        ax.set_title(f"loss against {xlabel}")
+        ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    _save_figure(fig, path)
+
+
+def _save_figure(fig: Any, path: Path) -> None:
+    """Write ``fig`` as a PNG, atomically, and close it."""
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)

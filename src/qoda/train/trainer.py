@@ -52,6 +52,7 @@ from qoda.train.compression import build_averager
 from qoda.train.config import ConfigError, TrainConfig
 from qoda.train.game import GameLosses, wgan_gp_operator
 from qoda.train.outputs import REPORT_UNITS, grid_tensor, plot_curves, save_grid
+from qoda.train.task import Task, build_task
 from qoda.utils.atomic import atomic_write_json
 from qoda.utils.system import allocator
 
@@ -394,6 +395,29 @@ class Trainer:
             grids[kind] = grid_tensor(images)
         return grids
 
+    # ------------------------------------------------------------------ the task contract (qoda.train.task)
+    hparam_metrics = ("eval/fid_ema", "eval/fid_raw")
+
+    @property
+    def description(self) -> str:
+        return self.data.description
+
+    def log_window(self, window: list[dict[str, float]], writer: Any, bar: Any) -> None:
+        _log_window(self, window, writer, bar)
+
+    def after_step(self, lead: bool, writer: Any, bar: Any) -> None:
+        _evaluate_sample_save(self, lead, writer, bar)
+
+    def report(self, world: int) -> dict[str, Any]:
+        return build_report(self, world)
+
+    def write_final(self, world: int) -> None:
+        """Rank 0, at the end: the final sample grids and the curves."""
+        cfg = self.cfg
+        self.write_samples("final")
+        title = f"{cfg.optimizer} / {cfg.compression} ({cfg.bits} bits) / {world} workers / {self.data.name}"
+        plot_curves(self.history, self.evals, self.out / "curves.png", title)
+
 
 def _threads(world: int) -> int:
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -428,9 +452,10 @@ def _run(
 ) -> dict[str, Any] | None:  # fmt: skip
     """The training loop of one worker: 1. build (and resume) the trainer; 2. rank 0 opens its
     outputs; 3. per step: train, log, evaluate, sample, checkpoint; 4. a failed collective becomes
-    one :class:`WorkerLostError` line; 5. rank 0 writes the report, samples and curves."""
+    one :class:`WorkerLostError` line; 5. rank 0 writes the report, samples and curves.  The job
+    itself (GAN or language model) is a :class:`~qoda.train.task.Task`."""
     out = Path(cfg.out)
-    trainer = Trainer(cfg, rank, world, data)  # 1.
+    trainer = build_task(cfg, rank, world, data)  # 1.
     if cfg.resume and checkpoint.latest(out) is not None:
         trainer.load_checkpoint()
     if on_step is not None:
@@ -448,9 +473,9 @@ def _run(
             window.append(rec)
             s = trainer.step
             if s % cfg.log_every == 0 or s == cfg.steps:
-                _log_window(trainer, window, writer, bar)
+                trainer.log_window(window, writer, bar)
                 window = []
-            _evaluate_sample_save(trainer, lead, writer, bar)
+            trainer.after_step(lead, writer, bar)
             if bar is not None:
                 bar.update(1)
             if on_step is not None:
@@ -476,25 +501,23 @@ def _run(
         trainer.evaluate()
     if not lead:
         return None
-    report = build_report(trainer, world)  # 5.
-    trainer.write_samples("final")
-    title = f"{cfg.optimizer} / {cfg.compression} ({cfg.bits} bits) / {world} workers / {trainer.data.name}"
-    plot_curves(trainer.history, trainer.evals, out / "curves.png", title)
+    report = trainer.report(world)  # 5.
+    trainer.write_final(world)
     atomic_write_json(report, out / "report.json")
     return report
 
 
-def _open_outputs(trainer: Trainer, world: int) -> tuple[Any, Any]:
+def _open_outputs(trainer: Task, world: int) -> tuple[Any, Any]:
     """Rank 0's run folder: the resolved config, the TensorBoard writer (config and hparams
     logged) and, with ``progress``, the tqdm bar."""
     cfg, out = trainer.cfg, Path(trainer.cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json({**cfg.to_dict(), "world": world, "dataset_description": trainer.data.description},
+    atomic_write_json({**cfg.to_dict(), "world": world, "dataset_description": trainer.description},
                       out / "config.json")  # fmt: skip
     from torch.utils.tensorboard import SummaryWriter
 
     writer = SummaryWriter(str(out / "tensorboard"), purge_step=trainer.step if trainer.step else None)
-    log_config(writer, cfg, world, trainer.data.description, trainer.step)
+    log_config(writer, cfg, world, trainer.description, trainer.step, trainer.hparam_metrics)
     bar = None
     if cfg.progress:
         from tqdm import tqdm
@@ -506,8 +529,7 @@ def _open_outputs(trainer: Trainer, world: int) -> tuple[Any, Any]:
 def _log_window(trainer: Trainer, window: list[dict[str, float]], writer: Any, bar: Any) -> None:
     """The mean of the steps since the last log into the history, TensorBoard and the bar."""
     cfg, s = trainer.cfg, trainer.step
-    mean = {k: sum(r[k] for r in window) / len(window) for k in window[-1]}
-    mean["step"], mean["seconds"] = s, trainer.elapsed
+    mean = window_mean(window, s, trainer.elapsed)
     if cfg.quantized and trainer.quant_variance is not None:
         mean["quant_variance"] = trainer.quant_variance
     trainer.history.append(mean)
@@ -528,6 +550,13 @@ def _log_window(trainer: Trainer, window: list[dict[str, float]], writer: Any, b
         bar.set_postfix(W=f"{mean['wasserstein']:.3f}", bits=f"{mean['bits'] / 1e6:.2f}M",
                         ratio=f"{mean['compression_ratio']:.1f}x", s_step=f"{mean['step_seconds']:.3f}",
                         refresh=False)  # fmt: skip
+
+
+def window_mean(window: list[dict[str, float]], step: int, elapsed: float) -> dict[str, float]:
+    """The mean of every key of the window's step records, at ``step`` and ``elapsed`` seconds."""
+    mean = {k: sum(r[k] for r in window) / len(window) for k in window[-1]}
+    mean["step"], mean["seconds"] = step, elapsed
+    return mean
 
 
 def _evaluate_sample_save(trainer: Trainer, lead: bool, writer: Any, bar: Any) -> None:
@@ -602,7 +631,7 @@ def build_report(trainer: Trainer, world: int) -> dict[str, Any]:
 
 
 # TensorBoard's HParams dashboard compares runs by these metrics (the scalars of the same tags).
-HPARAM_METRICS = ("eval/fid_ema", "eval/fid_raw")
+HPARAM_METRICS = Trainer.hparam_metrics
 
 
 def config_markdown(cfg: TrainConfig, world: int, dataset: str) -> str:
@@ -613,9 +642,11 @@ def config_markdown(cfg: TrainConfig, world: int, dataset: str) -> str:
     return "\n".join(lines)
 
 
-def log_config(writer: Any, cfg: TrainConfig, world: int, dataset: str, step: int) -> None:
+def log_config(
+    writer: Any, cfg: TrainConfig, world: int, dataset: str, step: int, metrics: tuple[str, ...] = HPARAM_METRICS
+) -> None:
     """The run's configuration in TensorBoard: a text table (``config``) and the HParams
-    dashboard's session (hyperparameters, with :data:`HPARAM_METRICS` as metrics).
+    dashboard's session (hyperparameters, with ``metrics``, the task's, as metrics).
 
     Written into the run's own event file, not the sub-run ``SummaryWriter.add_hparams`` creates,
     so the dashboard shows these hyperparameters beside this run's FID curves."""
@@ -627,7 +658,7 @@ def log_config(writer: Any, cfg: TrainConfig, world: int, dataset: str, step: in
         if isinstance(v, list):
             v = " ".join(map(str, v))
         hp[k] = "none" if v is None else str(v).lower() if isinstance(v, bool) else v
-    experiment, start, _end = hparams(hp, dict.fromkeys(HPARAM_METRICS, 0.0))
+    experiment, start, _end = hparams(hp, dict.fromkeys(metrics, 0.0))
     fw = writer._get_file_writer()
     fw.add_summary(experiment, step)
     fw.add_summary(start, step)
