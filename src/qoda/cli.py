@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -76,8 +77,7 @@ TRAIN_HELP = {
     "n_critic": "1: joint steps (the VI formulation); k > 1: the generator moves only every k-th iteration",
     "nonfinite": "NaN/Inf gradients on any worker: raise (stop every worker) or skip the step on every worker",
     "gp_weight": "gradient-penalty weight",
-    "ema": "decay cap of the generator's EMA, warmed up as min(ema, (1 + t) / (10 + t)) at update t; 0 = no "
-    "averaging",
+    "ema": "decay cap of the generator's EMA, warmed up as min(ema, (1 + t) / (10 + t)) at update t; 0 = no averaging",
     "batch_size": "batch per worker",
     "steps": "iterations to train (a resumed run continues up to this many)",
     "seed": "seed of the models, data order and noise (the whole run is a function of it)",
@@ -100,6 +100,8 @@ TRAIN_HELP = {
     "overlap": "average the generator's gradient on a background thread while the critic's is computed",
     "powersgd_rank": "--compression powersgd: rank of the low-rank approximation",
     "powersgd_start_iter": "--compression powersgd: plain all-reduce exchanges before compressing (>= 2)",
+    "hook_start_iter": "--task lm, quantized compressions: fp32 all-reduce steps before the qoda hook compresses "
+    "(its start_iter; statistics are gathered from the start)",
     "ddp_bucket_mb": "--task lm: DDP's bucket size in MB (bucket_cap_mb; each bucket is one exchange of the hook)",
     # evaluation and outputs
     "fid_extractor": "FID features: classifier (small CNN trained on the data set's labels, cached) or "
@@ -217,6 +219,8 @@ def _report(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------- qoda vi
 _VI_BITS = (2, 12)  # the widths qoda vi simulates (32 stands for unquantized)
+
+
 def _vi_parser(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentParser:
     v = sub.add_parser(name, help="monotone-VI suite: methods x problems x noise x bits (simulated workers)")
     v.add_argument("--methods", nargs="+", default=None, help="default: all")
@@ -608,6 +612,52 @@ def _bench_e2e(args: argparse.Namespace) -> int:
     return 0 if not res["skipped"] else 1
 
 
+def _ttq_parser(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentParser:
+    from qoda.bench.time_to_quality import DEFAULT_RATES_MBIT, DEFAULT_SEEDS, DEFAULT_WORKERS, WORKLOADS
+
+    q = sub.add_parser(name, help="seconds to a quality target and quality at a time budget, per compression, "
+                       "over seeds, on rate-limited links (GAN and transformer LM; needs root + iproute2 but "
+                       "--quick)")  # fmt: skip
+    q.add_argument("--workloads", nargs="+", default=list(WORKLOADS), help="lm and/or gan (default: both)")
+    q.add_argument("--workers", type=_positive_int, nargs="+", default=list(DEFAULT_WORKERS))
+    q.add_argument("--bandwidth-mbit", type=_positive_int, nargs="+", default=list(DEFAULT_RATES_MBIT))
+    q.add_argument("--seeds", type=_positive_int, default=DEFAULT_SEEDS, help="seeds per row (default 3)")
+    q.add_argument("--lm-target", type=float, default=None, help="validation-loss target (default: from the "
+                   "uncompressed row)")  # fmt: skip
+    q.add_argument("--gan-target", type=float, default=None, help="FID target (default: from the uncompressed row)")
+    q.add_argument("--budget-seconds", type=float, default=None,
+                   help="training-clock budget of the quality-at-budget column (default: the shortest "
+                   "run)")  # fmt: skip
+    q.add_argument("--quick", action="store_true", help="CI-sized smoke run: tiny models, 3 steps, 2 workers, "
+                   "2 seeds; on the loopback interface when namespaces are unavailable")  # fmt: skip
+    q.add_argument("--max-seconds", type=_positive_int, default=3 * 3600, help="run-time bound")
+    q.add_argument("--json", type=Path, default=Path("benchmarks/time_to_quality.json"))
+    return q
+
+
+def _bench_ttq(args: argparse.Namespace) -> int:
+    from qoda.bench.netns import NetnsUnavailable
+    from qoda.bench.time_to_quality import WORKLOADS, format_time_to_quality, plot_time_to_quality, run_time_to_quality
+
+    bad = [w for w in args.workloads if w not in WORKLOADS]
+    if bad:
+        raise UsageError(f"qoda bench time-to-quality: --workloads: unknown {bad}; choose from {', '.join(WORKLOADS)}")
+    for name in ("lm_target", "gan_target", "budget_seconds"):
+        v = getattr(args, name)
+        if v is not None and not (math.isfinite(v) and v > 0):
+            raise UsageError(f"qoda bench time-to-quality: --{name.replace('_', '-')}: must be > 0, got {v}")
+    workers, seeds = (tuple(args.workers), args.seeds) if not args.quick else ((2,), min(args.seeds, 2))
+    try:
+        res = run_time_to_quality(
+            tuple(args.workloads), workers, tuple(float(b) for b in args.bandwidth_mbit), seeds, args.quick,
+            {"lm": args.lm_target, "gan": args.gan_target}, args.budget_seconds, args.max_seconds,
+        )  # fmt: skip
+    except NetnsUnavailable as e:
+        raise Unavailable(f"qoda bench time-to-quality cannot run here: {e} (--quick runs without)") from None
+    _write_bench(res, args.json, format_time_to_quality, plot_time_to_quality)
+    return 0 if not res["skipped"] else 1
+
+
 def _scaling_parser(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentParser:
     sc = sub.add_parser(name, help="alpha-beta model of step time for 4-64 workers, checked against e2e runs")
     sc.add_argument("--e2e", type=Path, default=Path("benchmarks/e2e.json"), help="measured runs (qoda bench e2e)")
@@ -648,6 +698,7 @@ BENCHMARKS: dict[str, tuple[AddParser, Handler]] = {
     "comm": (_comm_parser, _bench_comm),
     "e2e": (_e2e_parser, _bench_e2e),
     "scaling": (_scaling_parser, _bench_scaling),
+    "time-to-quality": (_ttq_parser, _bench_ttq),
 }
 
 

@@ -118,7 +118,30 @@ class Topology:
         self.close()
 
 
-def run_workers(topo: Topology, commands: list[list[str]], deadline: float) -> str | None:
+class Loopback:
+    """The no-root stand-in for :class:`Topology` (CI-sized smoke runs): every worker on this
+    machine's loopback interface, links not rate-limited."""
+
+    def __init__(self, workers: int) -> None:
+        self.workers = workers
+
+    def addr(self, i: int) -> str:
+        return "127.0.0.1"
+
+    def ifname(self, i: int) -> str:
+        return "lo"
+
+    def prefix(self, i: int) -> list[str]:
+        return []
+
+    def __enter__(self) -> Loopback:
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
+        return None
+
+
+def run_workers(topo: Topology | Loopback, commands: list[list[str]], deadline: float) -> str | None:
     """Start ``commands[i]`` inside worker ``i``'s namespace; wait until all exit or ``deadline``
     (``time.monotonic()``).  Returns ``None`` on success, else the first failure (stderr tail, or
     the time bound).  Every process is killed before returning."""
@@ -154,7 +177,7 @@ def _rows(path: Path) -> list[dict[str, Any]]:
 
 def run_sweep(
     module: str, workers: Sequence[int], rates_mbit: Sequence[float], worker_args: Sequence[str], *,
-    max_seconds: float, setting_seconds: float, log: Callable[[str], None] = print,
+    max_seconds: float, setting_seconds: float, log: Callable[[str], None] = print, loopback: bool = False,
 ) -> tuple[list[dict[str, Any]], list[str]]:  # fmt: skip
     """Run ``python -m module`` on every (workers, rate) setting, each in fresh namespaces.
 
@@ -163,8 +186,12 @@ def run_sweep(
     its rows, a JSON list, to ``--out`` (as it goes: a stopped setting keeps the rows it finished).
     A setting starts only with at least ``setting_seconds`` left of ``max_seconds``; its group
     timeout is the time left, at least ``2 * setting_seconds``.  Returns every setting's rows and
-    one line per setting skipped or stopped."""
-    check_available()
+    one line per setting skipped or stopped.  ``loopback``: no namespaces and no rate limit
+    (:class:`Loopback`; the rates are then only labels), for smoke runs without root."""
+    if not loopback:
+        check_available()
+    from qoda.utils.procs import free_port
+
     deadline = time.monotonic() + max_seconds
     rows: list[dict[str, Any]] = []
     skipped: list[str] = []
@@ -175,9 +202,11 @@ def run_sweep(
             if left < setting_seconds:
                 skipped.append(f"{setting}: run-time bound reached")
                 continue
-            with Topology(k, rate) as topo, tempfile.TemporaryDirectory() as tmp:
+            topology = Loopback(k) if loopback else Topology(k, rate)
+            with topology as topo, tempfile.TemporaryDirectory() as tmp:
                 out = Path(tmp) / "rows.json"
-                common = ["--world", str(k), "--master", topo.addr(0), "--port", str(PORT), "--rate", str(rate),
+                port = free_port() if loopback else PORT
+                common = ["--world", str(k), "--master", topo.addr(0), "--port", str(port), "--rate", str(rate),
                           "--out", str(out), "--pg-timeout", str(int(max(2 * setting_seconds, left)))]  # fmt: skip
                 cmds = [
                     [sys.executable, "-m", module, "--rank", str(i), "--ifname", topo.ifname(i), *common, *worker_args]

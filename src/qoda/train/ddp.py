@@ -65,8 +65,11 @@ class CommHook:
     @property
     def stats(self) -> CommStats:
         """Cumulative costs of this rank's exchanges (payload bits, bytes sent and received, the
-        qoda hook's encode / communication / decode clocks)."""
-        return self.state.stats if isinstance(self.state, QodaHookState) else self._stats
+        qoda hook's encode / communication / decode clocks; its fp32 warm-up counted here)."""
+        total = CommStats(**self._stats.as_dict())
+        if isinstance(self.state, QodaHookState):
+            total += self.state.stats
+        return total
 
     def register(self, ddp: nn.parallel.DistributedDataParallel) -> None:
         if isinstance(self.state, QodaHookState):
@@ -84,7 +87,8 @@ class CommHook:
         model.zero_grad(set_to_none=True)
 
     def count(self, bucket: dist.GradBucket) -> None:
-        """The costs of one bucket under the PyTorch hooks (the qoda hook counts its own)."""
+        """The costs of one bucket under the PyTorch hooks and the qoda hook's fp32 warm-up (it
+        counts its compressed exchanges itself)."""
         numel = bucket.buffer().numel()
         if self.transport is Transport.POWERSGD and self.state.iter >= self.state.start_powerSGD_iter:
             shapes = [g.shape for g in bucket.gradients()]
@@ -97,18 +101,17 @@ class CommHook:
 
     def state_dict(self) -> dict[str, Any]:
         """What a resumed run needs to exchange exactly as an uninterrupted one (tensors and plain values)."""
-        if isinstance(self.state, QodaHookState):
-            return {"qoda": self.state.state_dict()}
         sd: dict[str, Any] = {"stats": self._stats.as_dict()}
+        if isinstance(self.state, QodaHookState):
+            sd["qoda"] = self.state.state_dict()
         if self.transport is Transport.POWERSGD:
             sd["powersgd"] = powersgd_state_dict(self.state)
         return sd
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
+        self._stats = CommStats(**sd["stats"])
         if isinstance(self.state, QodaHookState):
             self.state.load_state_dict(sd["qoda"])
-            return
-        self._stats = CommStats(**sd["stats"])
         if self.transport is Transport.POWERSGD:
             load_powersgd_state(self.state, sd["powersgd"])
 
@@ -125,6 +128,8 @@ def dispatch_hook(hook: CommHook, bucket: dist.GradBucket) -> torch.futures.Futu
         fut.set_result(bucket.buffer())
         return fut
     if hook.transport is Transport.QUANTIZED:
+        if hook.state.iter < hook.state.start_iter:  # the qoda hook's fp32 warm-up
+            hook.count(bucket)
         return hook.hook(hook.state, bucket)
     hook.count(bucket)
     start = time.perf_counter()
@@ -156,7 +161,8 @@ def build_comm_hook(cfg: TrainConfig, model: nn.Module, world: int) -> CommHook:
         return CommHook(transport, state, powerSGD_hook.powerSGD_hook, world)
     resolved = resolve_allocation(cfg, layer_plan(cfg, model)) if cfg.adaptive else cfg
     adapt = adapt_config(resolved) if cfg.adaptive else None
-    state = QodaHookState(policy=layer_policy(resolved), mode=cfg.mode, seed=cfg.seed, adapt=adapt)
+    state = QodaHookState(policy=layer_policy(resolved), mode=cfg.mode, start_iter=cfg.hook_start_iter, seed=cfg.seed,
+                          adapt=adapt)  # fmt: skip
     return CommHook(transport, state, qoda_hook, world)
 
 
