@@ -109,7 +109,7 @@ def test_lm_options_are_checked(tmp_path, capsys):
         ({"task": "lm", "lm_dim": 30, "lm_heads": 4}, "^lm_heads: must divide"),
         ({"task": "lm", "optimizer": "qoda", "weight_decay": 0.1}, "^weight_decay"),
         ({"lm_dim": 64}, "^lm_dim: an option of --task lm"),
-        ({"optimizer": "adamw"}, "^optimizer"),
+        ({"optimizer": "adamw"}, "^optimizer: adamw trains --task lm only"),
         ({"task": "mlp"}, "^task"),
     ]
     for kw, msg in cases:

@@ -151,6 +151,9 @@ class TrainConfig:
         if self.task == "lm" and self.optimizer not in LM_OPTIMIZERS:
             raise ConfigError(f"optimizer: --task lm trains with {' or '.join(LM_OPTIMIZERS)} (QODA with its Adam "
                               f"preconditioner); got {self.optimizer!r}")  # fmt: skip
+        if self.task == "gan" and self.optimizer in LM_OPTIMIZERS and self.optimizer not in OPTIMIZER_CHOICES:
+            raise ConfigError(f"optimizer: {self.optimizer} trains --task lm only; --task gan takes one of "
+                              f"{', '.join(OPTIMIZER_CHOICES)}")  # fmt: skip
         if self.task == "gan":
             one_of("optimizer", OPTIMIZER_CHOICES)
         one_of("compression", tuple(COMPRESSIONS))
