@@ -59,7 +59,7 @@ def _assert_same(a, b, path="state"):
     ("qoda", "layerwise_adaptive", {"bits": 3, "bit_allocation": "dp"}),
     ("adamw", "powersgd", {"weight_decay": 0.01}),
 ])  # fmt: skip
-def test_lm_trains_on_two_processes_and_resumes_bit_exactly(tmp_path, optimizer, compression, extra):
+def test_lm_trains_on_two_processes_and_resumes_bit_exactly(tmp_path, capsys, optimizer, compression, extra):
     """6 steps straight == 3 steps, stop, resume to 6; the validation loss falls from ln 256."""
     kw = dict(optimizer=optimizer, compression=compression, **extra)
     full = lm_config(tmp_path, out=str(tmp_path / "full"), **kw)
@@ -81,6 +81,8 @@ def test_lm_trains_on_two_processes_and_resumes_bit_exactly(tmp_path, optimizer,
     numeric = {k for k, v in saved.items() if isinstance(v, int | float) and not isinstance(v, bool)}
     assert numeric <= set(saved["units"]), numeric - set(saved["units"])
     assert (out / "curves.png").stat().st_size > 1000 and list((out / "tensorboard").glob("events.*"))
+    assert main(["sample", "--run", str(out), "--out", str(tmp_path / "g.png")]) == 2  # no generator to sample
+    assert "language-model run" in capsys.readouterr().err
     # fp32 for 2 steps (the hook's or PowerSGD's start), then compressed: 4 of the 6 steps
     assert 32 * report["parameters"] * 2 < report["bits_per_step"] * 6 < 32 * report["parameters"] * 2.5
     if compression == "layerwise_adaptive":  # the hook's DP widths per tensor, on the transformer's layers

@@ -1,7 +1,9 @@
-"""The distributed WGAN-GP trainer (``qoda train``): config, compression, checkpoints, loop, launcher.
+"""The distributed trainer (``qoda train``: the WGAN-GP, or ``--task lm`` the transformer language
+model): config, compression, checkpoints, loop, launcher.
 
 ``config`` (:class:`TrainConfig`), ``compressions`` (the registry of compression choices),
-``compression`` (from a config to an averager), ``trainer`` (one worker's loop), ``launch``
+``compression`` (from a config to an averager), ``ddp`` (the language model's DDP comm hooks),
+``task`` (the contract the loop drives), ``trainer`` (one worker's loop, the GAN task), ``launch``
 (processes, signals), ``checkpoint`` / ``rundir`` (sharded atomic checkpoints, the run
 directory), ``sample`` (generators and images from a finished run), ``game`` and ``outputs``.
 

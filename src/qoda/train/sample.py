@@ -60,6 +60,9 @@ def load_checkpoint(run_dir: str | Path) -> dict[str, Any]:
             if attempt < 2 and checkpoint.latest(run_dir) != ptr:
                 continue
             raise
+        if isinstance(common.get("config"), dict) and common["config"].get("task") == "lm":
+            raise RunError(f"{run_dir} is a language-model run (--task lm): it has no generator to sample; its "
+                           "validation loss is in report.json")  # fmt: skip
         if not isinstance(common.get("config"), dict) or "ema" not in common or "generator" not in common:
             raise checkpoint.CheckpointError(f"checkpoint of {run_dir} at step {ptr['step']} holds no generator")
         return common

@@ -16,6 +16,9 @@ Per iteration ``t`` (tuning guide in the README, section "qoda train"):
 
 Everything random is a function of ``(seed, rank, counters)`` or lives in the checkpoint, so
 ``--resume`` continues bit for bit.
+
+:func:`run_worker` drives any :class:`~qoda.train.task.Task`: :class:`Trainer` here (the GAN,
+``--task gan``) or the language model of ``--task lm`` (:mod:`qoda.lm.task`).
 """
 
 from __future__ import annotations
