@@ -67,6 +67,43 @@ def test_training_clock_sums_the_log_windows_and_targets_come_from_the_reference
     assert band == [(0.0, 5.0, 4.0, 6.0), (10.0, 3.0, 2.0, 4.0)]  # 15 s: outside the first curve
 
 
+def _record(row: str, seed: int, step_seconds: float, losses: list[float]) -> dict:
+    steps = [10 * (k + 1) for k in range(len(losses))]
+    return {"workload": "lm", "row": row, "seed": seed, "workers": 4, "bandwidth_mbit": 100.0,
+            "curve": [[s * step_seconds, v] for s, v in zip(steps, losses, strict=True)], "curve_steps": steps,
+            "final_quality": losses[-1], "steps": steps[-1], "train_seconds": steps[-1] * step_seconds,
+            "step_seconds": step_seconds, "compute_seconds": 0.1, "encode_seconds": 0.0, "comm_seconds": 0.0,
+            "decode_seconds": 0.0, "bits_per_step": 1.0, "compression_ratio": 1.0, "parameters": 10}  # fmt: skip
+
+
+def test_summary_splits_each_speedup_into_quality_per_step_and_step_time():
+    """Constant step times: seconds to target = steps to target x step time, exactly, so every
+    speed-up is the product of its steps ratio and its step-time ratio."""
+    from qoda.bench.time_to_quality import claims, summarise
+
+    records = []
+    for seed in range(3):
+        records += [
+            _record("allreduce", seed, 1.0, [5.0, 4.0, 3.0, 2.0]),  # target 3.0: step 30, 30 s
+            _record("powersgd1", seed, 0.5, [5.0, 4.5, 4.0, 3.5]),  # never reaches 3.0
+            _record("qoda_dp4", seed, 0.25, [5.0, 4.0, 3.5, 3.0, 2.9 + 0.1 * seed]),  # step 40: 10 s
+        ]
+    rows = {r["row"]: r for r in summarise(records)}
+    assert rows["allreduce"]["target"] == 3.0  # auto: best of the first 3 of 4 evaluations, every seed
+    q = rows["qoda_dp4"]
+    assert q["seconds_to_target"]["median"] == pytest.approx(10.0) and q["steps_to_target"]["median"] == 40.0
+    assert q["speedup_vs_allreduce"] == pytest.approx(3.0)
+    assert q["speedup_vs_allreduce"] == pytest.approx(q["steps_ratio_vs_allreduce"] * q["step_time_ratio_vs_allreduce"])
+    assert q["steps_ratio_vs_allreduce"] == pytest.approx(0.75) and q["step_time_ratio_vs_allreduce"] == 4.0
+    assert rows["powersgd1"]["seconds_to_target"]["median"] is None and q["speedup_vs_powersgd1"] is None
+    assert q["budget_seconds"] == 12.5  # the shortest run: qoda's 50 steps at 0.25 s
+    assert rows["allreduce"]["quality_at_budget"]["median"] == pytest.approx(4.75)  # between 5 at 10 s, 4 at 20 s
+    assert q["quality_at_budget"]["median"] == pytest.approx(3.0) and q["final_quality"]["std"] == pytest.approx(0.1)
+    (c,) = claims(list(rows.values()))
+    assert c["met_2x_vs_allreduce"] and not c["met_1.2x_vs_powersgd1"]
+    assert c["final_within_one_std_of_allreduce"] is False  # 3.0 +- 0.1 vs 2.0 +- 0
+
+
 def test_quick_bench_has_every_row_and_seed(tmp_path, capsys):
     from qoda.bench.time_to_quality import ROWS, rows_of
     from qoda.cli import main
