@@ -625,6 +625,10 @@ def _ttq_parser(sub: argparse._SubParsersAction, name: str) -> argparse.Argument
     q.add_argument("--lm-target", type=float, default=None, help="validation-loss target (default: from the "
                    "uncompressed row)")  # fmt: skip
     q.add_argument("--gan-target", type=float, default=None, help="FID target (default: from the uncompressed row)")
+    q.add_argument("--lm-steps", type=_positive_int, default=None, help="steps per LM run (default 400; 12 "
+                   "evaluations per run)")  # fmt: skip
+    q.add_argument("--gan-steps", type=_positive_int, default=None, help="steps per GAN run (default 400; 12 "
+                   "evaluations per run)")  # fmt: skip
     q.add_argument("--budget-seconds", type=float, default=None,
                    help="training-clock budget of the quality-at-budget column (default: the shortest "
                    "run)")  # fmt: skip
@@ -646,11 +650,14 @@ def _bench_ttq(args: argparse.Namespace) -> int:
         v = getattr(args, name)
         if v is not None and not (math.isfinite(v) and v > 0):
             raise UsageError(f"qoda bench time-to-quality: --{name.replace('_', '-')}: must be > 0, got {v}")
+    if args.quick and (args.lm_steps or args.gan_steps):
+        raise UsageError("qoda bench time-to-quality: --lm-steps / --gan-steps: not with --quick (3 steps)")
     workers, seeds = (tuple(args.workers), args.seeds) if not args.quick else ((2,), min(args.seeds, 2))
     try:
         res = run_time_to_quality(
             tuple(args.workloads), workers, tuple(float(b) for b in args.bandwidth_mbit), seeds, args.quick,
             {"lm": args.lm_target, "gan": args.gan_target}, args.budget_seconds, args.max_seconds,
+            steps={"lm": args.lm_steps, "gan": args.gan_steps},
         )  # fmt: skip
     except NetnsUnavailable as e:
         raise Unavailable(f"qoda bench time-to-quality cannot run here: {e} (--quick runs without)") from None

@@ -57,6 +57,7 @@ from qoda.eval.time_to_quality import (
 DEFAULT_WORKERS = (4,)
 DEFAULT_RATES_MBIT = (100.0,)
 DEFAULT_SEEDS = 3
+EVALUATIONS = 12  # per run, with --lm-steps / --gan-steps
 TARGET_FRACTION = 0.75  # auto target: reached by every uncompressed seed within this share of its evaluations
 
 
@@ -78,7 +79,7 @@ WORKLOADS: dict[str, Workload] = {
         Workload(
             "lm", "byte-level transformer (qoda train --task lm: 2 blocks, d 128, context 64), standard-library "
             "corpus, AdamW, batch 16 per worker", "val_loss", "validation loss (nats per byte)",
-            {"task": "lm", "optimizer": "adamw", "lr": 1e-3, "batch_size": 16, "steps": 600, "eval_every": 50,
+            {"task": "lm", "optimizer": "adamw", "lr": 1e-3, "batch_size": 16, "steps": 400, "eval_every": 40,
              "log_every": 10, "val_windows": 64},
             {"task": "lm", "optimizer": "adamw", "lr": 3e-3, "lm_dim": 64, "lm_layers": 1, "lm_heads": 2,
              "lm_context": 16, "batch_size": 4, "steps": 3, "eval_every": 1, "log_every": 1, "val_windows": 8,
@@ -87,7 +88,7 @@ WORKLOADS: dict[str, Workload] = {
         Workload(
             "gan", "WGAN-GP (qoda train: DCGAN width 64, MNIST), QODA, batch 64 per worker", "fid",
             "FID of the EMA generator (classifier features, 1,000 samples)",
-            {"steps": 600, "eval_every": 100, "log_every": 10, "fid_samples": 1000},
+            {"steps": 400, "eval_every": 50, "log_every": 10, "fid_samples": 1000},
             {"dataset": "digits", "width": 12, "batch_size": 8, "steps": 3, "eval_every": 1, "log_every": 1,
              "fid_samples": 16, "refit_steps": (0,)},
         ),
@@ -138,12 +139,17 @@ def run_order(workloads: Sequence[str], seeds: Sequence[int]) -> list[tuple[str,
     return order
 
 
-def run_config(workload: str, row: str, seed: int, quick: bool, world: int, out: str) -> Any:
-    """The :class:`~qoda.train.config.TrainConfig` of one run (checkpoint and samples at the end only)."""
+def run_config(workload: str, row: str, seed: int, quick: bool, world: int, out: str, steps: int = 0) -> Any:
+    """The :class:`~qoda.train.config.TrainConfig` of one run (checkpoint and samples at the end only).
+    ``steps`` (0: the workload's) shortens or lengthens the runs, still with about
+    :data:`EVALUATIONS` evaluations, at multiples of ``log_every``."""
     from qoda.train.config import TrainConfig
 
     w, r = WORKLOADS[workload], next(x for x in ROWS if x.name == row)
     base = dict(w.quick if quick else w.options)
+    if steps:
+        log = base["log_every"]
+        base.update(steps=steps, eval_every=max(log, round(steps / EVALUATIONS / log) * log))
     steps = base["steps"]
     extra = {"sample_every": steps} if workload == "gan" else {}
     return TrainConfig(**base, **r.options, **extra, seed=seed, checkpoint_every=steps, workers=world,
@@ -187,7 +193,7 @@ def worker_main(a: argparse.Namespace) -> None:
         root = Path(str(box[0]))
         for workload, seed, row in run_order(a.workloads, seeds):
             out = root / f"{workload}-{row}-s{seed}"
-            cfg = run_config(workload, row, seed, a.quick, a.world, str(out))
+            cfg = run_config(workload, row, seed, a.quick, a.world, str(out), getattr(a, f"{workload}_steps"))
             report = run_worker(cfg, a.rank, a.world)
             if a.rank == 0:
                 common = checkpoint.read_file(out / "checkpoints" / checkpoint.latest(out)["dir"] / "common.pt")
@@ -300,9 +306,11 @@ def run_time_to_quality(
     max_seconds: float = 3 * 3600,
     loopback: bool | None = None,
     log: Callable[[str], None] = print,
+    steps: dict[str, int | None] | None = None,
 ) -> dict[str, Any]:
     """Every (workers, rate) setting, every workload x row x seed (interleaved); the result document.
-    ``loopback``: ``None`` = namespaces when available, else (``--quick`` only) the loopback interface."""
+    ``loopback``: ``None`` = namespaces when available, else (``--quick`` only) the loopback interface.
+    ``steps``: per workload, steps per run instead of the default (:func:`run_config`)."""
     from qoda.bench.netns import NetnsUnavailable, check_available, run_sweep
     from qoda.train.launch import check_plan
     from qoda.utils.system import allocator
@@ -315,7 +323,7 @@ def run_time_to_quality(
     for w, seed, row in run_order(workloads, range(seeds)):  # every run's options, before any process starts
         for k in workers:
             try:
-                check_plan(run_config(w, row, seed, quick, k, "unused"))
+                check_plan(run_config(w, row, seed, quick, k, "unused", (steps or {}).get(w) or 0))
             except ValueError as e:
                 raise ValueError(f"{w} row {row}: {e}") from None
     why = ""
@@ -327,7 +335,16 @@ def run_time_to_quality(
             if not quick:
                 raise
             loopback, why = True, str(e)
-    args = ["--steps", "0", "--seeds", str(seeds), "--workloads", *workloads, *(["--quick"] if quick else [])]
+    args = [
+        "--steps",
+        "0",
+        "--seeds",
+        str(seeds),
+        "--workloads",
+        *workloads,
+        *(["--quick"] if quick else []),
+        *(a for w in workloads for a in (f"--{w}-steps", str((steps or {}).get(w) or 0))),
+    ]
     start = time.monotonic()
     records, skipped = run_sweep("qoda.bench.time_to_quality", workers, rates_mbit, args, max_seconds=max_seconds,
                                  setting_seconds=30 if quick else 600, log=log, loopback=loopback)  # fmt: skip
@@ -344,6 +361,9 @@ def run_time_to_quality(
         "quality": {w: WORKLOADS[w].quality_label for w in workloads},
         "rows": {r.name: r.label for r in ROWS},
         "seeds": seeds,
+        "steps": {
+            w: run_config(w, REFERENCE, 0, quick, 2, "unused", (steps or {}).get(w) or 0).steps for w in workloads
+        },
         "order": "seed by seed, each workload's rows rotated by one per seed",
         "clock": "training clock: sum of step times (evaluations and checkpoints excluded)",
         "target_rule": f"given, or the loosest value every uncompressed seed reaches within the first "
@@ -450,6 +470,8 @@ def _worker_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--seeds", type=int, required=True)
     p.add_argument("--workloads", nargs="+", required=True)
     p.add_argument("--quick", action="store_true")
+    for w in WORKLOADS:
+        p.add_argument(f"--{w}-steps", type=int, default=0)
     return p.parse_args(argv)
 
 
