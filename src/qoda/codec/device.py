@@ -38,6 +38,7 @@ import functools
 import os
 import shutil
 import struct
+import types
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -135,7 +136,7 @@ def _pick(t: torch.Tensor, k: int) -> torch.Tensor:
     return t[..., k] if t.shape[-1] == 8 else t[..., 0]
 
 
-def _norms_body(xb: torch.Tensor, linf: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _norms_body(xb: torch.Tensor, *, linf: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(norms, pre, inv, bad)`` of buckets in rows ``xb`` (zero padded): float32 ``||v||_2``
     (float64 sum of squares) or ``||v||_inf``; the tiny-norm scale; ``1 / (norm * pre)`` (0 for
     a zero norm); whether any norm is non-finite (NaN/Inf input or overflow)."""
@@ -150,7 +151,7 @@ def _norms_body(xb: torch.Tensor, linf: bool) -> tuple[torch.Tensor, torch.Tenso
 
 def _quantize_pack_body(
     xg: torch.Tensor, base: torch.Tensor, pre: torch.Tensor, inv: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor,
-    lv: torch.Tensor, iw: torch.Tensor, intervals: int, nlev: int, width: int,
+    lv: torch.Tensor, iw: torch.Tensor, *, intervals: int, nlev: int, width: int,
 ) -> torch.Tensor:  # fmt: skip
     """Packed bytes ``(..., width)`` of the groups ``xg`` (``(..., 8)``); ``base`` the segment index
     of each group's first coordinate; ``pre`` / ``inv`` per group or per coordinate."""
@@ -167,7 +168,7 @@ def _unpack(by: torch.Tensor, width: int) -> list[torch.Tensor]:
     codes = []
     for k in range(8):
         lo = width * k
-        q, sh = divmod(lo, 8)
+        q, sh = lo // 8, lo % 8
         c = b[q] >> sh
         if sh + width > 8:
             c = c | (b[q + 1] << (8 - sh))
@@ -175,7 +176,7 @@ def _unpack(by: torch.Tensor, width: int) -> list[torch.Tensor]:
     return codes
 
 
-def _check_body(by: torch.Tensor, bad: torch.Tensor, width: int, tail: int) -> torch.Tensor:
+def _check_body(by: torch.Tensor, bad: torch.Tensor, *, width: int, tail: int) -> torch.Tensor:
     """Whether any code of the packed groups ``by`` is invalid, or the last ``tail`` code slots
     (padding) hold a set bit."""
     codes = _unpack(by, width)
@@ -188,15 +189,13 @@ def _check_body(by: torch.Tensor, bad: torch.Tensor, width: int, tail: int) -> t
     return flag
 
 
-def _dequantize_body(
-    by: torch.Tensor, scale: torch.Tensor, slv: torch.Tensor, width: int
-) -> torch.Tensor:
+def _dequantize_body(by: torch.Tensor, scale: torch.Tensor, slv: torch.Tensor, *, width: int) -> torch.Tensor:
     """``float32(norm * signed level)`` of every code, ``(..., 8)``; ``scale``: norm per group or coordinate."""
     codes = _unpack(by, width)
     return torch.stack([_pick(scale, k) * slv[c] for k, c in enumerate(codes)], dim=-1)
 
 
-def _accumulate_body(out: torch.Tensor, vals: torch.Tensor, accumulate: bool) -> None:
+def _accumulate_body(out: torch.Tensor, vals: torch.Tensor, *, accumulate: bool) -> None:
     if accumulate:
         out.add_(vals)
     else:
@@ -216,14 +215,18 @@ def compiler() -> str:
 
 
 @functools.cache
-def compiled(name: str) -> Callable:
-    """The compiled form of the body ``name`` (built once per process, then cached by Inductor on
-    disk); ``dynamic=True``, so one compilation serves every segment size of a family (width,
-    level family, norm kind)."""
+def compiled(name: str, **static: object) -> Callable:
+    """The body ``name`` with its integer/boolean parameters ``static`` fixed, compiled once per
+    process and combination (then cached by Inductor on disk).  Tensor shapes are dynamic, so
+    one compilation serves every segment size of a family (width, level family, norm kind)."""
     body = _BODIES[name]
     if compiler() == "eager":
-        return body
-    return torch.compile(body, dynamic=True)
+        return functools.partial(body, **static)
+    # a function of its own (own code object, so its own Dynamo cache and recompile budget) with
+    # the static parameters as keyword defaults (constants to Dynamo)
+    fn = types.FunctionType(body.__code__.replace(), body.__globals__, body.__name__, None, body.__closure__)
+    fn.__kwdefaults__ = dict(static)
+    return torch.compile(fn, dynamic=True)
 
 
 _BODIES: dict[str, Callable] = {
@@ -428,18 +431,18 @@ class DeviceCodec:
         g = seg.groups
         if seg.regular:
             xb = F.pad(x, (0, seg.n_buckets * seg.bucket - seg.numel)).view(seg.n_buckets, seg.bucket)
-            norms, pre, inv, failed = compiled("norms")(xb, seg.linf)
+            norms, pre, inv, failed = compiled("norms", linf=seg.linf)(xb)
             xg = xb.view(seg.n_buckets, seg.bucket // 8, 8)
             pre_g, inv_g = pre[:, None, None], inv[:, None, None]
         else:
             assert seg.src is not None and seg.bid is not None
             xe = F.pad(x, (0, 1))
-            norms, pre, inv, failed = compiled("norms")(xe[seg.src], seg.linf)
+            norms, pre, inv, failed = compiled("norms", linf=seg.linf)(xe[seg.src])
             xg = F.pad(x, (0, 8 * g - seg.numel)).view(g, 8)
             pre_g = F.pad(pre, (0, 1), value=1.0)[seg.bid]
             inv_g = F.pad(inv, (0, 1))[seg.bid]
-        packed = compiled("quantize_pack")(
-            xg, seg.base, pre_g, inv_g, k1t, k2t, seg.lv, seg.iw, seg.intervals, seg.nlev, seg.width
+        packed = compiled("quantize_pack", intervals=seg.intervals, nlev=seg.nlev, width=seg.width)(
+            xg, seg.base, pre_g, inv_g, k1t, k2t, seg.lv, seg.iw
         )
         buf[seg.norms_at : seg.norms_at + 4 * seg.n_buckets] = norms.view(torch.uint8)
         buf[seg.codes_at : seg.codes_at + seg.n_bytes] = packed.reshape(-1)[: seg.n_bytes]
@@ -488,11 +491,11 @@ class DeviceCodec:
         for seg, k in zip(layout.segments, quantized, strict=True):
             vals = self._dequantize(seg, payload)
             if vals is not None:
-                compiled("accumulate")(flats[k], vals, accumulate)
+                compiled("accumulate", accumulate=accumulate)(flats[k], vals)
         if host.raw is not None:
             k, at = host.raw
             vals = payload[at : at + 4 * host.numels[k]].clone().view(torch.float32)
-            compiled("accumulate")(flats[k], vals, accumulate)
+            compiled("accumulate", accumulate=accumulate)(flats[k], vals)
 
     def _valid(self, layout: DeviceLayout, payload: torch.Tensor, tag: int) -> bool:
         """Every check of the CPU codec: message header, CRCs, segment headers, norms, codes, padding."""
@@ -516,7 +519,7 @@ class DeviceCodec:
             if seg.numel:
                 by = F.pad(payload[seg.codes_at : seg.codes_at + seg.n_bytes], (0, seg.groups * seg.width - seg.n_bytes))
                 tail = 8 * seg.groups - seg.numel
-                bad = bad | compiled("check")(by.view(seg.groups, seg.width), seg.bad, seg.width, tail)
+                bad = bad | compiled("check", width=seg.width, tail=tail)(by.view(seg.groups, seg.width), seg.bad)
         return not _flag(bad)
 
     def _dequantize(self, seg: _Segment, payload: torch.Tensor) -> torch.Tensor | None:
@@ -528,11 +531,11 @@ class DeviceCodec:
         if seg.regular:
             rows = seg.bucket // 8
             by = F.pad(by, (0, (nb * rows - g) * seg.width)).view(nb, rows, seg.width)
-            vals = compiled("dequantize")(by, norms[:, None, None], seg.slv, seg.width)
+            vals = compiled("dequantize", width=seg.width)(by, norms[:, None, None], seg.slv)
         else:
             assert seg.bid is not None
             scale = F.pad(norms, (0, 1))[seg.bid]
-            vals = compiled("dequantize")(by.view(g, seg.width), scale, seg.slv, seg.width)
+            vals = compiled("dequantize", width=seg.width)(by.view(g, seg.width), scale, seg.slv)
         return vals.reshape(-1)[: seg.numel]
 
     def _host_decode(
