@@ -183,13 +183,14 @@ def _unpack(by: torch.Tensor, width: int) -> list[torch.Tensor]:
     return codes
 
 
-def _check_body(by: torch.Tensor, bad: torch.Tensor, *, width: int, tail: int) -> torch.Tensor:
-    """Whether any code of the packed groups ``by`` is invalid, or the last ``tail`` code slots
-    (padding) hold a set bit."""
+def _check_body(by: torch.Tensor, *, width: int, tail: int, nlev: int) -> torch.Tensor:
+    """Whether any code of the packed groups ``by`` is invalid (``1``, a negative zero, or a level
+    index ``>= nlev``: :func:`qoda.quant.kernels.cpu.signed_level_table`), or the last ``tail``
+    code slots (padding) hold a set bit."""
     codes = _unpack(by, width)
     flag = torch.zeros((), dtype=torch.bool, device=by.device)
     for c in codes:
-        flag = flag | (bad[c] != 0).any()
+        flag = flag | ((c == 1) | (c >= 2 * nlev)).any()
     if tail:
         last = torch.stack([c[..., -1:] for c in codes], dim=-1).reshape(-1)  # the last group's codes
         flag = flag | (last[8 - tail :] != 0).any()
@@ -550,7 +551,7 @@ class DeviceCodec:
             if seg.numel:
                 by = F.pad(payload[seg.codes_at : seg.codes_at + seg.n_bytes], (0, seg.groups * seg.width - seg.n_bytes))
                 tail = 8 * seg.groups - seg.numel
-                bad = bad | compiled("check", width=seg.width, tail=tail)(_dynamic(by.view(seg.groups, seg.width)), seg.bad)
+                bad = bad | compiled("check", width=seg.width, tail=tail, nlev=seg.nlev)(_dynamic(by.view(seg.groups, seg.width)))
         return not _flag(bad)
 
     def _dequantize(self, seg: _Segment, payload: torch.Tensor, out: torch.Tensor, accumulate: bool) -> None:
