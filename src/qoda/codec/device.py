@@ -230,20 +230,24 @@ def compiler() -> str:
     return "inductor"
 
 
-@functools.cache
 def compiled(name: str, **static: object) -> Callable:
     """The body ``name`` with its integer/boolean parameters ``static`` fixed, compiled once per
-    process and combination (then cached by Inductor on disk).  Tensor shapes are dynamic, so
-    one compilation serves every segment size of a family (width, level family, norm kind)."""
+    process and combination (then cached by Inductor on disk); eager where :func:`compiler` says
+    so.  Dim 0 of the tensors is dynamic (:func:`_dynamic`): one compilation serves every size."""
+    return _compiled(compiler(), name, tuple(sorted(static.items())))
+
+
+@functools.cache
+def _compiled(mode: str, name: str, static: tuple[tuple[str, object], ...]) -> Callable:
     body = _BODIES[name]
     code = body.__code__
     names = code.co_varnames[code.co_argcount : code.co_argcount + code.co_kwonlyargcount]
-    consts = {k: v for k, v in static.items() if k in names}  # other keys only separate the caches
-    if compiler() == "eager":
+    consts = {k: v for k, v in static if k in names}  # other keys only separate the caches
+    if mode == "eager":
         return functools.partial(body, **consts)
     # a function of its own (own code object, so its own Dynamo cache and recompile budget) with
     # the static parameters as keyword defaults (constants to Dynamo)
-    fn = types.FunctionType(body.__code__.replace(), body.__globals__, body.__name__, None, body.__closure__)
+    fn = types.FunctionType(code.replace(), body.__globals__, body.__name__, None, body.__closure__)
     fn.__kwdefaults__ = consts
     return torch.compile(fn)
 
