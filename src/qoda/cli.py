@@ -413,12 +413,21 @@ def _codec_parser(sub: argparse._SubParsersAction, name: str) -> argparse.Argume
     c.add_argument("--repeats", type=_positive_int, default=5)
     c.add_argument("--bucket-size", type=_bucket_size, default=1024)
     c.add_argument("--json", type=Path, default=None, help="write results to this JSON file")
+    c.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="cuda: the device codec on the GPU against a device-to-device copy (exit 3 without CUDA)")
     return c
 
 
 def _bench_codec(args: argparse.Namespace) -> int:
-    from qoda.bench.codec import format_codec, run_codec_bench
+    from qoda.bench.codec import format_codec, format_device_codec, run_codec_bench, run_device_codec_bench
 
+    if args.device == "cuda":
+        from qoda.bench.hooks import require_cuda
+
+        require_cuda("qoda bench codec --device cuda")
+        res = run_device_codec_bench(args.numel, args.repeats, args.bucket_size)
+        _print_bench(format_device_codec(res), res, args.json)
+        return 0
     res = run_codec_bench(args.numel, args.repeats, args.bucket_size)
     _print_bench(format_codec(res), res, args.json)
     return 0

@@ -40,8 +40,8 @@ import shutil
 import struct
 import types
 from collections.abc import Callable, Sequence
-from typing import Any
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -53,10 +53,8 @@ from qoda.codec.layerwise import (
     EncodedMessage,
     LayerwiseCodec,
     _message_head,
-    message_head_size,
     segment_seed,
 )
-from qoda.quant.config import Norm
 from qoda.quant.kernels import message as mk
 from qoda.quant.kernels.torch_ref import TINY_NORM, TINY_SCALE
 from qoda.quant.rng import MIX_M1, MIX_M2, seed_keys
@@ -145,10 +143,7 @@ def _norms_body(
     (float64 sum of squares) or ``||v||_inf``; the tiny-norm scale; ``1 / (norm * pre)`` (0 for
     a zero norm); whether any norm is non-finite (NaN/Inf input or overflow)."""
     xb = x if src is None else x[src]
-    if linf:
-        norms = xb.abs().amax(dim=1)
-    else:
-        norms = xb.double().square().sum(dim=1).sqrt().float()
+    norms = xb.abs().amax(dim=1) if linf else xb.double().square().sum(dim=1).sqrt().float()
     pre = torch.where(norms < TINY_NORM, TINY_SCALE, 1.0).to(torch.float32)
     inv = torch.where(norms > 0, 1.0 / (norms * pre), 0.0).to(torch.float32)
     return norms, pre, inv, ~torch.isfinite(norms).all()
@@ -553,9 +548,9 @@ class DeviceCodec:
             # negative (sign set), Inf or NaN; -0.0 passes (as the CPU decoder)
             bad = bad | ((bits < 0) & (bits != -(1 << 31))).any() | (bits >= 0x7F800000).any()
             if seg.numel:
-                by = F.pad(payload[seg.codes_at : seg.codes_at + seg.n_bytes], (0, seg.groups * seg.width - seg.n_bytes))
-                tail = 8 * seg.groups - seg.numel
-                bad = bad | compiled("check", width=seg.width, tail=tail, nlev=seg.nlev)(_dynamic(by.view(seg.groups, seg.width)))
+                by = _padded(payload[seg.codes_at : seg.codes_at + seg.n_bytes], seg.groups * seg.width)
+                check = compiled("check", width=seg.width, tail=8 * seg.groups - seg.numel, nlev=seg.nlev)
+                bad = bad | check(_dynamic(by.view(seg.groups, seg.width)))
         return not _flag(bad)
 
     def _dequantize(self, seg: _Segment, payload: torch.Tensor, out: torch.Tensor, accumulate: bool) -> None:
