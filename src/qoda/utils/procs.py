@@ -54,7 +54,8 @@ def run(
     wait_for: Iterable[int] | None = None, times: dict[int, float] | None = None, backend: str = "gloo",
 ) -> list[tuple[str, Any]]:  # fmt: skip
     """``[fn(rank, world, *args) for rank]`` in a ``backend`` group (nccl: rank r on GPU r mod count);
-    raises ``TimeoutError`` if the awaited ranks do not all report within ``timeout``.  Ranks not awaited that never report get ``("missing", None)``.
+    raises ``TimeoutError`` if the awaited ranks do not all report within ``timeout``.  Ranks not
+    awaited that never report get ``("missing", None)``.
     ``times`` (optional) receives each reporting rank's ``time.time()`` at its report."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
