@@ -259,3 +259,34 @@ def test_entropy_groups_take_the_host_path(eager):
     dc.decode_flats_into(got.data, out)
     codec.decode_flats_into(got.data.numpy(), ref)
     assert all(torch.equal(a, b) for a, b in zip(out, ref, strict=True))
+
+
+def _protocol_worker(rank, world):
+    """Both protocols with the device codec (forced onto this CPU group) against the CPU codec:
+    identical averages, bit for bit, in allgather and two-phase."""
+    from qoda.comm.aggregate import Aggregator
+
+    codec = _codec((300, 64), _config(4, 32, "l2", "uniform"), raw=5)
+    g = torch.Generator().manual_seed(rank)
+    out = {}
+    for mode in ("allgather", "two_phase"):
+        results = []
+        for forced in (False, True):
+            agg = Aggregator(codec.plan, mode=mode, seed=3)
+            assert agg.wire_device.type == "cpu" and agg.device_codec is None  # gloo: the CPU codec, decided once
+            if forced:
+                agg.device_codec = dev.DeviceCodec(agg.codec, agg.wire_device)
+            g.manual_seed(rank)
+            ts = [torch.randn(e.shape, generator=g) for e in codec.plan.entries]
+            agg.average_(ts, step=1)
+            results.append(torch.cat([t.reshape(-1) for t in ts]))
+        out[mode] = bool(torch.equal(results[0], results[1]))
+    return out
+
+
+def test_protocols_with_the_device_codec_equal_the_cpu_codec(monkeypatch):
+    from distributed import run, values
+
+    monkeypatch.setenv("QODA_DEVICE_CODEC_EAGER", "1")  # the spawned ranks inherit it
+    for res in values(run(_protocol_worker, 2, timeout=120)):
+        assert res == {"allgather": True, "two_phase": True}
