@@ -67,7 +67,7 @@ def _assert_same_bytes_and_cross_decode(codec: LayerwiseCodec, flats, seed: int,
     assert isinstance(got.data, torch.Tensor)
     assert np.array_equal(got.data.numpy(), ref.data)
     assert (got.bits, got.segment_bits, got.framing_bits) == (ref.bits, ref.segment_bits, ref.framing_bits)
-    g = torch.Generator().manual_seed(seed + 1)
+    g = torch.Generator().manual_seed((seed + 1) % 2**63)
     for accumulate in (True, False):
         base = [torch.randn(f.numel(), generator=g) for f in flats]
         by_numba, by_device = [b.clone() for b in base], [b.clone() for b in base]
@@ -86,7 +86,7 @@ def eager(monkeypatch):
 @pytest.mark.parametrize("norm", ["l2", "linf"])
 def test_every_width_and_norm_same_bytes(eager, bits, norm):
     levels = "fitted" if bits % 2 else "uniform"
-    for numels, bucket in (((256, 64), 64), ((100, 37, 1), 24), ((5,), 7)):  # rows; general; one short bucket
+    for numels, bucket in (((256, 50), 64), ((100, 37, 1), 24), ((5,), 7)):  # rows (a short last bucket); general; one bucket
         codec = _codec(numels, _config(bits, bucket, norm, levels))
         _assert_same_bytes_and_cross_decode(codec, _flats(codec, bits), seed=bits * 31)
 
@@ -131,7 +131,7 @@ def test_two_phase_chunks_same_bytes(eager):
 
 @pytest.mark.parametrize(
     "numels, bits, bucket, norm, levels",
-    [((1024, 512), 4, 256, "l2", "uniform"), ((100, 37), 3, 24, "linf", "fitted")],
+    [((1024, 500), 4, 256, "l2", "uniform"), ((100, 37), 3, 24, "linf", "fitted")],
     ids=["rows", "general"],
 )
 def test_compiled_same_bytes(numels, bits, bucket, norm, levels):
