@@ -86,7 +86,8 @@ def eager(monkeypatch):
 @pytest.mark.parametrize("norm", ["l2", "linf"])
 def test_every_width_and_norm_same_bytes(eager, bits, norm):
     levels = "fitted" if bits % 2 else "uniform"
-    for numels, bucket in (((256, 50), 64), ((100, 37, 1), 24), ((5,), 7)):  # rows (a short last bucket); general; one bucket
+    # rows with a short last bucket; general; a single bucket
+    for numels, bucket in (((256, 50), 64), ((100, 37, 1), 24), ((5,), 7)):
         codec = _codec(numels, _config(bits, bucket, norm, levels))
         _assert_same_bytes_and_cross_decode(codec, _flats(codec, bits), seed=bits * 31)
 
