@@ -10,10 +10,11 @@ is evaluated in the same float32 / 32-bit integer arithmetic:
     j = max{j : l_j <= u},  p = (u - l_j) / (l_{j+1} - l_j)   (uniform levels: QSGD's t = u (s+1))
     code = ((j + [r_i < p]) << 1) | sign,   r_i = the hash of :mod:`qoda.quant.rng` in int32 lanes
 
-and codes are packed LSB-first, eight codes (``width`` bytes) per group.  The layout is
-computed on groups of eight consecutive coordinates, so each output byte is one vectorised
-expression of the eight strided inputs it covers (no full-size temporary: the compiled encoder
-reads ``x`` once for the norms and once for the codes, and writes only norms and packed bytes).
+and codes are packed LSB-first, eight codes (``width`` bytes) per group.  The encoder works on
+groups of eight consecutive coordinates, so each output byte is one vectorised expression of the
+eight strided inputs it covers (no full-size temporary: it reads ``x`` once for the norms and once
+for the codes, and writes only norms and packed bytes); the decoder on rows of 16 codes (two
+groups: one AVX-512 vector of lanes), accumulating into the output in the same kernel.
 
 What crosses to the host (a CUDA device), per message: the packed message once for its
 CRC-32s (zlib-ng on the host; the message is ``width / 32`` of the float32 gradient plus norms
@@ -35,6 +36,7 @@ float32 rounding boundary (about ``B * 2^-29`` per bucket).  L-inf norms are exa
 from __future__ import annotations
 
 import functools
+import importlib.util
 import os
 import shutil
 import struct
@@ -229,6 +231,8 @@ def compiler() -> str:
         return "eager"
     if shutil.which(os.environ.get("CXX", "g++")) is None and shutil.which("c++") is None:
         return "eager"
+    if torch.cuda.is_available() and importlib.util.find_spec("triton") is None:
+        return "eager"
     return "inductor"
 
 
@@ -295,7 +299,6 @@ class _Segment:
     lv: torch.Tensor  # float32 padded levels
     iw: torch.Tensor  # float32 inverse widths (0 for the top level and the pad)
     slv: torch.Tensor  # float32 signed level per code
-    bad: torch.Tensor  # uint8 invalid-code flags
     base: torch.Tensor  # int32 segment index of each group's first coordinate: (nb, B/8) regular, (G,) general
     bid: torch.Tensor | None  # general layout: int32 bucket of every (padded) coordinate, (ceil(G/2), 16)
     src: torch.Tensor | None  # general layout: int32 gather index of the padded bucket rows (nb, B)
@@ -332,7 +335,6 @@ def _build_segment(row: np.ndarray, host: fused.MessageLayout, dev: torch.device
     lv = host.lvs[row[mk.M_LV_LO] : row[mk.M_LV_HI]]
     iw = host.iws[row[mk.M_LV_LO] : row[mk.M_LV_HI]]
     slv = host.slvs[row[mk.M_SLV_LO] : row[mk.M_SLV_HI]]
-    bad = host.bads[row[mk.M_SLV_LO] : row[mk.M_SLV_HI]]
     g = -(-n // 8)
     full_bucket = int(np.diff(starts).max(initial=0))
     regular = _regular(starts, full_bucket)
@@ -354,7 +356,7 @@ def _build_segment(row: np.ndarray, host: fused.MessageLayout, dev: torch.device
         nlev=len(lv) - 1, bucket=bucket, n_buckets=nb, index=int(row[mk.M_INDEX]),
         norms_at=int(row[mk.M_NORMS]), codes_at=int(row[mk.M_CODES]), n_bytes=(n * width + 7) // 8,
         regular=regular, lv=torch.from_numpy(lv.copy()).to(dev), iw=torch.from_numpy(iw.copy()).to(dev),
-        slv=torch.from_numpy(slv.copy()).to(dev), bad=torch.from_numpy(bad.copy()).to(dev), base=base.to(dev),
+        slv=torch.from_numpy(slv.copy()).to(dev), base=base.to(dev),
         bid=None if bid is None else bid.to(dev), src=None if src is None else src.to(dev),
     )  # fmt: skip
 
