@@ -177,7 +177,7 @@ class UsageError(CommandError, ValueError):
 
 
 class Unavailable(CommandError):
-    """A network benchmark cannot run here (needs root and iproute2): exit code 3."""
+    """A benchmark cannot run here (a network benchmark needs root and iproute2, a GPU one CUDA): exit code 3."""
 
     exit_code = 3
 
@@ -422,9 +422,11 @@ def _bench_codec(args: argparse.Namespace) -> int:
     from qoda.bench.codec import format_codec, format_device_codec, run_codec_bench, run_device_codec_bench
 
     if args.device == "cuda":
-        from qoda.bench.hooks import require_cuda
+        import torch
 
-        require_cuda("qoda bench codec --device cuda")
+        if not torch.cuda.is_available():
+            what = "qoda bench codec --device cuda"
+            raise Unavailable(f"{what}: no CUDA device on this machine (torch {torch.__version__}); nothing measured")
         res = run_device_codec_bench(args.numel, args.repeats, args.bucket_size)
         _print_bench(format_device_codec(res), res, args.json)
         return 0
@@ -649,7 +651,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """The ``qoda`` command.  Exit codes: 0 done; 1 a run failed (one line); 2 bad options or input
-    (one line); 3 a network benchmark needs root and iproute2; 130 / 143 interrupted (SIGINT/SIGTERM).
+    (one line); 3 a network benchmark needs root and iproute2, or a GPU benchmark CUDA; 130 / 143
+    interrupted (SIGINT/SIGTERM).
 
     Argparse reports what it finds itself (exit 2, via ``SystemExit``); a handler reports a
     failure by raising :class:`CommandError` (:class:`UsageError` for bad options or input)."""
