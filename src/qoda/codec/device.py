@@ -405,6 +405,8 @@ class DeviceCodec:
     def __init__(self, codec: LayerwiseCodec, device: torch.device | str) -> None:
         self.codec = codec
         self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:  # tensors report their index
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self._layouts: dict[tuple | None, DeviceLayout | None] = {}
         self._heads: dict[tuple[int, int], tuple[bytes, torch.Tensor]] = {}
 
