@@ -217,10 +217,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--timeout", type=float, default=1800)
     p.add_argument("--json", type=Path)
     p.add_argument("--backend", choices=("gloo", "nccl"), default="gloo",
-                   help="nccl: workers on CUDA devices (round robin; 2 processes may share one GPU)")
+                   help="nccl: worker r on CUDA device r (needs one device per worker)")
     a = p.parse_args(argv)
     if a.backend == "nccl":
         require_cuda("--backend nccl")
+        if torch.cuda.device_count() < a.workers:  # NCCL refuses two ranks on one GPU ("Duplicate GPU detected")
+            print(f"--backend nccl: {a.workers} workers need {a.workers} CUDA devices (NCCL refuses two ranks on "
+                  f"one GPU), found {torch.cuda.device_count()}", file=sys.stderr)  # fmt: skip
+            raise SystemExit(NO_CUDA_EXIT)
         if a.rate_mbit:
             p.error("--rate-mbit: shaped links run gloo over network namespaces; use --backend gloo")
     cfg = {k: getattr(a, k) for k in ("workers", "layers", "width", "batch", "bucket_mb", "bits", "rounds", "steps",

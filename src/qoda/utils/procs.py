@@ -30,7 +30,7 @@ def free_port() -> int:
 def _entry(fn, rank, world, port, pg_timeout, queue, args, backend="gloo"):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     try:
-        if backend == "nccl":  # one GPU per rank, shared round robin if there are fewer
+        if backend == "nccl":  # one GPU per rank (round robin; NCCL itself refuses two ranks on one GPU)
             torch.cuda.set_device(rank % torch.cuda.device_count())
         dist.init_process_group(
             backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
