@@ -264,13 +264,14 @@ def test_entropy_groups_take_the_host_path(eager):
 
 def _protocol_worker(rank, world):
     """Both protocols with the device codec (forced onto this CPU group) against the CPU codec:
-    identical averages, bit for bit, in allgather and two-phase."""
+    identical averages, bit for bit, in allgather and two-phase (and entropy coding, which the
+    device codec hands to the CPU codec)."""
     from qoda.comm.aggregate import Aggregator
 
-    codec = _codec((300, 64), _config(4, 32, "l2", "uniform"), raw=5)
     g = torch.Generator().manual_seed(rank)
     out = {}
-    for mode in ("allgather", "two_phase"):
+    for mode, coding in (("allgather", "fixed"), ("two_phase", "fixed"), ("allgather", "entropy")):
+        codec = _codec((300, 64), replace(_config(4, 32, "l2", "uniform"), coding=Coding(coding)), raw=5)
         results = []
         for forced in (False, True):
             agg = Aggregator(codec.plan, mode=mode, seed=3)
@@ -281,7 +282,7 @@ def _protocol_worker(rank, world):
             ts = [torch.randn(e.shape, generator=g) for e in codec.plan.entries]
             agg.average_(ts, step=1)
             results.append(torch.cat([t.reshape(-1) for t in ts]))
-        out[mode] = bool(torch.equal(results[0], results[1]))
+        out[f"{mode}/{coding}"] = bool(torch.equal(results[0], results[1]))
     return out
 
 
@@ -290,4 +291,4 @@ def test_protocols_with_the_device_codec_equal_the_cpu_codec(monkeypatch):
 
     monkeypatch.setenv("QODA_DEVICE_CODEC_EAGER", "1")  # the spawned ranks inherit it
     for res in values(run(_protocol_worker, 2, timeout=120)):
-        assert res == {"allgather": True, "two_phase": True}
+        assert res == {"allgather/fixed": True, "two_phase/fixed": True, "allgather/entropy": True}
