@@ -24,14 +24,29 @@ def test_report_job_writes_results(tmp_path, capsys):
     assert "bits/coord" in capsys.readouterr().out
 
 
-def test_bench_codec_json(tmp_path):
+def test_bench_codec_json(tmp_path, monkeypatch):
+    monkeypatch.setenv("QODA_DEVICE_CODEC_EAGER", "1")  # the device row's ops without their compilation
     path = tmp_path / "codec.json"
     assert main(["bench", "codec", "--numel", "50000", "--repeats", "1", "--json", str(path)]) == 0
     res = json.loads(path.read_text())
     for key in ("memcpy_gbps", "encode_gbps", "decode_gbps", "allocator"):
         assert key in res
     assert {(r["coding"], r["bits"]) for r in res["rows"]} >= {("fixed", 4), ("entropy", 4)}
-    assert all(r["encode_gbps"] > 0 and r["decode_gbps"] > 0 for r in res["rows"])
+    assert all(r["encode_gbps"] > 0 and r["decode_gbps"] > 0 for r in res["rows"] + res["device_rows"])
+    assert res["device_rows"][0]["path"] == "device (cpu, eager)"
+
+
+def test_gpu_benchmarks_say_no_cuda_and_exit_3(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    from qoda.bench import hooks
+
+    assert main(["bench", "codec", "--device", "cuda"]) == 3
+    with pytest.raises(SystemExit) as e:
+        hooks.main(["--backend", "nccl"])
+    assert e.value.code == 3
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and all("no CUDA device on this machine" in line for line in err)
 
 
 def test_bench_entropy_json(tmp_path):

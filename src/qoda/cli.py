@@ -192,7 +192,7 @@ class UsageError(CommandError, ValueError):
 
 
 class Unavailable(CommandError):
-    """A network benchmark cannot run here (needs root and iproute2): exit code 3."""
+    """A benchmark cannot run here (a network benchmark needs root and iproute2, a GPU one CUDA): exit code 3."""
 
     exit_code = 3
 
@@ -443,12 +443,23 @@ def _codec_parser(sub: argparse._SubParsersAction, name: str) -> argparse.Argume
     c.add_argument("--repeats", type=_positive_int, default=5)
     c.add_argument("--bucket-size", type=_bucket_size, default=1024)
     c.add_argument("--json", type=Path, default=None, help="write results to this JSON file")
+    c.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="cuda: the device codec on the GPU against a device-to-device copy (exit 3 without CUDA)")
     return c
 
 
 def _bench_codec(args: argparse.Namespace) -> int:
-    from qoda.bench.codec import format_codec, run_codec_bench
+    from qoda.bench.codec import format_codec, format_device_codec, run_codec_bench, run_device_codec_bench
 
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            what = "qoda bench codec --device cuda"
+            raise Unavailable(f"{what}: no CUDA device on this machine (torch {torch.__version__}); nothing measured")
+        res = run_device_codec_bench(args.numel, args.repeats, args.bucket_size)
+        _print_bench(format_device_codec(res), res, args.json)
+        return 0
     res = run_codec_bench(args.numel, args.repeats, args.bucket_size)
     _print_bench(format_codec(res), res, args.json)
     return 0
@@ -724,7 +735,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """The ``qoda`` command.  Exit codes: 0 done; 1 a run failed (one line); 2 bad options or input
-    (one line); 3 a network benchmark needs root and iproute2; 130 / 143 interrupted (SIGINT/SIGTERM).
+    (one line); 3 a network benchmark needs root and iproute2, or a GPU benchmark CUDA; 130 / 143
+    interrupted (SIGINT/SIGTERM).
 
     Argparse reports what it finds itself (exit 2, via ``SystemExit``); a handler reports a
     failure by raising :class:`CommandError` (:class:`UsageError` for bad options or input)."""

@@ -125,6 +125,80 @@ def eager_qsgd(x: torch.Tensor, s: int, bucket: int) -> torch.Tensor:
     return (norm * v.sign() * xi / s).view(-1)[: x.numel()]
 
 
+def device_path_row(x: torch.Tensor, bits: int, bucket_size: int, seed: int, repeats: int) -> dict:
+    """Encode (into a reused device buffer) and decode+accumulate GB/s of the device codec
+    (:mod:`qoda.codec.device`) on ``x``'s device, one ``bits``-wide QSGD layer; the first call of
+    each (compilation) is timed apart.  Checks its bytes against the numba kernels' on the way."""
+    from qoda.codec.device import DeviceCodec, compiler
+    from qoda.codec.layerwise import LayerwiseCodec
+    from qoda.quant.policy import LayerEntry, LayerPlan
+
+    n = x.numel()
+    cfg = QuantizerConfig.qsgd(bits, bucket_size)
+    codec = LayerwiseCodec(LayerPlan((LayerEntry("x", torch.Size([n]), "t"),), {"t": cfg}))
+    dc = DeviceCodec(codec, x.device)
+    sync = torch.cuda.synchronize if x.device.type == "cuda" else (lambda: None)
+    buf = torch.empty(int(codec.message_size() or 0), dtype=torch.uint8, device=x.device)
+    acc = [torch.zeros_like(x)]
+    t = time.perf_counter()
+    msg = dc.encode_flats([x], seed, out=buf).data.clone()
+    dc.decode_flats_into(msg, acc)
+    sync()
+    first = time.perf_counter() - t
+    if x.device.type == "cpu":  # the numba kernels' bytes (on a GPU: tests/test_device_codec.py runs on CPU)
+        assert np.array_equal(msg.numpy(), codec.encode_flats([x], seed).data), "device path bytes differ from numba"
+
+    def timed(fn: Callable[[], object]) -> Callable[[], object]:
+        def run() -> None:
+            fn()
+            sync()
+
+        return run
+
+    gb = 4 * n / 1e9
+    te = _best(timed(lambda: dc.encode_flats([x], seed, out=buf)), repeats)
+    td = _best(timed(lambda: dc.decode_flats_into(msg, acc)), repeats)
+    return {"path": f"device ({x.device.type}, {compiler()})", "coding": "fixed", "bits": bits,
+            "encode_gbps": gb / te, "decode_gbps": gb / td, "first_call_seconds": first,
+            "bits_per_coord": 8 * msg.numel() / n}  # fmt: skip
+
+
+def run_device_codec_bench(numel: int = 1 << 24, repeats: int = 5, bucket_size: int = 1024, seed: int = 0) -> dict:
+    """``qoda bench codec --device cuda``: the device path on the GPU against a device-to-device copy."""
+    dev = torch.device("cuda", torch.cuda.current_device())
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(numel, generator=g).to(dev)
+    out = torch.empty_like(x)
+    gb = 4 * numel / 1e9
+
+    def copy() -> None:
+        out.copy_(x)
+        torch.cuda.synchronize()
+
+    d2d = gb / _best(copy, repeats)
+    rows = [device_path_row(x, bits, bucket_size, seed, repeats) for bits in (2, 4, 8)]
+    d2d = max(d2d, gb / _best(copy, repeats))
+    for r in rows:
+        r["encode_vs_copy"], r["decode_vs_copy"] = r["encode_gbps"] / d2d, r["decode_gbps"] / d2d
+    return {"benchmark": "codec_device", "device": torch.cuda.get_device_name(dev), "numel": numel,
+            "bucket_size": bucket_size, "torch": torch.__version__, "copy_gbps": d2d, "rows": rows}  # fmt: skip
+
+
+def format_device_codec(res: dict) -> str:
+    lines = [
+        f"device codec on {res['device']}, {res['numel']:,} float32; device-to-device copy {res['copy_gbps']:.1f} GB/s",
+        "",
+        "| bits | encode GB/s | decode GB/s | encode/copy | decode/copy | first call s | bits/coord |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in res["rows"]:
+        lines.append(
+            f"| {r['bits']} | {r['encode_gbps']:.2f} | {r['decode_gbps']:.2f} | {r['encode_vs_copy']:.3f} | "
+            f"{r['decode_vs_copy']:.3f} | {r['first_call_seconds']:.1f} | {r['bits_per_coord']:.3f} |"
+        )
+    return "\n".join(lines)
+
+
 def run_codec_bench(numel: int = 1 << 24, repeats: int = 5, bucket_size: int = 1024, seed: int = 0) -> dict:
     if numel < 1 or repeats < 1:
         raise ValueError("numel and repeats must be positive")
@@ -160,8 +234,11 @@ def run_codec_bench(numel: int = 1 << 24, repeats: int = 5, bucket_size: int = 1
                 "coding": coding, "bits": bits, "encode_gbps": gb / te, "decode_gbps": gb / td,
                 "encode_fresh_buffer_gbps": gb / te_fresh, "bits_per_coord": enc.bits / numel,
             })  # fmt: skip
+    device_row = device_path_row(x, 4, bucket_size, seed, repeats)  # the device path, compiled for the CPU
     # memcpy measured before and after the rows; the faster one makes the ratios conservative
     memcpy = max(memcpy_before, gb / _best(lambda: out.copy_(x), repeats))
+    device_row["encode_vs_memcpy"] = device_row["encode_gbps"] / memcpy
+    device_row["decode_vs_memcpy"] = device_row["decode_gbps"] / memcpy
     for r in rows:
         r["encode_vs_memcpy"] = r["encode_gbps"] / memcpy
         r["decode_vs_memcpy"] = r["decode_gbps"] / memcpy
@@ -193,6 +270,7 @@ def run_codec_bench(numel: int = 1 << 24, repeats: int = 5, bucket_size: int = 1
         "encode_speedup_vs_eager": main["encode_gbps"] / eager_enc,
         "decode_speedup_vs_eager": main["decode_gbps"] / eager_dec,
         "rows": rows,
+        "device_rows": [device_row],
         "model_rows": model_rows,
     }
 
@@ -210,6 +288,11 @@ def format_codec(res: dict) -> str:
     for r in res["rows"]:
         lines.append(
             f"| {r['coding']} | {r['bits']} | {r['encode_gbps']:.3f} | {r['decode_gbps']:.3f} | "
+            f"{r['encode_vs_memcpy']:.3f} | {r['decode_vs_memcpy']:.3f} | {r['bits_per_coord']:.3f} |"
+        )
+    for r in res.get("device_rows", []):
+        lines.append(
+            f"| {r['path']} | {r['bits']} | {r['encode_gbps']:.3f} | {r['decode_gbps']:.3f} | "
             f"{r['encode_vs_memcpy']:.3f} | {r['decode_vs_memcpy']:.3f} | {r['bits_per_coord']:.3f} |"
         )
     lines += [

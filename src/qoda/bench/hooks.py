@@ -53,10 +53,12 @@ def _ddp(method: str, layers: int, width: int, bucket_mb: float, bits: int) -> t
     from qoda.quant.config import QuantizerConfig
     from qoda.quant.policy import LayerPolicy
 
-    model = _model(layers, width)
+    device = _device()
+    model = _model(layers, width).to(device)
     if method == "powersgd_r1":  # one bucket: its hook all-reduces from a future callback, which hangs
         bucket_mb = sum(p.numel() for p in model.parameters()) * 4 / 2**20 + 16  # on gloo with several buckets
-    ddp = nn.parallel.DistributedDataParallel(model, bucket_cap_mb=bucket_mb)
+    ids = None if device.type == "cpu" else [device]
+    ddp = nn.parallel.DistributedDataParallel(model, device_ids=ids, bucket_cap_mb=bucket_mb)
     state: Any = None
     if method == "fp16_hook":
         ddp.register_comm_hook(None, default_hooks.fp16_compress_hook)
@@ -71,12 +73,22 @@ def _ddp(method: str, layers: int, width: int, bucket_mb: float, bits: int) -> t
     return ddp, state
 
 
+def _device() -> torch.device:
+    """The rank's GPU with NCCL (set by :func:`qoda.utils.procs.run`), else the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
 def _step_seconds(ddp: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     dist.barrier()
+    cuda = x.device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
     t = time.perf_counter()
     ddp.zero_grad(set_to_none=False)
     nn.functional.mse_loss(ddp(x), y).backward()
-    elapsed = torch.tensor([time.perf_counter() - t], dtype=torch.float64)
+    if cuda:
+        torch.cuda.synchronize()
+    elapsed = torch.tensor([time.perf_counter() - t], dtype=torch.float64, device=x.device)
     dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
     return float(elapsed)
 
@@ -87,8 +99,8 @@ def measure(rank: int, world: int, cfg: dict[str, Any]) -> dict[str, Any]:
     methods = cfg["methods"]
     models = {m: _ddp(m, cfg["layers"], cfg["width"], cfg["bucket_mb"], cfg["bits"]) for m in methods}
     g = torch.Generator().manual_seed(1000 + rank)
-    x = torch.randn(cfg["batch"], cfg["width"], generator=g)
-    y = torch.randn(cfg["batch"], 1, generator=g)
+    x = torch.randn(cfg["batch"], cfg["width"], generator=g).to(_device())
+    y = torch.randn(cfg["batch"], 1, generator=g).to(_device())
     for m in methods:  # warm-up: DDP rebuilds its buckets after step 0; PowerSGD starts at 2; numba compiles
         for _ in range(cfg["warmup"]):
             _step_seconds(models[m][0], x, y)
@@ -133,11 +145,22 @@ def format_table(res: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def run_local(cfg: dict[str, Any], timeout: float) -> dict[str, Any]:
+def run_local(cfg: dict[str, Any], timeout: float, backend: str = "gloo") -> dict[str, Any]:
     from qoda.utils.procs import run, values
 
-    res = values(run(measure, cfg["workers"], cfg, timeout=timeout, pg_timeout=timeout))[0]
-    return {"link": "127.0.0.1 (loopback)", **res}
+    res = values(run(measure, cfg["workers"], cfg, timeout=timeout, pg_timeout=timeout, backend=backend))[0]
+    return {"link": f"127.0.0.1 (loopback, {backend})", **res}
+
+
+#: Exit status of a GPU benchmark on a machine without CUDA.
+NO_CUDA_EXIT = 3
+
+
+def require_cuda(what: str) -> None:
+    """Exit with :data:`NO_CUDA_EXIT` and one line if CUDA is not available (``what`` needs it)."""
+    if not torch.cuda.is_available():
+        print(f"{what}: no CUDA device on this machine (torch {torch.__version__}); nothing measured", file=sys.stderr)
+        raise SystemExit(NO_CUDA_EXIT)
 
 
 def run_netns(cfg: dict[str, Any], rate: float, timeout: float) -> dict[str, Any]:
@@ -193,14 +216,24 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--timeout", type=float, default=1800)
     p.add_argument("--json", type=Path)
+    p.add_argument("--backend", choices=("gloo", "nccl"), default="gloo",
+                   help="nccl: worker r on CUDA device r (needs one device per worker)")
     a = p.parse_args(argv)
+    if a.backend == "nccl":
+        require_cuda("--backend nccl")
+        if torch.cuda.device_count() < a.workers:  # NCCL refuses two ranks on one GPU ("Duplicate GPU detected")
+            print(f"--backend nccl: {a.workers} workers need {a.workers} CUDA devices (NCCL refuses two ranks on "
+                  f"one GPU), found {torch.cuda.device_count()}", file=sys.stderr)  # fmt: skip
+            raise SystemExit(NO_CUDA_EXIT)
+        if a.rate_mbit:
+            p.error("--rate-mbit: shaped links run gloo over network namespaces; use --backend gloo")
     cfg = {k: getattr(a, k) for k in ("workers", "layers", "width", "batch", "bucket_mb", "bits", "rounds", "steps",
                                        "warmup", "methods")}  # fmt: skip
     results = []
     runs: list[float | None] = ([] if a.no_loopback else [None]) + list(a.rate_mbit)
     for rate in runs:
         t0 = time.monotonic()
-        res = run_local(cfg, a.timeout) if rate is None else run_netns(cfg, rate, a.timeout)
+        res = run_local(cfg, a.timeout, a.backend) if rate is None else run_netns(cfg, rate, a.timeout)
         res["config"], res["wall_seconds"] = cfg, time.monotonic() - t0
         res["summary"] = summarize(res["rounds"])
         results.append(res)

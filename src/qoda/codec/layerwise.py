@@ -228,7 +228,7 @@ class Group:
 
 @dataclass(frozen=True)
 class EncodedMessage:
-    data: np.ndarray  # uint8
+    data: np.ndarray  # uint8 (a uint8 torch.Tensor on the device from qoda.codec.device)
     bits: int  # exact payload bits (sum over segments, plus the message header)
     segment_bits: dict[str, int]  # per type ("" for the raw segment)
     framing_bits: int = 0  # message and segment headers and layer sizes (no coordinate information)
@@ -239,7 +239,7 @@ class EncodedMessage:
         return self.bits - self.framing_bits
 
     def __len__(self) -> int:
-        return int(self.data.size)
+        return int(self.data.numel() if isinstance(self.data, torch.Tensor) else self.data.size)
 
 
 class LayerwiseCodec:

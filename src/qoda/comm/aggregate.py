@@ -33,6 +33,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from qoda.codec.device import DeviceCodec
 from qoda.codec.layerwise import LayerwiseCodec
 from qoda.comm import cost
 from qoda.comm.averager import Averager, CommStats  # CommStats: also importable from here, as before
@@ -127,9 +128,13 @@ class Aggregator(Averager):
         self._buffers: dict[int, np.ndarray] = {}  # reused send buffers, see send_buffer
         #: bytes of this rank's message, fixed by the plan (``None`` with entropy coding: data-dependent)
         self.message_size = self.codec.message_size()
-        # NCCL moves CUDA tensors only; codes are packed and decoded on the host either way
+        # NCCL moves CUDA tensors only: there the codec runs on the GPU too (decided once, here)
         nccl = dist.get_backend(group) == "nccl"
         self.wire_device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+        #: the codec on the wire device when it is a GPU (:mod:`qoda.codec.device`: no host copy of
+        #: the gradients); ``None``: the CPU (numba) codec
+        self.device_codec = DeviceCodec(self.codec, self.wire_device) if self.wire_device.type != "cpu" else None
+        self._device_buffers: dict[int, torch.Tensor] = {}
         if check:
             self._check_consistency()
         self.bounds: list[list[int]] = []
@@ -218,6 +223,16 @@ class Aggregator(Averager):
             sizes = self.chunk_sizes or [self.message_size]
             n = (self.message_size, sum(sizes), max(sizes))[which]
             buf = self._buffers[which] = np.zeros(n, dtype=np.uint8)
+        return buf
+
+    def device_send_buffer(self, which: int) -> torch.Tensor | None:
+        """:meth:`send_buffer` on the wire device, for the device codec (zero padding likewise)."""
+        host = self.send_buffer(which)
+        if host is None:
+            return None
+        buf = self._device_buffers.get(which)
+        if buf is None:
+            buf = self._device_buffers[which] = torch.zeros(host.size, dtype=torch.uint8, device=self.wire_device)
         return buf
 
     def chunk(self, flats: Sequence[torch.Tensor], c: int) -> list[torch.Tensor]:

@@ -74,16 +74,37 @@ def _raise_for(e: SenderFailed, what: str) -> None:
     raise AggregationError(f"rank {e.origin} received a damaged payload (nothing was applied): {e.text}") from None
 
 
-def _wire(arr: np.ndarray, dev: torch.device) -> torch.Tensor:
-    t = torch.from_numpy(arr)
-    return t if dev.type == "cpu" else t.to(dev)
+Bytes = np.ndarray | torch.Tensor  # a message: on the host (CPU codec) or the wire device (device codec)
 
 
-def _padded(arr: np.ndarray, width: int, dev: torch.device) -> torch.Tensor:
+def _wire(arr: Bytes, dev: torch.device) -> torch.Tensor:
+    t = arr if isinstance(arr, torch.Tensor) else torch.from_numpy(arr)
+    return t if t.device == dev else t.to(dev)
+
+
+def _nbytes(arr: Bytes) -> int:
+    return int(arr.numel() if isinstance(arr, torch.Tensor) else arr.size)
+
+
+def _padded(arr: Bytes, width: int, dev: torch.device) -> torch.Tensor:
     """``arr`` with zero padding up to ``width`` bytes (all-gathers need equal sizes), on ``dev``."""
-    out = torch.zeros(width, dtype=torch.uint8)
-    out[: arr.size] = torch.from_numpy(arr)
-    return out.to(dev)
+    out = torch.zeros(width, dtype=torch.uint8, device=dev)
+    out[: _nbytes(arr)] = _wire(arr, dev)
+    return out
+
+
+def _concat(arrs: Sequence[Bytes], dev: torch.device) -> torch.Tensor:
+    return torch.cat([_wire(a, dev) for a in arrs])
+
+
+def _received(outs: Sequence[torch.Tensor], sizes: Sequence[int], on_device: bool) -> list[Bytes]:
+    """The received messages cut to their sizes: where they arrived (device codec) or on the host."""
+    return [o[:n] if on_device else o[:n].cpu().numpy() for o, n in zip(outs, sizes, strict=True)]
+
+
+def _host(arr: Bytes) -> np.ndarray:
+    """A received message on the host (the CPU codec, or naming the sender of a damaged payload)."""
+    return arr.cpu().numpy() if isinstance(arr, torch.Tensor) else arr
 
 
 def _gather_sizes(agg: Aggregator, n: int) -> list[int]:
@@ -117,10 +138,13 @@ class AllgatherExchange:
         agg, codec, st = self.agg, self.agg.codec, self.stats
         t0 = time.perf_counter()
         fixed = agg.message_size
+        dc = agg.device_codec
         try:
-            self.msg = codec.encode_flats(
-                codec.gather(self.tensors), derive_seed(agg.seed, self.step, agg.rank), out=agg.send_buffer(0)
-            )
+            flats, seed = codec.gather(self.tensors), derive_seed(agg.seed, self.step, agg.rank)
+            if dc is None:
+                self.msg = codec.encode_flats(flats, seed, out=agg.send_buffer(0))
+            else:
+                self.msg = dc.encode_flats(flats, seed, out=agg.device_send_buffer(0))
             data = self.msg.data
         except Exception as e:  # told to every rank in the payload
             self.error = e
@@ -129,7 +153,7 @@ class AllgatherExchange:
             self.sizes = [fixed] * agg.world
             send = _wire(data, agg.wire_device)
         else:
-            self.sizes = _gather_sizes(agg, data.size)
+            self.sizes = _gather_sizes(agg, _nbytes(data))
             send = _padded(data, max(self.sizes), agg.wire_device)
         self.outs = [torch.empty_like(send) for _ in range(agg.world)]
         self.t1 = time.perf_counter()
@@ -150,18 +174,20 @@ class AllgatherExchange:
         t2 = time.perf_counter()
         if self.error is not None:
             raise AggregationError(f"rank {agg.rank} could not encode its gradients: {self.error}") from self.error
-        arrays = [o[:n].cpu().numpy() for o, n in zip(self.outs, self.sizes, strict=True)]
-        acc = [torch.zeros(g.numel, dtype=torch.float32) for g in codec.groups]
+        dc = agg.device_codec
+        # the device codec decodes where the messages arrived; the CPU codec on the host
+        arrays = _received(self.outs, self.sizes, dc is not None)
+        acc = [torch.zeros(g.numel, dtype=torch.float32, device=dc.device if dc else None) for g in codec.groups]
         try:
             for a in arrays:
-                codec.decode_flats_into(a, acc, accumulate=True)
+                (dc or codec).decode_flats_into(a, acc, accumulate=True)
         except SenderFailed as e:
             _raise_for(e, "gradients")
         except CodecError:  # name the sender(s) of what does not decode
             bad = []
             for r, a in enumerate(arrays):
                 try:
-                    codec.decode(a)
+                    codec.decode(_host(a))
                 except CodecError as e:
                     bad.append(f"rank {r}: {e}")
             raise AggregationError(f"received a damaged payload (nothing was applied) from {'; '.join(bad)}") from None
@@ -216,13 +242,14 @@ class TwoPhaseExchange:
         k, r, dev = agg.world, agg.rank, agg.wire_device
         t0 = time.perf_counter()
         fixed = agg.chunk_sizes  # None with entropy coding
-        buf = agg.send_buffer(1)
+        dc = agg.device_codec
+        buf = agg.send_buffer(1) if dc is None else agg.device_send_buffer(1)
         try:  # 1.
             flats = codec.gather(self.tensors)
             msgs, pos = [], 0
             for d in range(k):
                 out = None if buf is None else buf[pos:]
-                m = codec.encode_flats(
+                m = (dc or codec).encode_flats(
                     agg.chunk(flats, d), derive_seed(agg.seed, self.step, r, 1, d), agg.pieces[d], tag=d + 1, out=out
                 )
                 msgs.append(m)
@@ -239,13 +266,13 @@ class TwoPhaseExchange:
         if fixed is not None:
             self.send_sizes, self.recv_sizes = list(fixed), [fixed[r]] * k
             contiguous = self.msgs is not None and buf is not None
-            send = _wire(buf[: sum(fixed)] if contiguous else np.concatenate(datas), dev)
+            send = _wire(buf[: sum(fixed)], dev) if contiguous else _concat(datas, dev)
         else:  # 2.
-            ss = torch.tensor([d.size for d in datas], dtype=torch.int64)
+            ss = torch.tensor([_nbytes(d) for d in datas], dtype=torch.int64)
             rs = torch.empty(k, dtype=torch.int64, device=dev)
             dist.all_to_all_single(rs, ss.to(dev), group=agg.group)
             self.send_sizes, self.recv_sizes = ss.tolist(), rs.cpu().tolist()
-            send = _wire(np.concatenate(datas), dev)
+            send = _concat(datas, dev)
         self.recv = torch.empty(sum(self.recv_sizes), dtype=torch.uint8, device=dev)
         self.t1 = time.perf_counter()
         st.encode_seconds += self.t1 - t0
@@ -259,13 +286,16 @@ class TwoPhaseExchange:
         agg, codec = self.agg, self.agg.codec
         k, r = agg.world, agg.rank
         own = agg.pieces[r]
-        acc = [torch.zeros(sum(p), dtype=torch.float32) for p in own]
+        dc = agg.device_codec
+        acc = [torch.zeros(sum(p), dtype=torch.float32, device=dc.device if dc else None) for p in own]
         if self.error is not None:
             self.relay = (MessageStatus.ENCODE_FAILED, r, _error_text(self.error))
             return acc
-        for src, part in enumerate(self.recv.cpu().split(self.recv_sizes)):  # source-rank order
+        recv = self.recv if dc else self.recv.cpu()
+        for src, part in enumerate(recv.split(self.recv_sizes)):  # source-rank order
             try:
-                codec.decode_flats_into(part.numpy(), acc, accumulate=True, pieces=own, tag=r + 1)
+                payload = part if dc else part.numpy()
+                (dc or codec).decode_flats_into(payload, acc, accumulate=True, pieces=own, tag=r + 1)
             except SenderFailed as e:
                 self.relay = (e.status, e.origin, e.text)
                 return acc
@@ -288,11 +318,12 @@ class TwoPhaseExchange:
         t3 = time.perf_counter()
         fixed = agg.chunk_sizes
         width = None if fixed is None else max(fixed)
-        buf = agg.send_buffer(2)
+        dc = agg.device_codec
+        buf = agg.send_buffer(2) if dc is None else agg.device_send_buffer(2)
         self.msg2: EncodedMessage | None = None
         if self.relay is None:  # 5.
             try:
-                self.msg2 = codec.encode_flats(
+                self.msg2 = (dc or codec).encode_flats(
                     acc, derive_seed(agg.seed, self.step, r, 2), agg.pieces[r], tag=k + 1 + r, out=buf
                 )
                 data = self.msg2.data
@@ -307,7 +338,7 @@ class TwoPhaseExchange:
             in_place = buf is not None and self.msg2 is not None
             send = _wire(buf[:width], dev) if in_place else _padded(data, width, dev)
         else:  # 6.
-            self.sizes2 = _gather_sizes(agg, data.size)
+            self.sizes2 = _gather_sizes(agg, _nbytes(data))
             send = _padded(data, max(self.sizes2), dev)
         self.outs = [torch.empty_like(send) for _ in range(k)]
         self.t4 = time.perf_counter()
@@ -331,11 +362,15 @@ class TwoPhaseExchange:
         t5 = time.perf_counter()
         if self.error is not None:
             raise AggregationError(f"rank {r} could not encode its chunks: {self.error}") from self.error
-        payloads = [o[:n].cpu().numpy() for o, n in zip(self.outs, self.sizes2, strict=True)]
-        result = [torch.empty(g.numel, dtype=torch.float32) for g in codec.groups]  # 8.
+        dc = agg.device_codec
+        payloads = _received(self.outs, self.sizes2, dc is not None)
+        on = dc.device if dc else None
+        result = [torch.empty(g.numel, dtype=torch.float32, device=on) for g in codec.groups]  # 8.
         try:
             for c, p in enumerate(payloads):
-                codec.decode_flats_into(p, agg.chunk(result, c), accumulate=False, pieces=agg.pieces[c], tag=k + 1 + c)
+                (dc or codec).decode_flats_into(
+                    p, agg.chunk(result, c), accumulate=False, pieces=agg.pieces[c], tag=k + 1 + c
+                )
         except SenderFailed as e:
             _raise_for(e, "chunks")
         except CodecError as e:

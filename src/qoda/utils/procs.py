@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable
 from datetime import timedelta
 from typing import Any
 
+import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
@@ -26,11 +27,13 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _entry(fn, rank, world, port, pg_timeout, queue, args):
+def _entry(fn, rank, world, port, pg_timeout, queue, args, backend="gloo"):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     try:
+        if backend == "nccl":  # one GPU per rank (round robin; NCCL itself refuses two ranks on one GPU)
+            torch.cuda.set_device(rank % torch.cuda.device_count())
         dist.init_process_group(
-            "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+            backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
             timeout=timedelta(seconds=pg_timeout),
         )  # fmt: skip
         result = fn(rank, world, *args)
@@ -48,15 +51,18 @@ def _entry(fn, rank, world, port, pg_timeout, queue, args):
 
 def run(
     fn: Callable[..., Any], world: int, *args: Any, timeout: float = 120.0, pg_timeout: float = 60.0,
-    wait_for: Iterable[int] | None = None, times: dict[int, float] | None = None,
+    wait_for: Iterable[int] | None = None, times: dict[int, float] | None = None, backend: str = "gloo",
 ) -> list[tuple[str, Any]]:  # fmt: skip
-    """``[fn(rank, world, *args) for rank]``; raises ``TimeoutError`` if the awaited ranks do not
-    all report within ``timeout``.  Ranks not awaited that never report get ``("missing", None)``.
+    """``[fn(rank, world, *args) for rank]`` in a ``backend`` group (nccl: rank r on GPU r mod count);
+    raises ``TimeoutError`` if the awaited ranks do not all report within ``timeout``.  Ranks not
+    awaited that never report get ``("missing", None)``.
     ``times`` (optional) receives each reporting rank's ``time.time()`` at its report."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_entry, args=(fn, r, world, port, pg_timeout, queue, args)) for r in range(world)]
+    procs = [
+        ctx.Process(target=_entry, args=(fn, r, world, port, pg_timeout, queue, args, backend)) for r in range(world)
+    ]
     for p in procs:
         p.start()
     awaited = set(range(world) if wait_for is None else wait_for)
