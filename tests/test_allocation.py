@@ -416,3 +416,52 @@ def test_dp_with_groups_matches_exhaustive_search_on_random_costs():
         combos = itertools.product(range(k), repeat=n)
         best = min(sum(errors[i][p] for i, p in enumerate(c)) for c in combos if cost(c) <= budget)
         assert sum(errors[i][p] for i, p in enumerate(picks)) == pytest.approx(best, rel=1e-12, abs=1e-15)
+
+
+def _loud(seed: int, model: nn.Module, loud: str) -> list[torch.Tensor]:
+    """Unit-scale gradients, the parameter ``loud`` 100x louder."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(p.shape, generator=g) * (100.0 if n == loud else 1.0) for n, p in model.named_parameters()]
+
+
+def test_refit_rule_reallocates_on_observation_steps_deterministically_and_resumes():
+    """The rule of docs/quantization.md: observation (and re-allocation) steps every follow_every-th
+    step while following, then every observe_every-th; a re-allocation keeps the last re-fit's levels,
+    returns a plan only when the widths change, and restores from a checkpoint mid-follow."""
+    cfg = AdaptConfig(method="amq", schedule=RefitSchedule((0,), every=1000), observe_every=10, bins=256,
+                      allocation="dp", budget=4.5, follow=6, follow_every=2)  # fmt: skip
+    assert [s for s in range(25) if cfg.observes(s)] == [0, 2, 4, 10, 20]
+    assert [s for s in range(25) if cfg.reallocates(s)] == [0, 2, 4, 10, 20]
+    assert not AdaptConfig(allocation="dp", budget=3.0, follow=0).reallocates(2)
+    assert [s for s in range(12) if AdaptConfig().observes(s)] == [0, 10]  # uniform widths: as before
+    with pytest.raises(ValueError, match="follow_every"):
+        AdaptConfig(allocation="dp", budget=3.0, follow_every=0)
+    model = Net()
+    plan = LayerPolicy.by_module_class(QuantizerConfig.qsgd_inf(4, 256)).plan(model)
+    a, b = (LevelAdapter(plan, cfg, message_bits=fixed_message_bits) for _ in range(2))
+    for ad in (a, b):
+        ad.observe(0, _loud(0, model, "b.weight"))
+        ad.refit(0)
+    assert a.plan.fingerprint() == b.plan.fingerprint()  # the same statistics give the same plan
+    before = dict(a.widths)
+    assert before["b.weight"] > before["d.weight"]
+    a.observe(1, _loud(1, model, "d.weight"))  # not an observation step: ignored
+    assert a.refit(1) is None and a.widths == before
+    for ad in (a, b):
+        ad.observe(2, _loud(2, model, "d.weight"))
+    pa, pb = a.refit(2), b.refit(2)
+    assert pa is not None and pb is not None and pa.fingerprint() == pb.fingerprint()
+    assert a.widths["d.weight"] > a.widths["b.weight"]  # the widths followed
+    assert (a.fits, a.reallocations) == (1, 1)  # a re-allocation, not a re-fit
+    shared = {(t, b_): lv for (t, b_), lv in a.allocation.type_levels.items()}
+    assert all(a.plan.configs[t].levels == shared[t.rsplit("/", 1)[0], a.plan.configs[t].bits] for t in a.plan.types)
+    a.observe(4, _loud(4, model, "d.weight"))
+    assert a.refit(4) is None and a.reallocations == 1  # the same widths: no new plan
+    # a checkpoint mid-follow: the restored adapter decides exactly as the original one
+    c = LevelAdapter(plan, cfg, message_bits=fixed_message_bits)
+    c.load_state_dict(a.state_dict())
+    for ad in (a, c):
+        ad.observe(10, _loud(10, model, "a.weight"))
+    pa, pc = a.refit(10), c.refit(10)
+    assert pa is not None and pc is not None and pa.fingerprint() == pc.fingerprint()
+    assert a.state_dict()["type_levels"] == c.state_dict()["type_levels"] and c.reallocations == 2
