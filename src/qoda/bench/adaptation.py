@@ -126,7 +126,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dp4-steps", type=int, nargs="*", default=None, help="steps of dp4 (default: --steps)")
     p.add_argument("--runs", type=Path, default=Path("runs/adaptation"), help="where the runs go")
     p.add_argument("--out", type=Path, default=Path("benchmarks/adaptation"), help="writes OUT.md and OUT.json")
+    p.add_argument("--hook-steps", type=int, default=0, help="also (or only, with --steps 0) the DDP hook study")
     args = p.parse_args(argv)
+    if args.hook_steps:
+        hook = hook_study(args.hook_steps)
+        path = args.out.parent / (args.out.name + "_hook.json")
+        path.write_text(json.dumps({"command": f"python -m qoda.bench.adaptation {' '.join(argv)}", **hook}, indent=1))
+        print(json.dumps({k: v for k, v in hook.items() if k != "windows"}), file=sys.stderr)
+    if args.steps == [0]:
+        return
     eq = equal_budget(TrainConfig())
     results: dict[str, Any] = {}
     commands: list[str] = []
@@ -147,3 +155,60 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+# ---------------------------------------------------------------------------- the DDP hook
+HOOK_CAP_MB = 0.25  # DDP bucket cap: the MLP below then has 3 buckets
+
+
+def _hook_worker(rank: int, world: int, allocation: str, budget: float | None, steps: int) -> dict[str, Any]:
+    """One rank of a DDP run of an MLP (3 buckets) with the qoda hook; the relative variance of this
+    rank's gradient at every iteration the hook observed (``summary()["variance"]``)."""
+    import torch
+    from torch import nn
+
+    from qoda.comm.ddp_hook import QodaHookState
+    from qoda.quant.adapt import AdaptConfig
+    from qoda.quant.config import QuantizerConfig
+    from qoda.quant.policy import LayerPolicy
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 512), nn.ReLU(), nn.Linear(512, 256),
+                          nn.ReLU(), nn.Linear(256, 10))  # fmt: skip
+    ddp = nn.parallel.DistributedDataParallel(model, bucket_cap_mb=HOOK_CAP_MB)
+    adapt = AdaptConfig(allocation=allocation, budget=budget)
+    state = QodaHookState(policy=LayerPolicy.global_(QuantizerConfig.qsgd_inf(4)), adapt=adapt)
+    state.register(ddp)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.05, momentum=0.9)
+    teacher = torch.Generator().manual_seed(7)
+    w = torch.randn(64, 10, generator=teacher)
+    rows = []
+    for step in range(steps):
+        g = torch.Generator().manual_seed(1000 * rank + step)
+        x = torch.randn(32, 64, generator=g)
+        y = (x @ w).argmax(1)
+        opt.zero_grad()
+        nn.functional.cross_entropy(ddp(x), y).backward()
+        opt.step()
+        s = state.summary()
+        if s["compressing"] and state.adapt is not None and state.adapt.observes(step):
+            rows.append({"step": step, "variance": s["variance"], "bits_per_coordinate": s["bits_per_coordinate"]})
+    return {"rows": rows, "buckets": len(state.layout)}
+
+
+def hook_study(steps: int, window: int = 10) -> dict[str, Any]:
+    """Uniform widths (ALQ levels, 4 bits) against DP at the same bits per coordinate, 2 ranks:
+    rank 0's relative variance at the first iteration of every ``window`` (both observe there)."""
+    from qoda.utils.procs import run, values
+
+    uniform = values(run(_hook_worker, 2, "uniform", None, steps, timeout=600))[0]
+    bits = max(r["bits_per_coordinate"] for r in uniform["rows"] if r["bits_per_coordinate"] is not None)
+    dp = values(run(_hook_worker, 2, "dp", bits, steps, timeout=600))[0]
+    u = {r["step"]: r for r in uniform["rows"]}
+    windows = [
+        {"step": r["step"], "ratio": r["variance"] / u[r["step"]]["variance"],
+         "bits_ratio": r["bits_per_coordinate"] / u[r["step"]]["bits_per_coordinate"]}
+        for r in dp["rows"] if r["step"] in u and r["step"] % window == 0 and r["variance"] and u[r["step"]]["variance"]
+    ]  # fmt: skip
+    return {"buckets": dp["buckets"], "budget": bits, "windows": windows,
+            "max_window_ratio": max(w["ratio"] for w in windows)}  # fmt: skip
