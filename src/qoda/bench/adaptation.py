@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import subprocess
 import sys
@@ -153,12 +154,18 @@ def main(argv: list[str] | None = None) -> None:
                 args.out.with_suffix(".md").write_text(markdown(results, eq, argv))
 
 
-if __name__ == "__main__":
-    main()
-
 
 # ---------------------------------------------------------------------------- the DDP hook
 HOOK_CAP_MB = 0.25  # DDP bucket cap: the MLP below then has 3 buckets
+
+
+def _mlp() -> Any:
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 512), nn.ReLU(), nn.Linear(512, 256),
+                         nn.ReLU(), nn.Linear(256, 10))  # fmt: skip
 
 
 def _hook_worker(rank: int, world: int, allocation: str, budget: float | None, steps: int) -> dict[str, Any]:
@@ -172,9 +179,7 @@ def _hook_worker(rank: int, world: int, allocation: str, budget: float | None, s
     from qoda.quant.config import QuantizerConfig
     from qoda.quant.policy import LayerPolicy
 
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 512), nn.ReLU(), nn.Linear(512, 256),
-                          nn.ReLU(), nn.Linear(256, 10))  # fmt: skip
+    model = _mlp()
     ddp = nn.parallel.DistributedDataParallel(model, bucket_cap_mb=HOOK_CAP_MB)
     adapt = AdaptConfig(allocation=allocation, budget=budget)
     state = QodaHookState(policy=LayerPolicy.global_(QuantizerConfig.qsgd_inf(4)), adapt=adapt)
@@ -197,12 +202,19 @@ def _hook_worker(rank: int, world: int, allocation: str, budget: float | None, s
 
 
 def hook_study(steps: int, window: int = 10) -> dict[str, Any]:
-    """Uniform widths (ALQ levels, 4 bits) against DP at the same bits per coordinate, 2 ranks:
-    rank 0's relative variance at the first iteration of every ``window`` (both observe there)."""
+    """Uniform widths (ALQ levels, 4 bits) against DP at the same bits per coordinate (one whole
+    message of the 4-bit plan, every bit counted, as the DP budget counts them), 2 ranks: rank 0's
+    relative variance at the first iteration of every ``window`` (both observe there)."""
+    from qoda.codec.layerwise import fixed_message_bits
+    from qoda.quant.config import QuantizerConfig
+    from qoda.quant.policy import LayerPolicy
     from qoda.utils.procs import run, values
 
+    model = _mlp()
+    plan = LayerPolicy.global_(QuantizerConfig.qsgd_inf(4)).plan(model)
+    # rounded up to 1e-6: the 4-bit plan itself must fit (a budget rounded down would exclude it)
+    bits = math.ceil(fixed_message_bits(plan) / sum(p.numel() for p in model.parameters()) * 1e6) / 1e6
     uniform = values(run(_hook_worker, 2, "uniform", None, steps, timeout=600))[0]
-    bits = max(r["bits_per_coordinate"] for r in uniform["rows"] if r["bits_per_coordinate"] is not None)
     dp = values(run(_hook_worker, 2, "dp", bits, steps, timeout=600))[0]
     u = {r["step"]: r for r in uniform["rows"]}
     windows = [
@@ -212,3 +224,7 @@ def hook_study(steps: int, window: int = 10) -> dict[str, Any]:
     ]  # fmt: skip
     return {"buckets": dp["buckets"], "budget": bits, "windows": windows,
             "max_window_ratio": max(w["ratio"] for w in windows)}  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
