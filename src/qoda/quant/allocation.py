@@ -48,7 +48,7 @@ WIDTHS = (2, 3, 4, 5, 6, 7, 8)
 #: Largest exact dynamic programme: cost units, and units x option sets x options (vector operations
 #: of ``cap`` elements); larger problems are rounded up (still feasible).
 EXACT_UNITS = 1 << 18
-EXACT_WORK = 1 << 22
+EXACT_WORK = 1 << 24
 
 MessageBits = Callable[[LayerPlan], int]
 
