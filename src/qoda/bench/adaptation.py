@@ -78,6 +78,21 @@ def compare(dp: dict[str, Any], glob: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def hook_markdown(hook: dict[str, Any]) -> str:
+    """The DDP-hook study's section (from ``OUT_hook.json``)."""
+    lines = [
+        "", "## The DDP hook: DP against uniform widths, per window", "",
+        f"Produced by `{hook['command']}`: 2 ranks, an MLP (64-256-512-256-10) in {hook['buckets']} DDP buckets,",
+        "SGD on a synthetic teacher task, ALQ levels (`QuantizerConfig.qsgd_inf(4)` policy, `start_iter=10`);",
+        "uniform widths = `AdaptConfig()` (4 bits); DP = `AdaptConfig(allocation=\"dp\", budget=B)` with `B` =",
+        f"{hook['budget']} (one whole 4-bit message per coordinate). Ratio of rank 0's relative variance at",
+        "the first iteration of every 10 (both observe there); bits = measured bits per coordinate.", "",
+        "| iteration | variance ratio | bits ratio |", "|---|---|---|",
+    ]  # fmt: skip
+    lines += [f"| {w['step']} | {w['ratio']:.4f} | {w['bits_ratio']:.4f} |" for w in hook["windows"]]
+    return "\n".join(lines) + "\n"
+
+
 def markdown(results: dict[str, Any], eq: float, argv: list[str]) -> str:
     lines = [
         "# Adaptation from the first step: DP bit allocation vs global ALQ, per logging window",
@@ -151,7 +166,9 @@ def main(argv: list[str] | None = None) -> None:
                 args.out.with_suffix(".json").write_text(
                     json.dumps({"budget_eq": eq, "results": results, "commands": commands}, indent=1)
                 )
-                args.out.with_suffix(".md").write_text(markdown(results, eq, argv))
+                hook_file = args.out.parent / (args.out.name + "_hook.json")
+                hook_md = hook_markdown(json.loads(hook_file.read_text())) if hook_file.exists() else ""
+                args.out.with_suffix(".md").write_text(markdown(results, eq, argv) + hook_md)
 
 
 
