@@ -11,7 +11,7 @@ from qoda.codec.layerwise import LayerwiseCodec, fixed_message_bits
 from qoda.quant.adapt import AdaptConfig, LevelAdapter, RefitSchedule
 from qoda.quant.allocation import allocate_bits, allocate_plan, width_type
 from qoda.quant.config import QuantizerConfig
-from qoda.quant.fitting import MagnitudeStats, fit_alq, levels_for_bits
+from qoda.quant.fitting import MagnitudeStats, fit_alq, fit_amq, levels_for_bits
 from qoda.quant.policy import LayerPolicy
 from qoda.quant.variance import plan_variance
 
@@ -331,3 +331,137 @@ def test_trainer_auto_allocation_is_dp_when_the_budget_holds_the_plan_else_unifo
         resolve_allocation(explicit, plan_of(explicit))
     with pytest.raises(ConfigError, match="bit_allocation"):
         TrainConfig(compression="qsgd", bit_allocation="dp")
+
+
+def _one_type_case(seed: int):
+    """5 tensors of one level type (the issue's shape), heavy-tailed gradients of very different scales."""
+    g = torch.Generator().manual_seed(seed)
+    model = nn.Sequential(*[nn.Linear(64, 8 * k, bias=False) for k in (4, 16, 2, 9, 6)])
+    plan = LayerPolicy.global_(QuantizerConfig.qsgd_inf(4, 256)).plan(model)
+    scales = torch.rand(5, generator=g) * 10.0 ** torch.randint(-2, 2, (5,), generator=g)
+    grads = [torch.randn(p.shape, generator=g) ** 3 * s for p, s in zip(model.parameters(), scales, strict=True)]
+    stats = {}
+    for e, x in zip(plan.entries, grads, strict=True):
+        stats[e.name] = MagnitudeStats(128)
+        stats[e.name].update(x, plan.configs[e.type_name])
+    return plan, stats
+
+
+@pytest.mark.parametrize("seed", [0, 2])
+def test_dp_is_exact_for_the_framing_it_produces(seed):
+    """allocate_plan against exhaustive search over all 7^5 width combinations at budgets near
+    2.5 bits, every message measured by the codec: plans with fewer segments than the worst case
+    must be found when they are better (the issue: [2,5,6,2,6] over [2,5,4,2,8])."""
+    from qoda.quant.allocation import WIDTHS, allocated_plan
+
+    plan, stats = _one_type_case(seed)
+    units = [e for e in plan.entries if e.type_name is not None]
+    numel = sum(e.numel for e in plan.entries)
+    summed = MagnitudeStats(128, counts=sum(s.counts for s in stats.values()))
+    levels = {b: fit_amq(summed, levels_for_bits(b)) for b in WIDTHS}  # AMQ: fast fits, same DP
+    err = np.array([[stats[e.name].variance(levels[b]) for b in WIDTHS] for e in units])
+    combos = np.array(list(itertools.product(range(len(WIDTHS)), repeat=len(units))))
+    w = np.array(WIDTHS)[combos]
+    segments = np.array([len(set(c)) for c in combos.tolist()])
+    sizes = np.array([e.numel for e in units])
+
+    def bits_of(ws):
+        return fixed_message_bits(allocated_plan(plan, {e.name: int(b) for e, b in zip(units, ws, strict=True)}, {}))
+
+    # the codec's size is affine in the code bits and the number of segments: checked, then used for all
+    base, one, two = bits_of([2] * 5), bits_of([3, 2, 2, 2, 2]), bits_of([2, 3, 2, 2, 3])
+    framing = one - base - sizes[0]
+    assert two - base == sizes[1] + sizes[4] + framing
+    bits = base + (w - 2) @ sizes + framing * (segments - 1)
+    for k in np.random.default_rng(seed).choice(len(combos), 8, replace=False):
+        assert bits[k] == bits_of(w[k])
+    objective = err[np.arange(len(units)), combos].sum(axis=1)
+    found_fewer = False
+    for budget in (2.4, 2.5, 2.6, 2.75):
+        ok = bits <= budget * numel
+        best = objective[ok].min()
+        alloc = allocate_plan(plan, stats, budget, method="amq", message_bits=fixed_message_bits)
+        got = [alloc.widths[e.name] for e in units]
+        assert alloc.message_bits == bits_of(got) <= budget * numel
+        assert sum(stats[e.name].variance(levels[b]) for e, b in zip(units, got, strict=True)) == pytest.approx(
+            best, rel=1e-12
+        )
+        # the optimum would not fit a budget that reserves framing for the worst case (min(5, 7) segments)
+        worst = base + (w - 2) @ sizes + framing * (min(len(units), len(WIDTHS)) - 1)
+        found_fewer |= best < objective[worst <= budget * numel].min() * (1 - 1e-9)
+    assert found_fewer  # a worst-case framing reserve loses on these cases
+
+
+def test_dp_with_groups_matches_exhaustive_search_on_random_costs():
+    """allocate_bits with groups and a segment cost against brute force, small random problems."""
+    rng = np.random.default_rng(7)
+    for _ in range(40):
+        n, k = int(rng.integers(2, 6)), int(rng.integers(2, 5))
+        groups = list(rng.integers(0, 2, n))
+        numels = rng.integers(1, 40, n)
+        widths = sorted(rng.choice(np.arange(2, 9), k, replace=False))
+        errors = [[float(rng.random()) * 2.0 ** (-b) * m for b in widths] for m in numels]
+        costs = [[int(m * b) for b in widths] for m in numels]
+        seg = int(rng.integers(0, 30))
+
+        def cost(combo, groups=groups, costs=costs, seg=seg):
+            used = {(groups[i], p) for i, p in enumerate(combo)}
+            per_group = {g for g, _ in used}
+            return sum(costs[i][p] for i, p in enumerate(combo)) + seg * (len(used) - len(per_group))
+
+        lo = cost([0] * n)
+        budget = float(rng.integers(lo, sum(max(c) for c in costs) + 3 * seg + 1))
+        picks = allocate_bits(errors, costs, budget, groups=groups, segment_cost=seg)
+        assert cost(picks) <= budget
+        combos = itertools.product(range(k), repeat=n)
+        best = min(sum(errors[i][p] for i, p in enumerate(c)) for c in combos if cost(c) <= budget)
+        assert sum(errors[i][p] for i, p in enumerate(picks)) == pytest.approx(best, rel=1e-12, abs=1e-15)
+
+
+def _loud(seed: int, model: nn.Module, loud: str) -> list[torch.Tensor]:
+    """Unit-scale gradients, the parameter ``loud`` 100x louder."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(p.shape, generator=g) * (100.0 if n == loud else 1.0) for n, p in model.named_parameters()]
+
+
+def test_refit_rule_reallocates_on_observation_steps_deterministically_and_resumes():
+    """The rule of docs/quantization.md: observation (and re-allocation) steps every follow_every-th
+    step while following, then every observe_every-th; a re-allocation keeps the last re-fit's levels,
+    returns a plan only when the widths change, and restores from a checkpoint mid-follow."""
+    cfg = AdaptConfig(method="amq", schedule=RefitSchedule((0,), every=1000), observe_every=10, bins=256,
+                      allocation="dp", budget=4.5, follow=6, follow_every=2)  # fmt: skip
+    assert [s for s in range(25) if cfg.observes(s)] == [0, 2, 4, 10, 20]
+    assert [s for s in range(25) if cfg.reallocates(s)] == [0, 2, 4, 10, 20]
+    assert not AdaptConfig(allocation="dp", budget=3.0, follow=0).reallocates(2)
+    assert [s for s in range(12) if AdaptConfig().observes(s)] == [0, 10]  # uniform widths: as before
+    with pytest.raises(ValueError, match="follow_every"):
+        AdaptConfig(allocation="dp", budget=3.0, follow_every=0)
+    model = Net()
+    plan = LayerPolicy.by_module_class(QuantizerConfig.qsgd_inf(4, 256)).plan(model)
+    a, b = (LevelAdapter(plan, cfg, message_bits=fixed_message_bits) for _ in range(2))
+    for ad in (a, b):
+        ad.observe(0, _loud(0, model, "b.weight"))
+        ad.refit(0)
+    assert a.plan.fingerprint() == b.plan.fingerprint()  # the same statistics give the same plan
+    before = dict(a.widths)
+    assert before["b.weight"] > before["d.weight"]
+    a.observe(1, _loud(1, model, "d.weight"))  # not an observation step: ignored
+    assert a.refit(1) is None and a.widths == before
+    for ad in (a, b):
+        ad.observe(2, _loud(2, model, "d.weight"))
+    pa, pb = a.refit(2), b.refit(2)
+    assert pa is not None and pb is not None and pa.fingerprint() == pb.fingerprint()
+    assert a.widths["d.weight"] > a.widths["b.weight"]  # the widths followed
+    assert (a.fits, a.reallocations) == (1, 1)  # a re-allocation, not a re-fit
+    shared = {(t, b_): lv for (t, b_), lv in a.allocation.type_levels.items()}
+    assert all(a.plan.configs[t].levels == shared[t.rsplit("/", 1)[0], a.plan.configs[t].bits] for t in a.plan.types)
+    a.observe(4, _loud(4, model, "d.weight"))
+    assert a.refit(4) is None and a.reallocations == 1  # the same widths: no new plan
+    # a checkpoint mid-follow: the restored adapter decides exactly as the original one
+    c = LevelAdapter(plan, cfg, message_bits=fixed_message_bits)
+    c.load_state_dict(a.state_dict())
+    for ad in (a, c):
+        ad.observe(10, _loud(10, model, "a.weight"))
+    pa, pc = a.refit(10), c.refit(10)
+    assert pa is not None and pc is not None and pa.fingerprint() == pc.fingerprint()
+    assert a.state_dict()["type_levels"] == c.state_dict()["type_levels"] and c.reallocations == 2

@@ -140,3 +140,39 @@ def test_wrong_state_object_and_sparse_gradients_fail_clearly():
         assert r["sparse_register"] is not None and "sparse" in r["sparse_register"], r
         assert r["sparse_hook"] is not None and "sparse gradients" in r["sparse_hook"], r
         assert "IndexError" not in r["sparse_hook"]
+
+
+def _abrupt(rank, world, switch, steps):
+    """DP hook with 3 DDP buckets; one layer's gradients are 100x the others', and at ``switch`` the
+    loud layer changes.  Returns the widths of the two layers at every step."""
+    model = mlp()
+    ddp = nn.parallel.DistributedDataParallel(model, bucket_cap_mb=CAP_MB)
+    state = QodaHookState(policy=LayerPolicy.global_(QuantizerConfig.qsgd(4, 256)), start_iter=1,
+                          adapt=AdaptConfig(allocation="dp", budget=3.0))  # fmt: skip
+    state.register(ddp)
+    loud = {"2.weight": 1.0, "4.weight": 1.0}
+    for name, p in model.named_parameters():
+        if name in loud:
+            p.register_hook(lambda g, name=name: g * loud[name])
+    opt = torch.optim.SGD(ddp.parameters(), lr=1e-3)
+    widths = []
+    for step in range(steps):
+        loud["2.weight"], loud["4.weight"] = (100.0, 1.0) if step < switch else (1.0, 100.0)
+        x, y = batch(rank, step)
+        opt.zero_grad()
+        nn.functional.cross_entropy(ddp(x), y).backward()
+        opt.step()
+        p = state.summary()["parameters"]
+        widths.append((p["2.weight"]["bits"], p["4.weight"]["bits"]))
+    return widths
+
+
+def test_dp_hook_widths_follow_an_abrupt_change_of_the_gradients_scale():
+    """docs/quantization.md: while following (the first 100 steps) the widths are re-allocated every
+    2nd step from the statistics of the last observed pass, so they follow a change within 3 steps."""
+    switch, steps = 4, 8
+    res = values(run(_abrupt, 2, switch, steps, timeout=150))
+    assert res[0] == res[1]  # identical decisions on both ranks
+    before, after = res[0][switch - 1], res[0][switch + 3]
+    assert before[0] > before[1]  # the loud layer has more bits
+    assert after[1] > after[0]  # ... and after the switch the other one

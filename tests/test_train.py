@@ -369,9 +369,11 @@ def test_resume_is_bit_exact(tmp_path, optimizer, compression, mode, overlap, ex
                 _assert_same(a[k], b[k], f"hook.{k}")
         assert torch.equal(rank_full["rng"], rank_res["rng"])
     if extra.get("bit_allocation") == "dp":  # widths chosen from the statistics, and several of them
-        widths = json.loads((tmp_path / "full" / "report.json").read_text())["widths"]
-        assert widths == json.loads((tmp_path / "part" / "report.json").read_text())["widths"]
-        assert len(set(widths.values())) > 1
+        full_r, part_r = (json.loads((tmp_path / d / "report.json").read_text()) for d in ("full", "part"))
+        assert full_r["widths"] == part_r["widths"] and len(set(full_r["widths"].values())) > 1
+        # re-allocated while following the gradients (every 2nd step), identically across the resume
+        assert full_r["width_changes"] == part_r["width_changes"] and full_r["width_changes"][0]["step"] == 1
+        assert [w["step"] for w in full_r["windows"]] == list(range(full.log_every, 7, full.log_every))
 
 
 def test_overlapped_exchange_gives_the_same_trajectory(tmp_path):

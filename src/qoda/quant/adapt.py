@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -82,6 +82,12 @@ class AdaptConfig:
             bit on the wire counted (codes, bucket norms, headers, uncompressed tensors);
             fractional budgets (2.5) are fine.
         widths: ``dp`` only: the widths to choose from (default 2..8).
+        follow: ``dp`` only: steps from the start during which every ``follow_every``-th step
+            (default 2) is an observation step (default 100 steps); the widths are re-allocated at
+            every observation step, during and after them.  A re-allocation chooses the widths again by
+            DP on the all-reduced statistics with the levels of the last re-fit (no fitting: a few
+            milliseconds); levels are re-fitted on ``schedule``.  Measured rule: docs/quantization.md
+            ("Widths that follow the gradients").  ``0``: widths change only at re-fits.
     """
 
     method: str = "alq"
@@ -91,12 +97,18 @@ class AdaptConfig:
     allocation: str = "uniform"
     budget: float | None = None
     widths: tuple[int, ...] = WIDTHS
+    follow: int = 100
+    follow_every: int = 2
 
     def __post_init__(self) -> None:
         if self.method not in FIT_METHODS:
             raise ValueError(f"method: expected one of {FIT_METHODS}, got {self.method!r}")
         if not isinstance(self.observe_every, int) or self.observe_every < 1:
             raise ValueError(f"observe_every: must be a positive int, got {self.observe_every!r}")
+        if not isinstance(self.follow, int) or isinstance(self.follow, bool) or self.follow < 0:
+            raise ValueError(f"follow: must be a non-negative int, got {self.follow!r}")
+        if not isinstance(self.follow_every, int) or isinstance(self.follow_every, bool) or self.follow_every < 1:
+            raise ValueError(f"follow_every: must be a positive int, got {self.follow_every!r}")
         if self.allocation not in ALLOCATIONS:
             raise ValueError(f"allocation: expected one of {ALLOCATIONS}, got {self.allocation!r}")
         object.__setattr__(self, "widths", check_widths(self.widths))
@@ -109,8 +121,14 @@ class AdaptConfig:
             raise ValueError("budget: only used with allocation='dp' (uniform allocation keeps the plan's widths)")
 
     def observes(self, step: int) -> bool:
-        """Whether ``step`` is an observation step (every ``observe_every`` steps and every re-fit step)."""
-        return not (step % self.observe_every) or self.schedule.due(step)
+        """Whether ``step`` is an observation step (every ``observe_every`` steps, every re-fit step and,
+        with ``dp``, every ``follow_every``-th step before ``follow``)."""
+        following = self.allocates and step < self.follow and not step % self.follow_every
+        return not (step % self.observe_every) or self.schedule.due(step) or following
+
+    def reallocates(self, step: int) -> bool:
+        """Whether the widths are chosen again at ``step`` (``dp``: observation steps, and ``follow`` > 0)."""
+        return self.allocates and self.follow > 0 and self.observes(step)
 
     @property
     def allocates(self) -> bool:
@@ -153,7 +171,8 @@ class LevelAdapter:
         self.budget_floor = budget_floor
         self._warned_budget = False
         self.fits = 0
-        self.last_fit_step = -1
+        self.reallocations = 0  # width changes between re-fits
+        self.last_fit_step = -1  # the last step that re-fitted or re-allocated
         self.allocation: Allocation | None = None
         if self.config.allocates:
             self.allocation = self._allocate({})
@@ -179,7 +198,9 @@ class LevelAdapter:
             plan_statistics(self.base_plan, tensors, self.per_tensor, self.config.bins, into=self.stats)
 
     # ------------------------------------------------------------------ fitting
-    def _allocate(self, stats: dict[str, MagnitudeStats]) -> Allocation:
+    def _allocate(
+        self, stats: dict[str, MagnitudeStats], type_levels: Mapping[tuple[str, int], LevelSet] | None = None
+    ) -> Allocation:
         c = self.config
         assert c.budget is not None
         budget = float(c.budget)
@@ -195,14 +216,17 @@ class LevelAdapter:
                     )
                     self._warned_budget = True
                 budget = floor
-        return allocate_plan(self.base_plan, stats, budget, c.widths, c.method, self.message_bits)
+        return allocate_plan(self.base_plan, stats, budget, c.widths, c.method, self.message_bits, type_levels)
 
     def refit(self, step: int, force: bool = False) -> LayerPlan | None:
-        """Re-fit if ``step`` is due (or ``force``) and statistics exist; returns the new plan (else ``None``).
+        """Re-fit if ``step`` is due (or ``force``) and statistics exist, or re-allocate the widths on
+        a re-allocation step (:meth:`AdaptConfig.reallocates`); returns the new plan (``None`` when
+        nothing was done or the widths stayed the same).
 
         Every worker must call it at the same steps with the same ``force``: it all-reduces.
         """
-        if not (force or self.config.schedule.due(step)) or step == self.last_fit_step:
+        full = force or self.config.schedule.due(step)
+        if step == self.last_fit_step or not (full or (self.config.reallocates(step) and self.fits)):
             return None
         keys = self._keys
         counts = np.stack([self.stats[k].counts for k in keys]) if keys else np.zeros((0, self.config.bins))
@@ -217,6 +241,17 @@ class LevelAdapter:
                                                                   if e.type_name == t], axis=0))
                 for t in self.base_plan.types
             }  # fmt: skip
+        if self.config.allocates and not full:  # re-allocation: the widths again, the last re-fit's levels
+            self.stats = self._empty_stats()
+            self.last_fit_step = step
+            previous = self.allocation
+            self.allocation = self._allocate(summed, previous.type_levels if previous else None)
+            if previous is not None and dict(self.allocation.widths) == dict(previous.widths):
+                self.allocation = previous  # same widths: keep the plan (no new aggregator)
+                return None
+            self.plan = self.allocation.plan
+            self.reallocations += 1
+            return self.plan
         if self.config.allocates:
             self.allocation = self._allocate(summed)
             self.plan = self.allocation.plan
@@ -246,6 +281,9 @@ class LevelAdapter:
         }
         if self.config.allocates:
             state["widths"] = self.widths
+            state["reallocations"] = self.reallocations
+            tl = self.allocation.type_levels if self.allocation is not None else {}
+            state["type_levels"] = {f"{t}@{b}": list(lv.values) for (t, b), lv in tl.items()}
         return state
 
     def load_state_dict(self, state: dict) -> None:
@@ -271,10 +309,15 @@ class LevelAdapter:
             raise ValueError("adapter state: its statistics are for other tensors or types than this plan's")
         self.plan = plan
         if self.config.allocates:
+            type_levels = {
+                (k.rsplit("@", 1)[0], int(k.rsplit("@", 1)[1])): LevelSet(tuple(v), "fitted")
+                for k, v in state.get("type_levels", {}).items()
+            }  # fmt: skip
             self.allocation = Allocation(
                 plan, self.widths, float(self.config.budget or 0), int(self.message_bits(plan)),
-                sum(e.numel for e in plan.entries), math.nan,
+                sum(e.numel for e in plan.entries), math.nan, type_levels,
             )  # fmt: skip
+            self.reallocations = int(state.get("reallocations", 0))
         self.stats = stats
         self.fits = int(state["fits"])
         self.last_fit_step = int(state["last_fit_step"])

@@ -47,6 +47,10 @@ REPORT_UNITS: dict[str, str] = {
     "uncompressed tensors) per coordinate; 32 without quantization; with coding = entropy its fixed-width size, "
     "an upper bound (bits_per_step is measured)",
     "skipped_steps": "iterations dropped by nonfinite = skip",
+    "windows": "one row per logging window: step (iterations done), quant_variance (as quant_variance, at the "
+    "window's last step), bits_per_coordinate (payload bits per coordinate per exchange, window mean)",
+    "width_changes": "the widths (bits per coordinate per compressed tensor) from step (iterations done) on, one row "
+    "per change",
     "step": "iterations",
     # --task lm
     "val_loss": "mean cross-entropy of the next byte on the held-out validation windows (nats per byte)",

@@ -198,6 +198,7 @@ class Trainer:
         self.quant_variance: float | None = None  # at the last log step, on the local gradient before the exchange
         self.elapsed = 0.0  # training seconds before this process (resume)
         self.history: list[dict[str, float]] = []
+        self.width_changes: list[dict[str, Any]] = []  # {"step", "widths"} whenever the widths change
         self.evals: list[dict[str, Any]] = []
         self.fid: FIDEvaluator | None = None
         self.numel = sum(p.numel() for p in self.players.parameters())
@@ -214,6 +215,7 @@ class Trainer:
             "channels": self.data.channels,
             "optimizer": self.optimizer.state_dict(),
             "history": self.history,
+            "width_changes": self.width_changes,
             "evals": self.evals,
             "elapsed": self.elapsed,
             "skipped": self.skipped,
@@ -239,6 +241,7 @@ class Trainer:
         self.optimizer.load_state_dict(common["optimizer"])
         self.optimizer.group.update(mine["counters"])
         self.history, self.evals, self.elapsed = common["history"], common["evals"], float(common["elapsed"])
+        self.width_changes = list(common.get("width_changes", []))
         self.step = int(common["step"])
         self.ema_updates = int(common.get("ema_updates", self.step))  # one update per iteration
         self.skipped = int(common.get("skipped", 0))
@@ -317,6 +320,18 @@ class Trainer:
             "compute_seconds": seconds - comm["encode_seconds"] - comm["comm_seconds"] - comm["decode_seconds"],
             "skipped": float(skipped),
         }
+
+    def track_widths(self) -> dict[str, int] | None:
+        """Record the current widths in :attr:`width_changes` when they differ from the last record
+        (``{"step": completed steps, "widths": {name: bits}}``); returns them when they changed."""
+        if not self.cfg.quantized:
+            return None
+        plan = self.averager.plan
+        widths = {e.name: plan.configs[e.type_name].bits for e in plan.entries if e.type_name is not None}
+        if self.width_changes and self.width_changes[-1]["widths"] == widths:
+            return None
+        self.width_changes.append({"step": self.step, "widths": widths})
+        return widths
 
     def _check_finite(self) -> bool:
         """Collective: are every worker's gradients finite?  One small all-reduce, so that all
@@ -471,6 +486,10 @@ def _run(
     try:
         while trainer.step < cfg.steps:  # 3.
             rec = trainer.train_step()
+            changed = trainer.track_widths()
+            if changed is not None and writer is not None:  # the widths whenever they change
+                for name, bits in changed.items():
+                    writer.add_scalar(f"quant/width/{name}", bits, trainer.step)
             trainer.elapsed = base_elapsed + (time.perf_counter() - session_start)
             rec["seconds"] = trainer.elapsed
             window.append(rec)
@@ -535,10 +554,13 @@ def _log_window(trainer: Trainer, window: list[dict[str, float]], writer: Any, b
     mean = window_mean(window, s, trainer.elapsed)
     if cfg.quantized and trainer.quant_variance is not None:
         mean["quant_variance"] = trainer.quant_variance
+    # bits on the wire per coordinate of one exchange, measured over the window
+    mean["bits_per_coordinate"] = mean["bits"] / max(trainer.numel * OPTIMIZERS[cfg.optimizer].calls_per_iteration, 1)
     trainer.history.append(mean)
     if writer is not None:
         for k in ("loss_d", "loss_g", "wasserstein", "penalty", "bits", "compression_ratio", "step_seconds",
-                  "compute_seconds", "encode_seconds", "comm_seconds", "decode_seconds", "quant_variance"):  # fmt: skip
+                  "compute_seconds", "encode_seconds", "comm_seconds", "decode_seconds", "quant_variance",
+                  "bits_per_coordinate"):  # fmt: skip
             if k in mean:
                 writer.add_scalar(f"train/{k}", mean[k], s)
         if cfg.quantized:  # the current widths (they change at re-fits with bit allocation)
@@ -622,6 +644,9 @@ def build_report(trainer: Trainer, world: int) -> dict[str, Any]:
         "decode_seconds": avg("decode_seconds"),
         "quant_variance": avg("quant_variance") if cfg.quantized else 0.0,
         "fid_history": trainer.evals,
+        # per logging window: exact variance (at the window's last step) and measured bits per coordinate
+        "windows": [{k: h[k] for k in ("step", "quant_variance", "bits_per_coordinate") if k in h} for h in hist],
+        "width_changes": trainer.width_changes,
         "skipped_steps": trainer.skipped,
         "levels": {t: list(c.levels.values) for t, c in _plan_of(trainer.averager).configs.items()}
         if cfg.quantized
