@@ -92,6 +92,14 @@ def test_lm_trains_on_two_processes_and_resumes_bit_exactly(tmp_path, capsys, op
         assert set(widths.values()) <= set(range(2, 9)) and len(set(widths.values())) > 1
         assert {"embed.weight", "head.weight", "encoder.layers.0.linear1.weight"} <= set(widths)
         assert 2.0 < saved["wire_bits_per_coordinate"] <= 3.0
+        # per-window evidence: the compressed windows carry the hook's variance and bits; the widths'
+        # history ends at the final widths and survives the resume (the resumed run's report is equal)
+        compressed = [w for w in saved["windows"] if "bits_per_coordinate" in w]
+        assert compressed and all(0 < w["quant_variance"] < 1 and 2.0 < w["bits_per_coordinate"] <= 3.0
+                                  for w in compressed)  # fmt: skip
+        assert saved["width_changes"] and saved["width_changes"][-1]["widths"] == widths
+        resumed = json.loads((tmp_path / "part" / "report.json").read_text())
+        assert resumed["width_changes"] == saved["width_changes"]
 
 
 def test_lm_corpus_split_holds_out_its_end():

@@ -78,6 +78,7 @@ class LMTrainer:
         self.train_seconds = 0.0  # sum of step times (the time-to-quality benchmark's clock)
         self.history: list[dict[str, float]] = []
         self.evals: list[dict[str, Any]] = []
+        self.width_changes: list[dict[str, Any]] = []  # {"step", "widths"} whenever the hook's widths change
         self._settled = False
 
     # ------------------------------------------------------------------ state
@@ -89,6 +90,7 @@ class LMTrainer:
                 "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "history": self.history, "evals": self.evals, "elapsed": self.elapsed,
                 "train_seconds": self.train_seconds, "skipped": self.skipped,
+                "width_changes": self.width_changes,
             }  # fmt: skip
         mine = {"rng": self.rng.get_state(), "hook": self.hook.state_dict()}
         checkpoint.save(self.out, self.step, common, mine, self.rank, self.world)
@@ -102,6 +104,7 @@ class LMTrainer:
         self.history, self.evals = common["history"], common["evals"]
         self.elapsed, self.train_seconds = float(common["elapsed"]), float(common["train_seconds"])
         self.step, self.skipped = int(common["step"]), int(common["skipped"])
+        self.width_changes = list(common.get("width_changes", []))
         self.rng.set_state(mine["rng"])
         self.hook.load_state_dict(mine["hook"])
 
@@ -180,9 +183,26 @@ class LMTrainer:
         self.evals.append(row)
         return row
 
+    def track_widths(self) -> dict[str, int] | None:
+        """Record the qoda hook's widths in :attr:`width_changes` when they differ from the last
+        record (``{"step": completed steps, "widths": {name: bits}}``); returns them when they changed."""
+        summary = self.hook.summary()
+        if summary is None or not summary["compressing"]:
+            return None
+        widths = {n: p["bits"] for n, p in summary["parameters"].items() if p["type"] is not None}
+        if not widths or (self.width_changes and self.width_changes[-1]["widths"] == widths):
+            return None
+        self.width_changes.append({"step": self.step, "widths": widths})
+        return widths
+
     def log_window(self, window: list[dict[str, float]], writer: Any, bar: Any) -> None:
         mean = window_mean(window, self.step, self.elapsed)
         mean["train_seconds"] = self.train_seconds
+        summary = self.hook.summary()
+        for k in ("quant_variance", "bits_per_coordinate"):  # the qoda hook's, at the window's last step
+            v = summary.get("variance" if k == "quant_variance" else k) if summary else None
+            if v is not None:
+                mean[k] = float(v)
         self.history.append(mean)
         if writer is not None:
             for k in ("train_loss", "bits", "compression_ratio", "step_seconds", "compute_seconds", "encode_seconds",
@@ -252,6 +272,10 @@ class LMTrainer:
             "comm_seconds": avg("comm_seconds"),
             "decode_seconds": avg("decode_seconds"),
             "widths": widths,
+            # per logging window: the hook's exact variance and bits per coordinate at the window's last step
+            "windows": [{k: h[k] for k in ("step", "quant_variance", "bits_per_coordinate") if k in h}
+                        for h in self.history],  # fmt: skip
+            "width_changes": self.width_changes,
             "quant_variance": (summary or {}).get("variance") or 0.0,
             "wire_bits_per_coordinate": (summary or {}).get("bits_per_coordinate") or (cfg.wire_bits or 32),
             "allocator": allocator(),

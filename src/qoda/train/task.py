@@ -43,6 +43,10 @@ class Task(Protocol):
     def train_step(self) -> dict[str, float]:
         """One iteration (collective); its record: losses, bits, step time and its split."""
 
+    def track_widths(self) -> dict[str, int] | None:
+        """Record the compressed tensors' widths when they changed since the last record (checkpointed,
+        ``report.json``'s ``width_changes``); returns them then, else ``None``."""
+
     def log_window(self, window: list[dict[str, float]], writer: Any, bar: Any) -> None:
         """Append the mean of the window's records to :attr:`history`; log it (rank 0: ``writer``, ``bar``)."""
 
