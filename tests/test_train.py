@@ -469,7 +469,9 @@ def test_a_torn_checkpoint_write_leaves_the_previous_one(tmp_path, monkeypatch):
 def test_resnet_pair_trains_a_step_single_process(tmp_path):
     write_cifar(tmp_path / "data")
     cfg = tiny_config(tmp_path, model="resnet", width=16, steps=2, eval_every=2, checkpoint_every=2, workers=1)
+    caller_rng = torch.random.get_rng_state()
     report = run_worker(cfg, 0, 1)
+    assert torch.equal(torch.random.get_rng_state(), caller_rng)  # the models are seeded without the global RNG
     assert report["steps"] == 2 and np.isfinite(report["fid"])
     assert {"generator.linear", "generator.conv", "critic.conv"} <= {t.split("/")[0] for t in report["levels"]}
 
