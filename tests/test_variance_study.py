@@ -7,8 +7,7 @@ from qoda.bench.variance import run_variance_study
 
 @pytest.fixture(scope="module")
 def study():
-    # small minibatches: the gradients' shapes (and so the plans and DP fits) are the study's own
-    return run_variance_study(budgets=(3,), wgan_steps=1, lm_steps=1, log=lambda s: None, wgan_batch=8, lm_batch=4)
+    return run_variance_study(budgets=(3,), wgan_steps=1, lm_steps=1, log=lambda s: None)
 
 
 def test_rows_cover_models_methods_codings(study):

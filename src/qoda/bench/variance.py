@@ -191,11 +191,9 @@ def run_variance_study(
     wgan_steps: int = 30,
     lm_steps: int = 60,
     log=print,
-    wgan_batch: int = 32,
-    lm_batch: int = 16,
 ) -> dict:
     t0 = time.perf_counter()
-    snaps = wgan_snapshots(wgan_steps, wgan_batch) + lm_snapshots(lm_steps, lm_batch)
+    snaps = wgan_snapshots(wgan_steps) + lm_snapshots(lm_steps)
     rows, cache = [], {}
     for snap in snaps:
         for bits in budgets:
