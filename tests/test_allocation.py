@@ -296,13 +296,17 @@ def _ddp_worker(rank, world, adapt, steps):
     return losses, torch.cat([p.detach().reshape(-1) for p in model.parameters()]).numpy()
 
 
+def _ddp_workers(rank, world, adapts, steps):
+    return [_ddp_worker(rank, world, adapt, steps) for adapt in adapts]
+
+
 def test_ddp_hook_with_bit_allocation_tracks_uncompressed_ddp():
     from tests.distributed import run, values
 
     steps = 60
-    ref = values(run(_ddp_worker, 2, None, steps, timeout=180))
     adapt = AdaptConfig(schedule=RefitSchedule((0, 20), every=1000), observe_every=1, allocation="dp", budget=4.5)
-    q = values(run(_ddp_worker, 2, adapt, steps, timeout=180))
+    both = values(run(_ddp_workers, 2, (None, adapt), steps, timeout=240))  # one process group for both
+    ref, q = [r[0] for r in both], [r[1] for r in both]
     assert np.array_equal(q[0][1], q[1][1])  # replicas identical
     ref_loss, q_loss = ref[0][0][-1], q[0][0][-1]
     assert q_loss < 0.3 * q[0][0][0]  # it trains

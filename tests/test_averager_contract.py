@@ -51,13 +51,13 @@ class _Simulated(SimulatedAverager):
     """The VI simulator's averager with one worker whose tensors are the call's input."""
 
     def average_(self, tensors, step):
-        self.worker_grads = [[t.clone() for t in tensors]]
+        self.set_worker_tensors([[t.clone() for t in tensors]])
         return super().average_(tensors, step)
 
 
 class _Exact(ExactAverager):
     def average_(self, tensors, step):
-        self.worker_grads = [[t.clone() for t in tensors]]
+        self.set_worker_tensors([[t.clone() for t in tensors]])
         return super().average_(tensors, step)
 
 
@@ -186,6 +186,10 @@ def test_plan_capabilities_and_start():
         if not avg.starts_parts:
             with pytest.raises(NotImplementedError):
                 avg.start(0, _inputs(0), 0)
+        assert avg.simulates_workers is name.endswith("simulated"), name
+        if not avg.simulates_workers:
+            with pytest.raises(NotImplementedError):
+                avg.set_worker_tensors([_inputs(0)])
     assert built["fp32"].plan is built["fp32"].codec.plan
     assert built["allgather"].plan.fingerprint() == plan.fingerprint()
     adaptive = built["adaptive_allgather"]

@@ -107,21 +107,23 @@ def test_average_identical_everywhere_and_unbiased(world, mode):
     assert stats["calls"] == rounds and stats["bytes_sent"] > 0
 
 
-def _fp_worker(rank, world, mode):
-    plan = _policy().plan(Tiny())
-    agg = Aggregator(plan, mode)
-    ts = _inputs(rank)
-    agg.average_(ts, 0)
-    return torch.cat([t.reshape(-1) for t in ts]).numpy()
+def _fp_worker(rank, world, modes):
+    out = {}
+    for mode in modes:
+        agg = Aggregator(_policy().plan(Tiny()), mode)
+        ts = _inputs(rank)
+        agg.average_(ts, 0)
+        out[mode] = torch.cat([t.reshape(-1) for t in ts]).numpy()
+    return out
 
 
-@pytest.mark.parametrize("mode", ["fp32", "fp16"])
-def test_uncompressed_modes(mode):
-    out = values(run(_fp_worker, 2, mode))
+def test_uncompressed_modes():
+    """fp32 and fp16 (one process group for both)."""
+    out = values(run(_fp_worker, 2, ("fp32", "fp16")))
     truth = torch.stack([torch.cat([t.reshape(-1) for t in _inputs(r)]) for r in range(2)]).mean(0).numpy()
-    assert np.array_equal(out[0], out[1])
-    tol = 1e-6 if mode == "fp32" else 2e-3
-    assert np.allclose(out[0], truth, rtol=tol, atol=tol)
+    for mode, tol in (("fp32", 1e-6), ("fp16", 2e-3)):
+        assert np.array_equal(out[0][mode], out[1][mode]), mode
+        assert np.allclose(out[0][mode], truth, rtol=tol, atol=tol), mode
 
 
 def _bytes_worker(rank, world):
@@ -234,10 +236,19 @@ def _ddp_worker(rank, world, use_hook, steps, split, adapt=None):
     return losses, params.numpy(), grad_norm2, (state.stats.as_dict() if state else None), fits
 
 
+def _ddp_runs(rank, world, runs):
+    """Several :func:`_ddp_worker` runs in turn in one process group (each builds its own DDP model)."""
+    return [_ddp_worker(rank, world, *args) for args in runs]
+
+
+def _per_run(results):
+    """``[[run_0 of rank 0, rank 1], [run_1 of rank 0, rank 1], ...]`` from :func:`_ddp_runs`' values."""
+    return [list(r) for r in zip(*values(results), strict=True)]
+
+
 def test_ddp_hook_trains_like_the_uncompressed_reference():
     steps = 60
-    ref = values(run(_ddp_worker, 2, False, steps, -1, timeout=180))
-    q = values(run(_ddp_worker, 2, True, steps, 30, timeout=180))
+    ref, q = _per_run(run(_ddp_runs, 2, [(False, steps, -1), (True, steps, 30)], timeout=240))
     assert np.array_equal(q[0][1], q[1][1])  # replicas stay identical
     ref_loss, q_loss = ref[0][0][-1], q[0][0][-1]
     assert q_loss < 0.5 * q[0][0][0]  # it trains
@@ -255,8 +266,7 @@ def test_ddp_hook_with_adaptive_levels_resumes_identically():
     from qoda.quant.adapt import AdaptConfig, RefitSchedule
 
     adapt = AdaptConfig(schedule=RefitSchedule((0, 20), every=20), observe_every=2)
-    straight = values(run(_ddp_worker, 2, True, 40, -1, adapt, timeout=180))
-    resumed = values(run(_ddp_worker, 2, True, 40, 25, adapt, timeout=180))
+    straight, resumed = _per_run(run(_ddp_runs, 2, [(True, 40, -1, adapt), (True, 40, 25, adapt)], timeout=240))
     assert np.array_equal(straight[0][1], straight[1][1])
     assert np.array_equal(straight[0][1], resumed[0][1])  # checkpointed adapter + hook state: same run
     assert straight[0][0][-1] < 0.5 * straight[0][0][0]

@@ -195,7 +195,7 @@ def test_simulated_quantized_average_matches_arithmetic():
     plan = layerwise_plan((5, 7), 8)
     avg = SimulatedAverager(plan, 3, seed=4)
     gs = [[torch.randn(5, dtype=torch.float64), torch.randn(7, dtype=torch.float64)] for _ in range(3)]
-    avg.worker_grads = gs
+    avg.set_worker_tensors(gs)
     out = [torch.zeros(5, dtype=torch.float64), torch.zeros(7, dtype=torch.float64)]
     stats = avg.average_(out, 0)
     truth = [sum(g[i] for g in gs) / 3 for i in range(2)]

@@ -65,13 +65,10 @@ def test_benchmarks_read_calls_from_the_registry():
 
 @pytest.fixture
 def gloo_world_1():
-    import os
-
+    """A 1-process gloo group on an in-memory store: no port, no environment variables."""
     import torch.distributed as dist
 
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ["MASTER_PORT"] = "29711"
-    dist.init_process_group("gloo", rank=0, world_size=1)
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
         yield
     finally:

@@ -222,8 +222,48 @@ def test_config_errors_name_the_field(tmp_path):
 # ---------------------------------------------------------------------------------------------- 2-process runs
 
 
-def _train(rank, world, cfg):
-    return run_worker(cfg, rank, world)  # (tensors cannot cross the result queue of exiting processes)
+def _runs(rank, world, cfgs):
+    """``run_worker`` on each config in turn in this process group; rank 0's reports (tensors
+    cannot cross the result queue of exiting processes: the tests read the checkpoints)."""
+    return [run_worker(cfg, rank, world) for cfg in cfgs]
+
+
+#: The resume cases: optimizer, compression, mode, overlap and extra options (a distinct state each:
+#: fitted levels, a two-call optimizer on fixed levels, PowerSGD's hook, one averager per player,
+#: DP widths).
+RESUME_CASES = {
+    "qoda-layerwise-allgather": dict(optimizer="qoda", compression="layerwise_adaptive", mode="allgather"),
+    "extra_adam-qsgd-two_phase": dict(optimizer="extra_adam", compression="qsgd", mode="two_phase"),
+    "adam-powersgd": dict(optimizer="adam", compression="powersgd", mode="allgather"),
+    "extra_adam-layerwise-two_phase-overlap": dict(optimizer="extra_adam", compression="layerwise_adaptive",
+                                                   mode="two_phase", overlap=True),
+    "qoda-dp-two_phase": dict(optimizer="qoda", compression="layerwise_adaptive", mode="two_phase",
+                              bit_allocation="dp", bits=4.5),
+}
+
+
+@pytest.fixture(scope="module")
+def two_process_runs(tmp_path_factory):
+    """Every 2-process run of this module, in two process groups (starting the processes costs
+    more than these tiny runs): for each resume case 6 steps straight (``full-*``) and its first 3
+    steps (``part-*``), and the fp32 overlap pair (``overlap-*``), in one group; the resumed halves
+    in a fresh group, so that a resume can take nothing from a process's memory, only from the
+    checkpoint.  Returns the folder and rank 0's report per run folder name."""
+    root = tmp_path_factory.mktemp("two-process")
+    write_cifar(root / "data")
+    first, second = {}, {}
+    for name, kw in RESUME_CASES.items():
+        first[f"full-{name}"] = tiny_config(root, out=str(root / f"full-{name}"), **kw)
+        part = tiny_config(root, out=str(root / f"part-{name}"), **kw)
+        first[f"part-{name}"] = part.replace(steps=3)
+        second[f"part-{name}"] = part.replace(resume=True)
+    for overlap in (False, True):
+        first[f"overlap-{overlap}"] = tiny_config(
+            root, out=str(root / f"overlap-{overlap}"), optimizer="qoda", compression="none", overlap=overlap,
+            steps=4, eval_every=100, sample_every=100, checkpoint_every=4)  # fmt: skip
+    reports = dict(zip(first, values(run(_runs, 2, list(first.values()), timeout=600))[0], strict=True))
+    reports |= dict(zip(second, values(run(_runs, 2, list(second.values()), timeout=300))[0], strict=True))
+    return root, first | second, reports
 
 
 def _final_state(out: Path, rank: int = 0):
@@ -250,11 +290,12 @@ def _assert_same(a, b, path="state"):
         assert a == b, path
 
 
-def test_two_process_run_end_to_end(tmp_path):
-    write_cifar(tmp_path / "data")
-    cfg = tiny_config(tmp_path)
-    report, none = values(run(_train, 2, cfg, timeout=240))
-    assert none is None
+@pytest.mark.timeout(900)  # may start the module's 2-process runs
+def test_two_process_run_end_to_end(two_process_runs):
+    """The default trainer settings (``tiny_config``'s) on 2 processes: report, files, TensorBoard."""
+    root, cfgs, reports = two_process_runs
+    cfg, report = cfgs["full-qoda-layerwise-allgather"], reports["full-qoda-layerwise-allgather"]
+    assert cfg.to_dict() == tiny_config(root, out=cfg.out).to_dict()  # nothing but the defaults
     out = Path(cfg.out)
     for k in ("steps", "fid", "fid_extractor", "fid_samples", "bits_per_step", "compression_ratio", "seconds"):
         assert k in report, k
@@ -328,29 +369,16 @@ def _tensorboard(out: Path) -> dict:
     return res
 
 
-@pytest.mark.parametrize(
-    ("optimizer", "compression", "mode", "overlap", "extra"),
-    [
-        ("qoda", "layerwise_adaptive", "allgather", False, {}),
-        ("extra_adam", "qsgd", "two_phase", False, {}),
-        ("adam", "powersgd", "allgather", False, {}),
-        ("extra_adam", "layerwise_adaptive", "two_phase", True, {}),
-        ("qoda", "layerwise_adaptive", "two_phase", False, {"bit_allocation": "dp", "bits": 4.5}),
-    ],
-)
-def test_resume_is_bit_exact(tmp_path, optimizer, compression, mode, overlap, extra):
-    """6 steps straight == 3 steps, stop, resume to 6 (2 processes; levels and widths re-fitted after
-    the resume)."""
-    write_cifar(tmp_path / "data")
-    kw = dict(optimizer=optimizer, compression=compression, mode=mode, overlap=overlap, **extra)
-    full = tiny_config(tmp_path, out=str(tmp_path / "full"), **kw)
-    values(run(_train, 2, full, timeout=240))
-    part = tiny_config(tmp_path, out=str(tmp_path / "part"), **kw)
-    values(run(_train, 2, part.replace(steps=3), timeout=240))
-    values(run(_train, 2, part.replace(resume=True), timeout=240))
+@pytest.mark.timeout(900)  # may start the module's 2-process runs
+@pytest.mark.parametrize("case", list(RESUME_CASES))
+def test_resume_is_bit_exact(two_process_runs, case):
+    """6 steps straight == 3 steps, stop, resume to 6 in new processes (2 processes; levels and
+    widths re-fitted after the resume)."""
+    root, _, _ = two_process_runs
+    extra = RESUME_CASES[case]
     for rank in (0, 1):
-        state_full, rank_full = _final_state(tmp_path / "full", rank)
-        state_res, rank_res = _final_state(tmp_path / "part", rank)
+        state_full, rank_full = _final_state(root / f"full-{case}", rank)
+        state_res, rank_res = _final_state(root / f"part-{case}", rank)
         _assert_same(state_full, state_res)
         for k in ("adapter", "stats"):
             if k in rank_full["averager"]:
@@ -369,23 +397,20 @@ def test_resume_is_bit_exact(tmp_path, optimizer, compression, mode, overlap, ex
                 _assert_same(a[k], b[k], f"hook.{k}")
         assert torch.equal(rank_full["rng"], rank_res["rng"])
     if extra.get("bit_allocation") == "dp":  # widths chosen from the statistics, and several of them
-        full_r, part_r = (json.loads((tmp_path / d / "report.json").read_text()) for d in ("full", "part"))
+        full_r, part_r = (json.loads((root / f"{d}-{case}" / "report.json").read_text()) for d in ("full", "part"))
         assert full_r["widths"] == part_r["widths"] and len(set(full_r["widths"].values())) > 1
         # re-allocated while following the gradients (every 2nd step), identically across the resume
         assert full_r["width_changes"] == part_r["width_changes"] and full_r["width_changes"][0]["step"] == 1
-        assert [w["step"] for w in full_r["windows"]] == list(range(full.log_every, 7, full.log_every))
+        assert [w["step"] for w in full_r["windows"]] == [2, 4, 6]  # log_every=2 over 6 steps
 
 
-def test_overlapped_exchange_gives_the_same_trajectory(tmp_path):
+@pytest.mark.timeout(900)  # may start the module's 2-process runs
+def test_overlapped_exchange_gives_the_same_trajectory(two_process_runs, tmp_path):
     """fp32 with 2 workers: averaging each player on its own group while the critic's gradient is
     computed (overlap) must give bit-identical parameters (a + b is exact in any grouping)."""
-    write_cifar(tmp_path / "data")
-    runs = {}
-    for overlap in (False, True):
-        cfg = tiny_config(tmp_path, out=str(tmp_path / f"o{overlap}"), optimizer="qoda", compression="none",
-                          overlap=overlap, steps=4, eval_every=100, sample_every=100, checkpoint_every=4)  # fmt: skip
-        report, _ = values(run(_train, 2, cfg, timeout=240))
-        runs[overlap] = (_final_state(tmp_path / f"o{overlap}")[0], report)
+    root, _, reports = two_process_runs
+    runs = {overlap: (_final_state(root / f"overlap-{overlap}")[0], reports[f"overlap-{overlap}"])
+            for overlap in (False, True)}  # fmt: skip
     _assert_same(runs[False][0], runs[True][0])
     assert runs[True][1]["bytes_sent_per_step"] == runs[False][1]["bytes_sent_per_step"]
     with pytest.raises(ConfigError, match="overlap"):
@@ -471,7 +496,9 @@ def test_a_torn_checkpoint_write_leaves_the_previous_one(tmp_path, monkeypatch):
 def test_resnet_pair_trains_a_step_single_process(tmp_path):
     write_cifar(tmp_path / "data")
     cfg = tiny_config(tmp_path, model="resnet", width=16, steps=2, eval_every=2, checkpoint_every=2, workers=1)
+    caller_rng = torch.random.get_rng_state()
     report = run_worker(cfg, 0, 1)
+    assert torch.equal(torch.random.get_rng_state(), caller_rng)  # the models are seeded without the global RNG
     assert report["steps"] == 2 and np.isfinite(report["fid"])
     assert {"generator.linear", "generator.conv", "critic.conv"} <= {t.split("/")[0] for t in report["levels"]}
 

@@ -138,10 +138,6 @@ class SegmentCase:
             return x32(self.layers), self.numels
         return list(self.layers), None
 
-    @property
-    def source_dtype(self) -> torch.dtype:
-        return self.layers[0].dtype if self.mode != "flat" and self.layers else torch.float32
-
 
 @dataclass(frozen=True)
 class MessageCase:

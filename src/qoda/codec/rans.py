@@ -14,7 +14,7 @@ Parameters: precision ``M = 2^14``, states ``x`` in ``[L, 2^63)`` with ``L = 2^3
 32 bits at a time (at most one word per symbol).  Frequencies are normalised so that every
 present code has ``f_k >= 1 + floor(n_k (M - P) / n)`` (``P`` = number of present codes).
 
-Layout (measured, see ``.notes_rans.md``): symbol ``i`` is coded by state ``i mod 4``; all
+Layout (measured: docs/quantization.md, "Codec throughput"): symbol ``i`` is coded by state ``i mod 4``; all
 states share one word stream, in the order the decoder reads it (symbol order).  A single rANS
 state is a serial chain (table load -> multiply -> add -> compare -> word load, ~15 cycles per
 symbol); four independent chains in registers let the core overlap them (~3x on decode, same

@@ -20,6 +20,9 @@ The contract:
 * ``starts_parts`` / ``start(part, tensors, step)``: averagers that can begin averaging a part
   of the tensors before the others exist (in the background) say so; ``average_`` then
   completes the exchange.
+* ``simulates_workers`` / ``set_worker_tensors(worker_tensors)``: averagers that stand for all K
+  workers inside one process (the VI simulator's) say so and receive every worker's tensors
+  before each ``average_``; an averager across real processes has only its own tensors.
 * ``state_dict()`` / ``load_state_dict()``: everything a resumed run needs to average exactly
   like an uninterrupted one; the base holds ``{"stats": ...}`` and subclasses add their keys.
 """
@@ -64,6 +67,8 @@ class Averager(abc.ABC):
     communicates: ClassVar[bool] = True
     #: whether :meth:`start` can begin averaging a part of the tensors ahead of :meth:`average_`.
     starts_parts: ClassVar[bool] = False
+    #: whether this averager simulates all workers in one process (fed by :meth:`set_worker_tensors`).
+    simulates_workers: ClassVar[bool] = False
 
     def __init__(self) -> None:
         self.stats = CommStats()  # cumulative costs of every average_ call
@@ -82,6 +87,10 @@ class Averager(abc.ABC):
     def start(self, part: int, tensors: Sequence[torch.Tensor], step: int) -> None:
         """Begin averaging ``part`` of the tensors for exchange ``step`` (only if :attr:`starts_parts`)."""
         raise NotImplementedError(f"{type(self).__name__} averages all tensors in one exchange (no start)")
+
+    def set_worker_tensors(self, worker_tensors: Sequence[Sequence[torch.Tensor]]) -> None:
+        """Every simulated worker's tensors for the next :meth:`average_` (only if :attr:`simulates_workers`)."""
+        raise NotImplementedError(f"{type(self).__name__} averages across processes (no simulated workers)")
 
     def state_dict(self) -> dict[str, Any]:
         """The state a resumed run needs (here: the cumulative costs); subclasses add their keys."""

@@ -96,8 +96,10 @@ def alq_update(u: np.ndarray, w: np.ndarray, cdf: np.ndarray, levels: np.ndarray
 
     ``u`` sorted sample points with weights ``w`` and cumulative weights ``cdf``.
     """
-    a, b = levels[j - 1], levels[j + 1]
-    lo, hi = np.searchsorted(u, a, side="right"), np.searchsorted(u, b, side="right")
+    # (Python floats, ndarray methods and min/max: the same IEEE values as NumPy scalars and the
+    # np.* functions, without their dispatch cost, which dominated the level fits)
+    a, b = float(levels[j - 1]), float(levels[j + 1])
+    lo, hi = int(u.searchsorted(a, "right")), int(u.searchsorted(b, "right"))
     if hi <= lo:
         new = 0.5 * (a + b)  # no mass between the neighbours: any point is optimal
     else:
@@ -105,9 +107,9 @@ def alq_update(u: np.ndarray, w: np.ndarray, cdf: np.ndarray, levels: np.ndarray
         f_a = cdf[lo - 1] if lo > 0 else 0.0
         moment = float(np.dot(w[lo:hi], u[lo:hi] - a)) / (b - a)
         target = f_b - moment  # F(l) = F(b) - (1/(b-a)) int_a^b (r - a) dF
-        k = int(np.searchsorted(cdf[lo:hi], target - 1e-15 * max(1.0, f_b), side="left")) + lo
+        k = int(cdf[lo:hi].searchsorted(target - 1e-15 * max(1.0, f_b), "left")) + lo
         new = u[min(k, hi - 1)] if target > f_a else a
-    return float(np.clip(new, a + MIN_GAP, b - MIN_GAP))
+    return float(min(max(new, a + MIN_GAP), b - MIN_GAP))  # np.clip's value, also when a + gap > b - gap
 
 
 def _alq_sweeps(u: np.ndarray, w: np.ndarray, levels: np.ndarray, sweeps: int, tol: float) -> np.ndarray:

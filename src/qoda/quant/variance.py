@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -96,14 +96,6 @@ def eps_q_config(config: QuantizerConfig, numel: int | None = None) -> float:
     """``eps_Q`` of a quantizer: its bucket dimension, capped by the tensor size."""
     d = config.bucket_size if numel is None else max(1, min(config.bucket_size, numel))
     return eps_q(config.levels, d)
-
-
-def eps_q_layerwise(parts: Iterable[tuple[QuantizerConfig, int]]) -> float:
-    """Layer-wise bound: ``sum_m eps_m ||x_m||^2 <= max_m eps_m ||x||^2`` over types ``m``.
-
-    ``parts`` lists each type's config with the largest layer numel of that type.
-    """
-    return max((eps_q_config(c, n) for c, n in parts), default=0.0)
 
 
 def plan_variance(grads: Sequence[torch.Tensor], plan: LayerPlan, normalized: bool = True) -> float:

@@ -174,8 +174,9 @@ class Trainer:
         self.data = data if data is not None else load_dataset(cfg.dataset, cfg.data_root and Path(cfg.data_root))
         self.device = resolve_device(cfg.device)
         self.images = self.data.images.to(self.device)
-        torch.manual_seed(cfg.seed)  # identical initial models on every worker
-        generator, critic = build_models(cfg, self.data.channels)
+        with torch.random.fork_rng(devices=[]):  # the caller's global RNG is left as it was
+            torch.manual_seed(cfg.seed)  # identical initial models on every worker
+            generator, critic = build_models(cfg, self.data.channels)
         self.generator, self.critic = generator.to(self.device), critic.to(self.device)
         self.players = nn.ModuleDict({"generator": self.generator, "critic": self.critic})
         self.ema = copy.deepcopy(self.generator).requires_grad_(False)

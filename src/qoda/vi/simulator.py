@@ -37,16 +37,26 @@ DEFAULT_HYPER: dict[str, dict[str, float]] = {
 }
 
 
-class ExactAverager(Averager):
-    """Unquantized mean of the workers' dual vectors (rank order), 32 bits per coordinate on the wire.
+class SimulatedWorkers(Averager):
+    """An averager standing for ``world`` workers inside one process: :meth:`set_worker_tensors`
+    gives it every worker's tensors (``worker_grads``) before each :meth:`average_`."""
 
-    In-process: ``worker_grads`` (every worker's tensors, set before each call) are averaged;
-    the tensors given to :meth:`average_` only receive the result."""
+    simulates_workers = True
 
     def __init__(self, world: int) -> None:
         super().__init__()
         self.world = world
         self.worker_grads: list[list[torch.Tensor]] = []
+
+    def set_worker_tensors(self, worker_tensors: Sequence[Sequence[torch.Tensor]]) -> None:
+        self.worker_grads = [list(g) for g in worker_tensors]
+
+
+class ExactAverager(SimulatedWorkers):
+    """Unquantized mean of the workers' dual vectors (rank order), 32 bits per coordinate on the wire.
+
+    In-process: ``worker_grads`` are averaged; the tensors given to :meth:`average_` only receive
+    the result."""
 
     def average_(self, tensors: Sequence[torch.Tensor], step: int) -> CommStats:
         for i, t in enumerate(tensors):
@@ -59,18 +69,16 @@ class ExactAverager(Averager):
         return st
 
 
-class SimulatedAverager(Averager):
+class SimulatedAverager(SimulatedWorkers):
     """Quantized mean of the workers' dual vectors, as :class:`qoda.comm.aggregate.Aggregator` (allgather).
 
     In-process, like :class:`ExactAverager`: ``worker_grads`` are quantized (seeds
     ``(seed, step, worker)``) and averaged into the tensors given to :meth:`average_`."""
 
     def __init__(self, plan: LayerPlan, world: int, seed: int = 0) -> None:
-        super().__init__()
+        super().__init__(world)
         self.codec = LayerwiseCodec(plan)
-        self.world = world
         self.seed = seed
-        self.worker_grads: list[list[torch.Tensor]] = []
 
     @property
     def plan(self) -> LayerPlan:
@@ -159,8 +167,8 @@ def simulate(
     def query() -> torch.Tensor:
         z = torch.cat([p.detach() for p in params])
         grads = [list(prob.oracle(z, cfg.noise, g).split(list(prob.blocks))) for g in gens]
-        if hasattr(averager, "worker_grads"):
-            averager.worker_grads = grads
+        if averager.simulates_workers:
+            averager.set_worker_tensors(grads)
         for p, g in zip(params, grads[0], strict=True):
             p.grad = g.clone()
         return z

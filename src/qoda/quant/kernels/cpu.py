@@ -7,7 +7,7 @@ L1: a norm pass, one vectorised code pass into a bucket-sized uint8 code buffer
 store, any width and alignment).  Decoding mirrors it (:func:`_unpack_tree_buckets` for
 widths <= 5, :func:`_unpack_codes8` with tables otherwise).  The
 per-bucket primitives are shared with the whole-message kernels of
-:mod:`qoda.quant.kernels.message`.  Where the time goes: ``.notes_codec.md``.
+:mod:`qoda.quant.kernels.message`.  Where the time goes: docs/quantization.md, "Codec throughput".
 
 Conventions shared with :mod:`qoda.quant.kernels.torch_ref` (which must stay bit-identical):
 
