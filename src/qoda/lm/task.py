@@ -273,8 +273,9 @@ class LMTrainer:
             "decode_seconds": avg("decode_seconds"),
             "widths": widths,
             # per logging window: the hook's exact variance and bits per coordinate at the window's last step
-            "windows": [{k: h[k] for k in ("step", "quant_variance", "bits_per_coordinate") if k in h}
-                        for h in self.history],  # fmt: skip
+            "windows": [
+                {k: h[k] for k in ("step", "quant_variance", "bits_per_coordinate") if k in h} for h in self.history
+            ],
             "width_changes": self.width_changes,
             "quant_variance": (summary or {}).get("variance") or 0.0,
             "wire_bits_per_coordinate": (summary or {}).get("bits_per_coordinate") or (cfg.wire_bits or 32),
