@@ -10,9 +10,13 @@ Rows: ``global`` (``--compression global_adaptive --bits 4``), ``dp_eq`` (``laye
 --bit-allocation dp`` at the bits per coordinate of global ALQ's message, so both send the same
 bits within 2%) and ``dp4`` (``--bits 4``, what a user types; it sends about 6% fewer bits).
 Ratios are DP over global ALQ of the same seed and steps: of the run means, and per window (same
-steps, same seed).  Usage::
+steps, same seed).  Every invocation adds its rows to those already in ``OUT.json`` (runs whose
+``report.json`` exists under ``--runs`` are reused), so longer runs can be added for one seed::
 
     python -m qoda.bench.adaptation --steps 60 300 --seeds 0 1 --out benchmarks/adaptation
+    python -m qoda.bench.adaptation --steps 1500 --seeds 0 --rows dp_eq --out benchmarks/adaptation
+
+``--steps 0 --hook-steps N`` runs only the DDP-hook study and replaces its section of ``OUT.md``.
 """
 
 from __future__ import annotations
