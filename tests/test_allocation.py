@@ -9,7 +9,7 @@ from torch import nn
 
 from qoda.codec.layerwise import LayerwiseCodec, fixed_message_bits
 from qoda.quant.adapt import AdaptConfig, LevelAdapter, RefitSchedule
-from qoda.quant.allocation import allocate_bits, allocate_plan, width_type
+from qoda.quant.allocation import allocate_bits, allocate_plan, uniform_plan, width_type
 from qoda.quant.config import QuantizerConfig
 from qoda.quant.fitting import MagnitudeStats, fit_alq, fit_amq, levels_for_bits
 from qoda.quant.policy import LayerPolicy
@@ -132,6 +132,37 @@ def test_allocation_beats_uniform_widths_at_equal_bits():
     # the gradients' energy differs by 300x across tensors: the allocation must pay off clearly
     assert plan_variance(grads, alloc.plan) < 0.5 * plan_variance(grads, uniform)
     assert len(set(alloc.widths.values())) > 1
+
+
+def test_uniform_plan_on_the_same_gradients_is_the_exact_variance_formula():
+    """The reference plan of an allocation: every tensor at 4 bits with the allocation's 4-bit levels,
+    its message the 4-bit budget, and ``plan_variance`` on it equal to
+    ``sum_i ||bucket(i)||^2 (u_i - l_j)(l_{j+1} - u_i)`` computed here coordinate by coordinate."""
+    model = Net()
+    plan = LayerPolicy.global_(QuantizerConfig.qsgd_inf(4, 512)).plan(model)
+    grads = _grads(3, model)
+    four = LayerPolicy.global_(QuantizerConfig.qsgd_inf(4, 512)).plan(model)
+    numel = sum(g.numel() for g in grads)
+    alloc = allocate_plan(plan, _stats(plan, _grads(2, model)), fixed_message_bits(four) / numel,
+                          message_bits=fixed_message_bits)  # fmt: skip
+    ref = uniform_plan(plan, 4, alloc.type_levels)
+    (t,) = ref.types
+    assert t == width_type(plan.types[0], 4) and ref.configs[t].levels == alloc.type_levels[plan.types[0], 4]
+    assert fixed_message_bits(ref) == fixed_message_bits(four)
+    levels = torch.tensor(ref.configs[t].levels.values, dtype=torch.float64)
+    expected, total = 0.0, 0.0
+    for e, g in zip(ref.entries, grads, strict=True):
+        total += float(g.double().square().sum())
+        if e.type_name is None:
+            continue
+        for chunk in g.double().reshape(-1).split(512):  # buckets restart at every tensor
+            norm = float(chunk.abs().max())
+            u = chunk.abs() / norm if norm > 0 else chunk.abs()
+            j = (torch.searchsorted(levels, u, right=True) - 1).clamp(0, len(levels) - 2)
+            expected += float((norm**2 * (u - levels[j]) * (levels[j + 1] - u)).sum())
+    assert expected > 0
+    assert plan_variance(grads, ref, normalized=False) == pytest.approx(expected, rel=1e-12)
+    assert plan_variance(grads, ref) == pytest.approx(expected / total, rel=1e-12)
 
 
 def test_budget_below_the_smallest_message_names_the_field():

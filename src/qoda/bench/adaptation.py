@@ -10,9 +10,13 @@ Rows: ``global`` (``--compression global_adaptive --bits 4``), ``dp_eq`` (``laye
 --bit-allocation dp`` at the bits per coordinate of global ALQ's message, so both send the same
 bits within 2%) and ``dp4`` (``--bits 4``, what a user types; it sends about 6% fewer bits).
 Ratios are DP over global ALQ of the same seed and steps: of the run means, and per window (same
-steps, same seed).  Usage::
+steps, same seed).  Every invocation adds its rows to those already in ``OUT.json`` (runs whose
+``report.json`` exists under ``--runs`` are reused), so longer runs can be added for one seed::
 
     python -m qoda.bench.adaptation --steps 60 300 --seeds 0 1 --out benchmarks/adaptation
+    python -m qoda.bench.adaptation --steps 1500 --seeds 0 --rows dp_eq --out benchmarks/adaptation
+
+``--steps 0 --hook-steps N`` runs only the DDP-hook study and replaces its section of ``OUT.md``.
 """
 
 from __future__ import annotations
@@ -78,26 +82,55 @@ def compare(dp: dict[str, Any], glob: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+HOOK_HEADING = "## The DDP hook: DP against uniform widths, per window"
+
+
 def hook_markdown(hook: dict[str, Any]) -> str:
     """The DDP-hook study's section (from ``OUT_hook.json``)."""
     lines = [
-        "", "## The DDP hook: DP against uniform widths, per window", "",
+        "", HOOK_HEADING, "",
         f"Produced by `{hook['command']}`: 2 ranks, an MLP (64-256-512-256-10) in {hook['buckets']} DDP buckets,",
         "SGD on a synthetic teacher task, ALQ levels (`QuantizerConfig.qsgd_inf(4)` policy, `start_iter=10`);",
         "uniform widths = `AdaptConfig()` (4 bits); DP = `AdaptConfig(allocation=\"dp\", budget=B)` with `B` =",
-        f"{hook['budget']} (one whole 4-bit message per coordinate). Ratio of rank 0's relative variance at",
-        "the first iteration of every 10 (both observe there); bits = measured bits per coordinate.", "",
+        f"{hook['budget']} (one whole 4-bit message per coordinate).", "",
+        "**Paired (the target)**: at every iteration the DP run observed (every 2nd before iteration 100,",
+        "then every 10th), on the *same* gradients (rank 0's, captured before the exchange), the exact",
+        "variance `plan_variance` of the plan DP quantized them with over that of `uniform_plan(base, 4,",
+        "allocation.type_levels)`: every tensor at 4 bits with the levels DP's last fit gave 4 bits (what",
+        "uniform widths fit on the same statistics), whose message is the budget. The ratio measures the",
+        "allocation alone. Per window: ratio of the summed variances, the largest single-iteration ratio,",
+        "the largest ratio of the two plans' message bits, and the widths DP used.", "",
+        "| iterations | observed | variance ratio | max iteration ratio | message bits ratio | DP widths |",
+        "|---|---|---|---|---|---|",
+    ]  # fmt: skip
+    lines += [
+        f"| {p['window']} | {p['iterations']} | {p['ratio']:.4f} | {p['max_iteration_ratio']:.4f} | "
+        f"{p['bits_ratio']:.4f} | {', '.join(map(str, p['widths']))} |"
+        for p in hook["paired"]
+    ]
+    worst = max(hook["paired"], key=lambda p: p["ratio"])
+    lines += [
+        "", f"Largest window ratio {worst['ratio']:.4f} (iterations {worst['window']}), largest single-iteration ratio",
+        f"{hook['max_paired_iteration_ratio']:.4f}: an iteration whose gradients differ from the statistics",
+        "(the last two observations) the widths were chosen on can come out above uniform widths.",
+    ]  # fmt: skip
+    lines += [
+        "", "Two runs (not paired): rank 0's relative variance of the DP run over that of a separate",
+        "uniform-widths run at the first iteration of every 10 (both observe there); bits = measured bits per",
+        "coordinate. The trajectories diverge after iteration 10, so this ratio also moves with the",
+        "gradients each run happens to have (about ±0.5% where DP uses the uniform plan itself).", "",
         "| iteration | variance ratio | bits ratio |", "|---|---|---|",
     ]  # fmt: skip
     lines += [f"| {w['step']} | {w['ratio']:.4f} | {w['bits_ratio']:.4f} |" for w in hook["windows"]]
     return "\n".join(lines) + "\n"
 
 
-def markdown(results: dict[str, Any], eq: float, argv: list[str]) -> str:
+def markdown(results: dict[str, Any], eq: float, invocations: list[str]) -> str:
+    produced = " then ".join(f"`python -m qoda.bench.adaptation {a}`" for a in invocations)
     lines = [
         "# Adaptation from the first step: DP bit allocation vs global ALQ, per logging window",
         "",
-        f"Produced by `python -m qoda.bench.adaptation {' '.join(argv)}` (2 workers, the default job's",
+        f"Produced by {produced} (each invocation adds its rows to the JSON's; 2 workers, the default job's",
         "settings, `--fid-samples 500`; one CLI run per row, seed and step count; commands in the JSON).",
         f"`dp_eq`: `--bit-allocation dp --bits {eq}` (global ALQ 4-bit's bits per coordinate);",
         "`dp4`: `--bits 4`. Ratios are DP / global ALQ of the same seed and steps: `mean` of the runs'",
@@ -133,6 +166,11 @@ def markdown(results: dict[str, Any], eq: float, argv: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _key_order(key: str) -> tuple[int, int, int]:
+    row, steps, seed = key.split("/")
+    return int(seed), int(steps), list(ROWS).index(row)
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     p = argparse.ArgumentParser(prog="python -m qoda.bench.adaptation", description=__doc__.split("\n\n")[0])
@@ -141,35 +179,47 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rows", nargs="+", default=["dp_eq", "dp4"], choices=["dp_eq", "dp4"])
     p.add_argument("--dp4-steps", type=int, nargs="*", default=None, help="steps of dp4 (default: --steps)")
     p.add_argument("--runs", type=Path, default=Path("runs/adaptation"), help="where the runs go")
-    p.add_argument("--out", type=Path, default=Path("benchmarks/adaptation"), help="writes OUT.md and OUT.json")
+    p.add_argument("--out", type=Path, default=Path("benchmarks/adaptation"),
+                   help="writes OUT.md and OUT.json, adding to the rows already there")  # fmt: skip
     p.add_argument("--hook-steps", type=int, default=0, help="also (or only, with --steps 0) the DDP hook study")
     args = p.parse_args(argv)
+    md, js = args.out.with_suffix(".md"), args.out.with_suffix(".json")
+    hook_file = args.out.parent / (args.out.name + "_hook.json")
     if args.hook_steps:
         hook = hook_study(args.hook_steps)
-        path = args.out.parent / (args.out.name + "_hook.json")
-        path.write_text(json.dumps({"command": f"python -m qoda.bench.adaptation {' '.join(argv)}", **hook}, indent=1))
-        print(json.dumps({k: v for k, v in hook.items() if k != "windows"}), file=sys.stderr)
-    if args.steps == [0]:
+        hook_file.write_text(json.dumps({"command": f"python -m qoda.bench.adaptation {' '.join(argv)}", **hook},
+                                        indent=1))  # fmt: skip
+        print(json.dumps({k: hook[k] for k in ("buckets", "budget", "paired", "max_window_ratio")}), file=sys.stderr)
+    hook_md = hook_markdown(json.loads(hook_file.read_text())) if hook_file.exists() else ""
+    if args.steps == [0]:  # the hook section only: replace it, keep the trainer rows
+        if md.exists():
+            text = md.read_text()
+            cut = text.find("\n" + HOOK_HEADING)
+            md.write_text((text if cut < 0 else text[:cut]).rstrip("\n") + "\n" + hook_md)
         return
     eq = equal_budget(TrainConfig())
-    results: dict[str, Any] = {}
-    commands: list[str] = []
+    old = json.loads(js.read_text()) if js.exists() else {}
+    if old and old.get("budget_eq") != eq:
+        raise SystemExit(f"--out: {js} was measured at budget {old.get('budget_eq')}, this job's is {eq}")
+    results: dict[str, Any] = dict(old.get("results", {}))
+    commands: list[str] = list(old.get("commands", []))
+    invocations: list[str] = [*old.get("invocations", []), " ".join(argv)]
     for seed in args.seeds:
         for steps in args.steps:
             glob = run("global", seed, steps, args.runs, eq)
-            commands.append(" ".join(command("global", seed, steps, args.runs, eq)[1:]))
-            for row in args.rows:
-                if row == "dp4" and args.dp4_steps is not None and steps not in args.dp4_steps:
-                    continue
-                results[f"{row}/{steps}/{seed}"] = compare(run(row, seed, steps, args.runs, eq), glob)
-                commands.append(" ".join(command(row, seed, steps, args.runs, eq)[1:]))
-                args.out.with_suffix(".json").write_text(
-                    json.dumps({"budget_eq": eq, "results": results, "commands": commands}, indent=1)
-                )
-                hook_file = args.out.parent / (args.out.name + "_hook.json")
-                hook_md = hook_markdown(json.loads(hook_file.read_text())) if hook_file.exists() else ""
-                args.out.with_suffix(".md").write_text(markdown(results, eq, argv) + hook_md)
-
+            todo = [("global", None)] + [
+                (row, compare(run(row, seed, steps, args.runs, eq), glob)) for row in args.rows
+                if not (row == "dp4" and args.dp4_steps is not None and steps not in args.dp4_steps)
+            ]  # fmt: skip
+            for row, result in todo:
+                cmd = " ".join(command(row, seed, steps, args.runs, eq)[1:])
+                commands += [cmd] if cmd not in commands else []
+                if result is not None:
+                    results[f"{row}/{steps}/{seed}"] = result
+            results = dict(sorted(results.items(), key=lambda kv: _key_order(kv[0])))
+            js.write_text(json.dumps({"budget_eq": eq, "invocations": invocations, "results": results,
+                                      "commands": commands}, indent=1))  # fmt: skip
+            md.write_text(markdown(results, eq, invocations) + hook_md)
 
 
 # ---------------------------------------------------------------------------- the DDP hook
@@ -186,21 +236,41 @@ def _mlp() -> Any:
 
 
 def _hook_worker(rank: int, world: int, allocation: str, budget: float | None, steps: int) -> dict[str, Any]:
-    """One rank of a DDP run of an MLP (3 buckets) with the qoda hook; the relative variance of this
-    rank's gradient at every iteration the hook observed (``summary()["variance"]``)."""
+    """One rank of a DDP run of an MLP (3 buckets) with the qoda hook; at every iteration the hook
+    observed: the relative variance of this rank's gradient (``summary()["variance"]``) and, with
+    ``dp``, the paired comparison on the same gradients (this rank's, captured before the exchange):
+    :func:`~qoda.quant.variance.plan_variance` of the plan the hook used and of
+    :func:`~qoda.quant.allocation.uniform_plan` (every tensor at 4 bits, the allocation's 4-bit levels)."""
     import torch
     from torch import nn
 
-    from qoda.comm.ddp_hook import QodaHookState
+    from qoda.codec.layerwise import fixed_message_bits
+    from qoda.comm.ddp_hook import QodaHookState, qoda_hook
     from qoda.quant.adapt import AdaptConfig
+    from qoda.quant.allocation import uniform_plan
     from qoda.quant.config import QuantizerConfig
     from qoda.quant.policy import LayerPolicy
+    from qoda.quant.variance import plan_variance
 
     model = _mlp()
     ddp = nn.parallel.DistributedDataParallel(model, bucket_cap_mb=HOOK_CAP_MB)
     adapt = AdaptConfig(allocation=allocation, budget=budget)
     state = QodaHookState(policy=LayerPolicy.global_(QuantizerConfig.qsgd_inf(4)), adapt=adapt)
-    state.register(ddp)
+    state.bind(model)
+    names = {id(p): n for n, p in model.named_parameters()}
+    local: dict[str, torch.Tensor] = {}
+
+    def capture(st, bucket):  # type: ignore[no-untyped-def]  # DDP checks the annotations (these would be strings)
+        """This rank's gradients, before the exchange; then the qoda hook."""
+        local.update({names[id(p)]: g.detach().clone() for p, g in zip(bucket.parameters(), bucket.gradients(),
+                                                                          strict=True)})  # fmt: skip
+        return qoda_hook(st, bucket)
+
+    ddp.register_comm_hook(state, capture)
+
+    def state_sq(plan: Any, grads: list[torch.Tensor]) -> float:  # ||g||^2 over the compressed tensors (the hook's)
+        return sum(float(t.double().square().sum()) for e, t in zip(plan.entries, grads, strict=True) if e.type_name)
+
     opt = torch.optim.SGD(ddp.parameters(), lr=0.05, momentum=0.9)
     teacher = torch.Generator().manual_seed(7)
     w = torch.randn(64, 10, generator=teacher)
@@ -213,15 +283,40 @@ def _hook_worker(rank: int, world: int, allocation: str, budget: float | None, s
         nn.functional.cross_entropy(ddp(x), y).backward()
         opt.step()
         s = state.summary()
-        if s["compressing"] and state.adapt is not None and state.adapt.observes(step):
-            rows.append({"step": step, "variance": s["variance"], "bits_per_coordinate": s["bits_per_coordinate"]})
+        if not (s["compressing"] and adapt.observes(step)):
+            continue
+        row = {"step": step, "variance": s["variance"], "bits_per_coordinate": s["bits_per_coordinate"]}
+        adapter = state.adapter
+        if adapt.allocates and adapter is not None and adapter.allocation is not None:
+            plan = state.plan
+            assert plan is not None
+            ref = uniform_plan(adapter.base_plan, 4, adapter.allocation.type_levels)
+            grads = [local[e.name] for e in plan.entries]
+            dp, sq = plan_variance(grads, plan, normalized=False), state_sq(plan, grads)
+            if not math.isclose(dp / sq, s["variance"], rel_tol=1e-9):  # the hook's own figure, same gradients
+                raise RuntimeError(f"iteration {step}: paired DP variance {dp / sq} != the hook's {s['variance']}")
+            row["paired"] = {
+                "dp": dp,
+                "uniform": plan_variance(grads, ref, normalized=False),
+                "grad_sq": sq,
+                "dp_message_bits": fixed_message_bits(plan),
+                "uniform_message_bits": fixed_message_bits(ref),
+                "widths": sorted(set(adapter.widths.values())),
+            }
+        rows.append(row)
     return {"rows": rows, "buckets": len(state.layout)}
 
 
 def hook_study(steps: int, window: int = 10) -> dict[str, Any]:
-    """Uniform widths (ALQ levels, 4 bits) against DP at the same bits per coordinate (one whole
-    message of the 4-bit plan, every bit counted, as the DP budget counts them), 2 ranks: rank 0's
-    relative variance at the first iteration of every ``window`` (both observe there)."""
+    """DP against uniform widths (ALQ levels, 4 bits) in the DDP hook, 2 ranks, DP's budget one whole
+    message of the 4-bit plan per coordinate (every bit counted, as the DP budget counts them).
+
+    ``paired`` (the target): on the same gradients (rank 0's, at every iteration the DP run
+    observed), the exact variance of the plan DP used over that of the uniform-widths plan with the
+    same levels; per window of ``window`` iterations, the ratio of the summed variances and the
+    largest single-iteration ratio.  ``windows`` (two runs): rank 0's relative variance of the DP
+    run over that of a separate uniform-widths run at the first iteration of every window (the
+    trajectories diverge, so this ratio also moves with trajectory noise)."""
     from qoda.codec.layerwise import fixed_message_bits
     from qoda.quant.config import QuantizerConfig
     from qoda.quant.policy import LayerPolicy
@@ -239,7 +334,21 @@ def hook_study(steps: int, window: int = 10) -> dict[str, Any]:
          "bits_ratio": r["bits_per_coordinate"] / u[r["step"]]["bits_per_coordinate"]}
         for r in dp["rows"] if r["step"] in u and r["step"] % window == 0 and r["variance"] and u[r["step"]]["variance"]
     ]  # fmt: skip
-    return {"buckets": dp["buckets"], "budget": bits, "windows": windows,
+    by: dict[int, list[dict[str, Any]]] = {}
+    for r in (r for r in dp["rows"] if "paired" in r):
+        by.setdefault(r["step"] // window * window, []).append(r["paired"])
+    paired = [
+        {"window": f"{w}-{w + window - 1}", "iterations": len(ps),
+         "ratio": sum(p["dp"] for p in ps) / sum(p["uniform"] for p in ps),
+         "max_iteration_ratio": max(p["dp"] / p["uniform"] for p in ps),
+         "bits_ratio": max(p["dp_message_bits"] / p["uniform_message_bits"] for p in ps),
+         "widths": sorted({b for p in ps for b in p["widths"]})}
+        for w, ps in sorted(by.items())
+    ]  # fmt: skip
+    return {"buckets": dp["buckets"], "budget": bits, "paired": paired,
+            "max_paired_window_ratio": max(p["ratio"] for p in paired),
+            "max_paired_iteration_ratio": max(p["max_iteration_ratio"] for p in paired),
+            "iterations": dp["rows"], "windows": windows,
             "max_window_ratio": max(w["ratio"] for w in windows)}  # fmt: skip
 
 

@@ -350,6 +350,20 @@ class QodaHookState:
             self._version += 1
         return self._adapter
 
+    @property
+    def adapter(self) -> LevelAdapter | None:
+        """The model's :class:`~qoda.quant.adapt.LevelAdapter` (statistics, levels, widths and, with
+        ``allocation="dp"``, its :attr:`~qoda.quant.adapt.LevelAdapter.allocation`); ``None`` without
+        ``adapt`` or before the parameters are known."""
+        if self.adapt is None or self._plan() is None:
+            return None
+        return self._adapter_now()
+
+    @property
+    def plan(self) -> LayerPlan | None:
+        """The plan every parameter is quantized with now (``None`` before the parameters are known)."""
+        return self._plan()
+
     def _plan(self) -> LayerPlan | None:
         """The current plan of every parameter (``None`` before the parameters are known)."""
         if not self.shapes:

@@ -302,6 +302,15 @@ def allocated_plan(base: LayerPlan, widths: Mapping[str, int], levels: Mapping[s
     return LayerPlan(tuple(entries), configs)
 
 
+def uniform_plan(base: LayerPlan, bits: int, type_levels: Mapping[tuple[str, int], LevelSet]) -> LayerPlan:
+    """Every compressed tensor of ``base`` at ``bits``, each type with the levels ``type_levels[type, bits]``
+    (an :class:`Allocation`'s step-1 levels: what uniform widths fit on the same statistics; uniform
+    levels where missing).  The reference an allocation is compared with on the same gradients (its
+    message is the budget when the budget is that of one ``bits``-bit message)."""
+    levels = {width_type(t, bits): type_levels[t, bits] for t in base.types if (t, bits) in type_levels}
+    return allocated_plan(base, {e.name: bits for e in base.entries if e.type_name is not None}, levels)
+
+
 def _framing(base: LayerPlan, widths: Sequence[int], message_bits: MessageBits) -> tuple[int, int]:
     """Step 3: ``(fixed, segment)``: the bits of the all-smallest plan besides its codes (one segment
     per type: norms, headers, layer sizes, raw tensors) and the bits one further segment adds (its
@@ -421,5 +430,5 @@ def allocate_plan(
 
 __all__ = [
     "EXACT_UNITS", "WIDTHS", "Allocation", "allocate_bits", "allocate_plan", "allocated_plan", "check_widths",
-    "estimate_message_bits", "minimum_budget", "width_type",
+    "estimate_message_bits", "minimum_budget", "uniform_plan", "width_type",
 ]  # fmt: skip
