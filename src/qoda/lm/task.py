@@ -26,6 +26,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from qoda.comm.aggregate import derive_seed
+from qoda.comm.ddp_hook import QodaHookState
 from qoda.lm.corpus import MODULES, batches, load_corpus, split, windows
 from qoda.lm.model import ByteTransformer
 from qoda.optim.dual_averaging import QODA
@@ -186,14 +187,18 @@ class LMTrainer:
     def track_widths(self) -> dict[str, int] | None:
         """Record the qoda hook's widths in :attr:`width_changes` when they differ from the last
         record (``{"step": completed steps, "widths": {name: bits}}``); returns them when they changed."""
-        summary = self.hook.summary()
-        if summary is None or not summary["compressing"]:
-            return None
-        widths = {n: p["bits"] for n, p in summary["parameters"].items() if p["type"] is not None}
+        widths = self._hook_widths()
         if not widths or (self.width_changes and self.width_changes[-1]["widths"] == widths):
             return None
         self.width_changes.append({"step": self.step, "widths": widths})
         return widths
+
+    def _hook_widths(self) -> dict[str, int]:
+        """The qoda hook's widths while it compresses (empty for other hooks and in its fp32 warm-up)."""
+        state = self.hook.state
+        if not isinstance(state, QodaHookState) or state.iter < state.start_iter or state.plan is None:
+            return {}
+        return state.plan.widths()
 
     def log_window(self, window: list[dict[str, float]], writer: Any, bar: Any) -> None:
         mean = window_mean(window, self.step, self.elapsed)
@@ -209,7 +214,6 @@ class LMTrainer:
                       "comm_seconds", "decode_seconds"):  # fmt: skip
                 writer.add_scalar(f"train/{k}", mean[k], self.step)
             writer.add_scalar("train/lr", self.optimizer.param_groups[0]["lr"], self.step)
-            summary = self.hook.summary()
             if summary is not None:  # the qoda hook: widths, variance and bits per coordinate
                 for k, v in self.hook.state.metrics(prefix="quant/").items():
                     writer.add_scalar(k, v, self.step)
@@ -242,7 +246,8 @@ class LMTrainer:
             return sum(vals) / len(vals) if vals else 0.0
 
         summary = self.hook.summary()
-        widths = {n: p["bits"] for n, p in summary["parameters"].items() if p["type"] is not None} if summary else {}
+        plan = self.hook.state.plan if summary is not None else None
+        widths = plan.widths() if plan is not None else {}
         return {
             "task": "lm",
             "steps": self.step,

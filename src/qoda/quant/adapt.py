@@ -269,7 +269,7 @@ class LevelAdapter:
     @property
     def widths(self) -> dict[str, int]:
         """Bits per coordinate of every compressed tensor (by name) in the current plan."""
-        return {e.name: self.plan.configs[e.type_name].bits for e in self.plan.entries if e.type_name is not None}
+        return self.plan.widths()
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:

@@ -109,6 +109,10 @@ class LayerPlan:
                 seen.setdefault(e.type_name)
         return tuple(seen)
 
+    def widths(self) -> dict[str, int]:
+        """Code bits per coordinate of every compressed tensor, by name (uncompressed ones absent)."""
+        return {e.name: self.configs[e.type_name].bits for e in self.entries if e.type_name is not None}
+
     def indices(self, type_name: str | None) -> list[int]:
         return [i for i, e in enumerate(self.entries) if e.type_name == type_name]
 

@@ -123,8 +123,7 @@ def plan_summary(plan: LayerPlan | None, numel: int) -> dict[str, Any]:
     uncompressed tensors, fixed-width size); fp32 for an averager without a plan."""
     if plan is None:
         return {"widths": {}, "wire_bits_per_coordinate": 32.0}
-    widths = {e.name: plan.configs[e.type_name].bits for e in plan.entries if e.type_name is not None}
-    return {"widths": widths, "wire_bits_per_coordinate": fixed_message_bits(plan) / max(numel, 1)}
+    return {"widths": plan.widths(), "wire_bits_per_coordinate": fixed_message_bits(plan) / max(numel, 1)}
 
 
 def quantization_variance(params: list[torch.Tensor], plan: LayerPlan) -> float:
@@ -327,8 +326,7 @@ class Trainer:
         (``{"step": completed steps, "widths": {name: bits}}``); returns them when they changed."""
         if not self.cfg.quantized:
             return None
-        plan = self.averager.plan
-        widths = {e.name: plan.configs[e.type_name].bits for e in plan.entries if e.type_name is not None}
+        widths = self.averager.plan.widths()
         if self.width_changes and self.width_changes[-1]["widths"] == widths:
             return None
         self.width_changes.append({"step": self.step, "widths": widths})
