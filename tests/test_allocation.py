@@ -1,6 +1,7 @@
 """Layer-wise bit allocation: exact DP, the budget measured on the wire, the adapter with widths."""
 
 import itertools
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -500,3 +501,39 @@ def test_refit_rule_reallocates_on_observation_steps_deterministically_and_resum
     pa, pc = a.refit(10), c.refit(10)
     assert pa is not None and pc is not None and pa.fingerprint() == pc.fingerprint()
     assert a.state_dict()["type_levels"] == c.state_dict()["type_levels"] and c.reallocations == 2
+
+
+def test_guard_keeps_uniform_widths_until_two_observations_agree_and_resumes():
+    """``AdaptConfig.guard``: a width change is adopted only when it beats the uniform widths (same
+    levels) on the current and the previous decision's statistics; a checkpoint holds the previous
+    statistics, so a restored adapter guards exactly as the original; no guard follows at once."""
+    from qoda.quant.allocation import predicted_variance
+
+    model = Net()
+    plan = LayerPolicy.by_module_class(QuantizerConfig.qsgd_inf(4, 256)).plan(model)
+    budget = fixed_message_bits(plan) / sum(p.numel() for p in model.parameters()) + 1e-3  # uniform 4 bits fits
+    cfg = AdaptConfig(method="amq", schedule=RefitSchedule((0,), every=1000), bins=256, allocation="dp",
+                      budget=budget, follow=10, follow_every=2)  # fmt: skip
+    uniform = {e.name: 4 for e in plan.entries if e.type_name is not None}
+    guarded, free = (LevelAdapter(plan, c, message_bits=fixed_message_bits) for c in (cfg, replace(cfg, guard=None)))
+    for ad in (guarded, free):
+        ad.observe(0, _loud(0, model, "b.weight"))
+        ad.refit(0)  # no previous decision: the current statistics alone
+        assert ad.widths["b.weight"] > 4
+        ad.observe(2, _loud(2, model, "d.weight"))
+        ad.refit(2)
+    assert free.widths["d.weight"] > free.widths["b.weight"]  # no guard: follows one step's statistics
+    assert guarded.widths == uniform and guarded.guarded == 1  # young change: the uniform widths
+    restored = LevelAdapter(plan, cfg, message_bits=fixed_message_bits)
+    restored.load_state_dict(guarded.state_dict())
+    assert restored.previous_stats is not None and restored.guarded == 1
+    for ad in (guarded, restored):
+        ad.observe(4, _loud(4, model, "d.weight"))
+        assert ad.refit(4) is not None  # two observations agree: adopted
+    assert guarded.widths == restored.widths and guarded.widths["d.weight"] > 4
+    assert guarded.plan.fingerprint() == restored.plan.fingerprint()
+    stats = guarded.previous_stats
+    ref = uniform_plan(plan, 4, guarded.allocation.type_levels)
+    assert predicted_variance(guarded.plan, stats) <= predicted_variance(ref, stats)
+    with pytest.raises(ValueError, match="guard"):
+        AdaptConfig(allocation="dp", budget=4.0, guard=1.0)

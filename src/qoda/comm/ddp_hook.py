@@ -55,7 +55,7 @@ aggregator (plan fingerprint).
 import copy
 import threading
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -110,6 +110,18 @@ class _Pass:
         self.waiting: list[tuple[Group, torch.Tensor, torch.futures.Future]] = []  # DDP buckets not yet averaged
         self.refreshed = False
         self.fresh: dict[str, MagnitudeStats] = {}  # this rank's statistics of this pass (observation steps)
+
+
+_ADAPTER_STATS = ("stats", "previous_stats")  # LevelAdapter.state_dict() keys holding histograms
+
+
+def _stats_as(stats: dict[str, dict[str, Any]] | None, convert: Callable[[Any], Any]) -> dict[str, Any] | None:
+    """An adapter's statistics (name -> MagnitudeStats.state_dict()) with their counts converted."""
+    return None if stats is None else {k: {**st, "counts": convert(st["counts"])} for k, st in stats.items()}
+
+
+def _float64_array(x: Any) -> np.ndarray:
+    return np.asarray(x, dtype=np.float64)
 
 
 class QodaHookState:
@@ -439,11 +451,8 @@ class QodaHookState:
         self._refresh_adapter_state()
         a = self.adapter_state
         adapter = None
-        if a is not None:
-            adapter = {
-                **a,
-                "stats": {k: {**st, "counts": torch.as_tensor(st["counts"])} for k, st in a["stats"].items()},
-            }
+        if a is not None:  # histogram counts as tensors (numpy arrays are not weights_only-safe)
+            adapter = {**a, **{key: _stats_as(a[key], torch.as_tensor) for key in _ADAPTER_STATS if key in a}}
         return {
             "version": STATE_DICT_VERSION,
             "iter": self.iter,
@@ -476,9 +485,7 @@ class QodaHookState:
         self.stats = CommStats(**state["stats"])
         a = copy.deepcopy(state["adapter"])
         if a is not None:
-            a["stats"] = {
-                k: {**st, "counts": np.asarray(st["counts"], dtype=np.float64)} for k, st in a["stats"].items()
-            }
+            a.update({key: _stats_as(a[key], _float64_array) for key in _ADAPTER_STATS if key in a})
         self.adapter_state = a
         if shapes:
             self.shapes = shapes

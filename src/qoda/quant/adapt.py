@@ -30,6 +30,8 @@ from qoda.quant.allocation import (
     allocated_plan,
     check_widths,
     estimate_message_bits,
+    predicted_variance,
+    width_type,
 )
 from qoda.quant.fitting import (
     DEFAULT_BINS,
@@ -88,6 +90,12 @@ class AdaptConfig:
             DP on the all-reduced statistics with the levels of the last re-fit (no fitting: a few
             milliseconds); levels are re-fitted on ``schedule``.  Measured rule: docs/quantization.md
             ("Widths that follow the gradients").  ``0``: widths change only at re-fits.
+        guard: ``dp`` only: widths other than the plan's own (uniform) widths are adopted only if
+            their predicted variance is at most ``1 - guard`` times the uniform widths' (same levels)
+            on the statistics of the current *and* of the previous decision; otherwise the uniform
+            widths are used.  It keeps an allocation chosen on one step's young statistics from losing
+            to uniform widths when the gradients move.  Active only when the uniform widths' message
+            fits the budget.  ``None``: no guard.  Measured: docs/quantization.md.
     """
 
     method: str = "alq"
@@ -99,6 +107,7 @@ class AdaptConfig:
     widths: tuple[int, ...] = WIDTHS
     follow: int = 100
     follow_every: int = 2
+    guard: float | None = 0.0
 
     def __post_init__(self) -> None:
         if self.method not in FIT_METHODS:
@@ -109,6 +118,9 @@ class AdaptConfig:
             raise ValueError(f"follow: must be a non-negative int, got {self.follow!r}")
         if not isinstance(self.follow_every, int) or isinstance(self.follow_every, bool) or self.follow_every < 1:
             raise ValueError(f"follow_every: must be a positive int, got {self.follow_every!r}")
+        g = self.guard
+        if g is not None and (not isinstance(g, int | float) or isinstance(g, bool) or not 0 <= g < 1):
+            raise ValueError(f"guard: must be None or a number in [0, 1), got {g!r}")
         if self.allocation not in ALLOCATIONS:
             raise ValueError(f"allocation: expected one of {ALLOCATIONS}, got {self.allocation!r}")
         object.__setattr__(self, "widths", check_widths(self.widths))
@@ -172,6 +184,8 @@ class LevelAdapter:
         self._warned_budget = False
         self.fits = 0
         self.reallocations = 0  # width changes between re-fits
+        self.guarded = 0  # decisions where the guard kept the uniform widths
+        self.previous_stats: dict[str, MagnitudeStats] | None = None  # the last decision's (dp)
         self.last_fit_step = -1  # the last step that re-fitted or re-allocated
         self.allocation: Allocation | None = None
         if self.config.allocates:
@@ -245,7 +259,7 @@ class LevelAdapter:
             self.stats = self._empty_stats()
             self.last_fit_step = step
             previous = self.allocation
-            self.allocation = self._allocate(summed, previous.type_levels if previous else None)
+            self.allocation = self._guard(self._allocate(summed, previous.type_levels if previous else None), summed)
             if previous is not None and dict(self.allocation.widths) == dict(previous.widths):
                 self.allocation = previous  # same widths: keep the plan (no new aggregator)
                 return None
@@ -253,7 +267,7 @@ class LevelAdapter:
             self.reallocations += 1
             return self.plan
         if self.config.allocates:
-            self.allocation = self._allocate(summed)
+            self.allocation = self._guard(self._allocate(summed), summed)
             self.plan = self.allocation.plan
         else:
             fit = fit_alq if self.config.method == "alq" else fit_amq
@@ -265,6 +279,29 @@ class LevelAdapter:
         self.fits += 1
         self.last_fit_step = step
         return self.plan
+
+    def _guard(self, candidate: Allocation, stats: dict[str, MagnitudeStats]) -> Allocation:
+        """``AdaptConfig.guard``: ``candidate`` if its predicted variance is at most ``1 - guard`` times
+        that of the uniform widths (the base plan's, with the candidate's per-(type, width) levels) on
+        ``stats`` and on the previous decision's statistics, else the uniform widths.  Records ``stats``
+        as the previous decision's."""
+        previous, self.previous_stats = self.previous_stats, stats
+        g = self.config.guard
+        base = self.base_plan
+        widths = {e.name: base.configs[e.type_name].bits for e in base.entries if e.type_name is not None}
+        groups = {(e.type_name, widths[e.name]) for e in base.entries if e.type_name is not None}
+        if g is None or dict(candidate.widths) == widths or not all(k in candidate.type_levels for k in groups):
+            return candidate
+        uniform = allocated_plan(base, widths, {width_type(t, b): candidate.type_levels[t, b] for t, b in groups})
+        bits = int(self.message_bits(uniform))
+        if bits > candidate.budget * candidate.numel:
+            return candidate  # uniform widths do not fit the budget: no reference to guard against
+        views = [stats] if previous is None else [stats, previous]
+        if all(predicted_variance(candidate.plan, s) <= (1 - g) * predicted_variance(uniform, s) for s in views):
+            return candidate
+        self.guarded += 1
+        return Allocation(uniform, widths, candidate.budget, bits, candidate.numel,
+                          predicted_variance(uniform, stats), candidate.type_levels)  # fmt: skip
 
     @property
     def widths(self) -> dict[str, int]:
@@ -282,6 +319,9 @@ class LevelAdapter:
         if self.config.allocates:
             state["widths"] = self.widths
             state["reallocations"] = self.reallocations
+            state["guarded"] = self.guarded
+            prev = self.previous_stats
+            state["previous_stats"] = None if prev is None else {k: s.state_dict() for k, s in prev.items()}
             tl = self.allocation.type_levels if self.allocation is not None else {}
             state["type_levels"] = {f"{t}@{b}": list(lv.values) for (t, b), lv in tl.items()}
         return state
@@ -318,6 +358,10 @@ class LevelAdapter:
                 sum(e.numel for e in plan.entries), math.nan, type_levels,
             )  # fmt: skip
             self.reallocations = int(state.get("reallocations", 0))
+            self.guarded = int(state.get("guarded", 0))
+            prev = state.get("previous_stats")
+            self.previous_stats = None if prev is None else {k: MagnitudeStats.from_state_dict(s)
+                                                             for k, s in prev.items()}  # fmt: skip
         self.stats = stats
         self.fits = int(state["fits"])
         self.last_fit_step = int(state["last_fit_step"])

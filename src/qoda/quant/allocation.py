@@ -311,6 +311,13 @@ def uniform_plan(base: LayerPlan, bits: int, type_levels: Mapping[tuple[str, int
     return allocated_plan(base, {e.name: bits for e in base.entries if e.type_name is not None}, levels)
 
 
+def predicted_variance(plan: LayerPlan, stats: Mapping[str, MagnitudeStats]) -> float:
+    """``sum_i S_i.variance(L_{type(i)})``: the expected variance of ``plan`` on the statistics ``stats``
+    (per compressed entry name; entries without statistics count 0), in the statistics' units."""
+    return sum(stats[e.name].variance(plan.configs[e.type_name].levels) for e in plan.entries
+               if e.type_name is not None and e.name in stats)  # fmt: skip
+
+
 def _framing(base: LayerPlan, widths: Sequence[int], message_bits: MessageBits) -> tuple[int, int]:
     """Step 3: ``(fixed, segment)``: the bits of the all-smallest plan besides its codes (one segment
     per type: norms, headers, layer sizes, raw tensors) and the bits one further segment adds (its
@@ -430,5 +437,5 @@ def allocate_plan(
 
 __all__ = [
     "EXACT_UNITS", "WIDTHS", "Allocation", "allocate_bits", "allocate_plan", "allocated_plan", "check_widths",
-    "estimate_message_bits", "minimum_budget", "uniform_plan", "width_type",
+    "estimate_message_bits", "minimum_budget", "predicted_variance", "uniform_plan", "width_type",
 ]  # fmt: skip
