@@ -11,6 +11,7 @@ import pytest
 from qoda.eval.time_to_quality import (
     auto_target,
     first_crossing,
+    limiting_cost,
     median_band,
     quality_at,
     seed_summary,
@@ -123,5 +124,33 @@ def test_quick_bench_has_every_row_and_seed(tmp_path, capsys):
     ref = [s for s in res["summary"] if s["row"] == "allreduce"]
     assert all(s["seconds_to_target"]["reached"] == 2 for s in ref)  # the target is one the reference reaches
     assert {c["row"] for c in res["claims"]} == {"qoda_dp4", "qoda_dp3"}
-    assert path.with_suffix(".md").read_text().count("| qoda layer-wise, DP widths, 3 bits |") == 2
+    md = path.with_suffix(".md").read_text()
+    assert md.count("| qoda layer-wise, DP widths, 3 bits |") == 4  # per workload: its row and its targets
+    # --merge: one document per workload, summarised together, gives the same summary
+    parts = []
+    for w in ("lm", "gan"):
+        part = {**res, "runs": [r for r in res["runs"] if r["workload"] == w], "workloads": {w: res["workloads"][w]},
+                "quality": {w: res["quality"][w]}, "steps": {w: res["steps"][w]}}  # fmt: skip
+        parts.append(tmp_path / f"{w}.json")
+        parts[-1].write_text(json.dumps(part))
+    merged = tmp_path / "merged.json"
+    assert main(["bench", "time-to-quality", "--merge", *map(str, parts), "--json", str(merged)]) == 0
+    m = json.loads(merged.read_text())
+    key = [(s["workload"], s["row"]) for s in res["summary"]]
+    assert [(s["workload"], s["row"]) for s in m["summary"]] == key and m["claims"] == res["claims"]
+    assert main(["bench", "time-to-quality", "--merge", str(parts[0]), str(parts[0]), "--json", str(merged)]) == 2
+    assert "in common" in capsys.readouterr().err
     assert path.with_suffix(".png").stat().st_size > 1000
+
+
+def test_limiting_cost_names_what_keeps_the_speedup_below_its_target():
+    """speed-up = steps ratio x other's step / this step; a free link and codec bound it by
+    steps ratio x other's step / compute."""
+    split = {"compute": 0.3, "encode": 0.01, "comm": 0.05, "decode": 0.04}  # 0.4 s per step
+    assert limiting_cost(1.0, 0.9, split, 2.0) == "met"  # 2.25x
+    assert limiting_cost(None, 0.9, split, 2.0).startswith("quality")
+    why = limiting_cost(1.0, 0.5, split, 2.0)  # 1.25x; free link: 0.5 / 0.3 = 1.67x < 2
+    assert why.startswith("compute") and "1.67x" in why
+    why = limiting_cost(0.5, 0.9, split, 1.2)  # 1.125x; free link: 1.5x >= 1.2: the larger of link and codec
+    assert why.startswith("quality per step (2.00x the steps); link: 0.050")
+    assert limiting_cost(1.0, 0.45, {**split, "comm": 0.0, "encode": 0.05}, 1.2).startswith("codec: 0.090")

@@ -647,13 +647,35 @@ def _ttq_parser(sub: argparse._SubParsersAction, name: str) -> argparse.Argument
                    "2 seeds; on the loopback interface when namespaces are unavailable")  # fmt: skip
     q.add_argument("--max-seconds", type=_positive_int, default=3 * 3600, help="run-time bound")
     q.add_argument("--json", type=Path, default=Path("benchmarks/time_to_quality.json"))
+    q.add_argument("--merge", type=Path, nargs="+", default=None, metavar="JSON",
+                   help="run nothing: summarise the runs of these result files together (e.g. one per "
+                   "workload) and write --json, its table and plot")  # fmt: skip
     return q
 
 
 def _bench_ttq(args: argparse.Namespace) -> int:
     from qoda.bench.netns import NetnsUnavailable
-    from qoda.bench.time_to_quality import WORKLOADS, format_time_to_quality, plot_time_to_quality, run_time_to_quality
+    from qoda.bench.time_to_quality import (
+        WORKLOADS,
+        format_time_to_quality,
+        merge_results,
+        plot_time_to_quality,
+        run_time_to_quality,
+    )
 
+    if args.merge:
+        docs = []
+        for path in args.merge:
+            try:
+                docs.append(json.loads(path.read_text()))
+            except (OSError, ValueError) as e:
+                raise UsageError(f"qoda bench time-to-quality: --merge: cannot read {path}: {e}") from None
+        try:
+            res = merge_results(docs)
+        except (KeyError, ValueError) as e:
+            raise UsageError(f"qoda bench time-to-quality: --merge: {e}") from None
+        _write_bench(res, args.json, format_time_to_quality, plot_time_to_quality)
+        return 0
     bad = [w for w in args.workloads if w not in WORKLOADS]
     if bad:
         raise UsageError(f"qoda bench time-to-quality: --workloads: unknown {bad}; choose from {', '.join(WORKLOADS)}")

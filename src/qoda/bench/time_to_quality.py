@@ -48,6 +48,7 @@ from typing import Any
 from qoda.eval.time_to_quality import (
     auto_target,
     first_crossing,
+    limiting_cost,
     median_band,
     quality_at,
     seed_summary,
@@ -276,12 +277,17 @@ def claims(summary: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for r in summary:
         if r["row"] not in QODA_ROWS:
             continue
-        ref = next((x for x in summary if x["row"] == REFERENCE and x["workload"] == r["workload"]
-                    and x["workers"] == r["workers"] and x["bandwidth_mbit"] == r["bandwidth_mbit"]), None)  # fmt: skip
+        ref = _row(summary, r, REFERENCE)
         within = None
         if ref is not None:
             within = abs(r["final_quality"]["mean"] - ref["final_quality"]["mean"]) <= ref["final_quality"]["std"]
         vs_p, vs_a = r["speedup_vs_powersgd1"], r["speedup_vs_allreduce"]
+        split = {k: r[f"{k}_seconds"] for k in ("compute", "encode", "comm", "decode")}
+        decides = {
+            f"decided_by_vs_{name}": limiting_cost(r[f"steps_ratio_vs_{name}"], other["step_seconds"], split, goal)
+            for name, goal, other in (("powersgd1", 1.2, _row(summary, r, RIVAL)),
+                                      ("allreduce", 2.0, _row(summary, r, REFERENCE))) if other is not None
+        }  # fmt: skip
         out.append({
             "workload": r["workload"], "workers": r["workers"], "bandwidth_mbit": r["bandwidth_mbit"], "row": r["row"],
             "speedup_vs_powersgd1": vs_p, "met_1.2x_vs_powersgd1": vs_p is not None and vs_p >= 1.2,
@@ -290,8 +296,16 @@ def claims(summary: list[dict[str, Any]]) -> list[dict[str, Any]]:
             # what decides: the speed-up is the product of these two factors (see summarise)
             **{k: r[k] for k in ("steps_ratio_vs_powersgd1", "step_time_ratio_vs_powersgd1",
                                  "steps_ratio_vs_allreduce", "step_time_ratio_vs_allreduce")},
+            **decides,
         })  # fmt: skip
     return out
+
+
+def _row(summary: list[dict[str, Any]], like: dict[str, Any], name: str) -> dict[str, Any] | None:
+    """Row ``name`` of ``like``'s workload and setting."""
+    key = (like["workload"], like["workers"], like["bandwidth_mbit"])
+    return next((x for x in summary if x["row"] == name and (x["workload"], x["workers"], x["bandwidth_mbit"]) == key),
+                None)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------- orchestration
@@ -415,10 +429,44 @@ def format_time_to_quality(res: dict[str, Any]) -> str:
                     f"| {r['compute_seconds']:.3f} | {r['encode_seconds']:.4f} | {r['comm_seconds']:.3f} | "
                     f"{r['decode_seconds']:.4f} | {r['bits_per_step'] / 8e6:.3f} |"
                 )
+            mine = [c for c in res["claims"] if (c["workload"], c["workers"], c["bandwidth_mbit"]) == (workload,
+                                                                                                     *setting)]
+            if mine:
+                lines += ["", "Targets (speed-up = steps ratio x step-time ratio, medians over seeds):", "",
+                          "| row | vs PowerSGD r1 (target 1.2x) | decided by | vs fp32 (target 2x) | decided by | "
+                          "final within 1 std of fp32 |", "|---|---|---|---|---|---|"]  # fmt: skip
+                for c in mine:
+                    cells = []
+                    for name in ("powersgd1", "allreduce"):
+                        sp, st, tt = (c[f"{k}_vs_{name}"] for k in ("speedup", "steps_ratio", "step_time_ratio"))
+                        cells.append("-" if sp is None else f"{sp:.2f}x = {st:.2f} x {tt:.2f}")
+                        cells.append(c.get(f"decided_by_vs_{name}", "-"))
+                    lines.append(f"| {res['rows'][c['row']]} | {' | '.join(cells)} | "
+                                 f"{c['final_within_one_std_of_allreduce']} |")
             lines.append("")
     for s in res.get("skipped", []):
         lines.append(f"skipped: {s}")
     return "\n".join(lines).rstrip()
+
+
+def merge_results(documents: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """One result document from several (e.g. one per workload, run separately): the union of their
+    runs, summarised again (targets and budgets per setting, as :func:`run_time_to_quality`)."""
+    if not documents:
+        raise ValueError("merge: no documents")
+    if len({d["seeds"] for d in documents}) > 1 or len({d["quick"] for d in documents}) > 1:
+        raise ValueError("merge: the documents differ in seeds per row or --quick")
+    runs = [r for d in documents for r in d["runs"]]
+    keys = [(r["workload"], r["workers"], r["bandwidth_mbit"], r["row"], r["seed"]) for r in runs]
+    if len(set(keys)) != len(keys):
+        raise ValueError("merge: the documents have runs in common (same workload, setting, row and seed)")
+    summary = summarise(runs)
+    out = {**documents[0], "runs": runs, "summary": summary, "claims": claims(summary)}
+    for key in ("workloads", "quality", "steps"):
+        out[key] = {k: v for d in documents for k, v in d[key].items()}
+    out["bench_seconds"] = sum(d["bench_seconds"] for d in documents)
+    out["skipped"] = [s for d in documents for s in d.get("skipped", [])]
+    return out
 
 
 def plot_time_to_quality(res: dict[str, Any], path: Path) -> None:
@@ -478,5 +526,5 @@ def _worker_args(argv: list[str]) -> argparse.Namespace:
 if __name__ == "__main__":
     worker_main(_worker_args(sys.argv[1:]))
 
-__all__ = ["ROWS", "WORKLOADS", "claims", "format_time_to_quality", "plot_time_to_quality", "run_order",
-           "run_time_to_quality", "summarise"]  # fmt: skip
+__all__ = ["ROWS", "WORKLOADS", "claims", "format_time_to_quality", "merge_results", "plot_time_to_quality",
+           "run_order", "run_time_to_quality", "summarise"]  # fmt: skip

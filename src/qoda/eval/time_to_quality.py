@@ -113,3 +113,28 @@ def median_band(curves: Sequence[Curve], grid: Sequence[float]) -> list[tuple[fl
             got = [v for v in vals if v is not None]
             out.append((t, statistics.median(got), min(got), max(got)))
     return out
+
+
+def limiting_cost(steps_ratio: float | None, other_step: float, split: dict[str, float], target: float) -> str:
+    """What keeps a row's speed-up over another below ``target``, from the measured breakdown.
+
+    The time to target is steps x step seconds, so the speed-up is ``steps_ratio`` (the other's
+    steps to target over this row's: quality per step) times the step-time ratio ``other_step /
+    step``, where this row's step is ``compute + encode + comm + decode`` (``split``).  A free link
+    and codec would give at most ``steps_ratio * other_step / compute``: if even that is below
+    ``target``, compute decides (with quality per step when ``steps_ratio < 1``); otherwise the larger
+    of the link (``comm``) and the codec (``encode + decode``).  ``"met"`` when the speed-up reaches
+    ``target``; ``"quality"`` when either never reaches the quality target (no steps ratio)."""
+    if steps_ratio is None:
+        return "quality: the target is not reached in at least half of the seeds"
+    compute, codec, link = split["compute"], split["encode"] + split["decode"], split["comm"]
+    step = compute + codec + link
+    if step <= 0 or steps_ratio * other_step / step >= target:
+        return "met"
+    per_step = f"quality per step ({1 / steps_ratio:.2f}x the steps); " if steps_ratio < 1 else ""
+    bound = steps_ratio * other_step / compute if compute > 0 else math.inf
+    if bound < target:
+        return (f"{per_step}compute: {compute:.3f} of {step:.3f} s per step; with a free link and codec the "
+                f"speed-up would be at most {bound:.2f}x")  # fmt: skip
+    name, part = ("link", link) if link >= codec else ("codec", codec)
+    return f"{per_step}{name}: {part:.3f} of {step:.3f} s per step (compute {compute:.3f} s)"

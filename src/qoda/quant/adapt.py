@@ -90,12 +90,12 @@ class AdaptConfig:
             DP on the all-reduced statistics with the levels of the last re-fit (no fitting: a few
             milliseconds); levels are re-fitted on ``schedule``.  Measured rule: docs/quantization.md
             ("Widths that follow the gradients").  ``0``: widths change only at re-fits.
-        guard: ``dp`` only: widths other than the plan's own (uniform) widths are adopted only if
-            their predicted variance is at most ``1 - guard`` times the uniform widths' (same levels)
-            on the statistics of the current *and* of the previous decision; otherwise the uniform
-            widths are used.  It keeps an allocation chosen on one step's young statistics from losing
-            to uniform widths when the gradients move.  Active only when the uniform widths' message
-            fits the budget.  ``None``: no guard.  Measured: docs/quantization.md.
+        guard: ``dp`` only: per-tensor widths are adopted only if their predicted variance is at most
+            ``1 - guard`` times that of uniform widths (every tensor at the widest single width whose
+            message fits the budget, same levels) on the statistics of the current *and* of the
+            previous decision; otherwise the uniform widths are used.  It keeps an allocation chosen
+            on one step's young statistics from losing to uniform widths when the gradients move.
+            ``None``: no guard.  Measured: docs/quantization.md.
     """
 
     method: str = "alq"
@@ -282,26 +282,40 @@ class LevelAdapter:
 
     def _guard(self, candidate: Allocation, stats: dict[str, MagnitudeStats]) -> Allocation:
         """``AdaptConfig.guard``: ``candidate`` if its predicted variance is at most ``1 - guard`` times
-        that of the uniform widths (the base plan's, with the candidate's per-(type, width) levels) on
-        ``stats`` and on the previous decision's statistics, else the uniform widths.  Records ``stats``
-        as the previous decision's."""
+        that of the uniform widths (the widest one width that fits the budget, with the candidate's
+        per-(type, width) levels) on ``stats`` and on the previous decision's statistics, else the
+        uniform widths.  Records ``stats`` as the previous decision's."""
         previous, self.previous_stats = self.previous_stats, stats
         g = self.config.guard
-        base = self.base_plan
-        widths = {e.name: base.configs[e.type_name].bits for e in base.entries if e.type_name is not None}
-        groups = {(e.type_name, widths[e.name]) for e in base.entries if e.type_name is not None}
-        if g is None or dict(candidate.widths) == widths or not all(k in candidate.type_levels for k in groups):
+        if g is None or not candidate.type_levels:
             return candidate
-        uniform = allocated_plan(base, widths, {width_type(t, b): candidate.type_levels[t, b] for t, b in groups})
-        bits = int(self.message_bits(uniform))
-        if bits > candidate.budget * candidate.numel:
-            return candidate  # uniform widths do not fit the budget: no reference to guard against
+        reference = self._uniform_widths(candidate)
+        if reference is None:
+            return candidate  # no single width fits the budget: nothing to guard against
+        uniform, widths, bits = reference
+        if dict(candidate.widths) == widths:
+            return candidate
         views = [stats] if previous is None else [stats, previous]
         if all(predicted_variance(candidate.plan, s) <= (1 - g) * predicted_variance(uniform, s) for s in views):
             return candidate
         self.guarded += 1
         return Allocation(uniform, widths, candidate.budget, bits, candidate.numel,
                           predicted_variance(uniform, stats), candidate.type_levels)  # fmt: skip
+
+    def _uniform_widths(self, candidate: Allocation) -> tuple[LayerPlan, dict[str, int], int] | None:
+        """The plan with every compressed tensor at the widest width of ``widths`` whose message fits
+        ``candidate``'s budget (levels: ``candidate.type_levels``), its widths and its message bits."""
+        base = self.base_plan
+        names = [e.name for e in base.entries if e.type_name is not None]
+        for b in sorted(self.config.widths, reverse=True):
+            if not all((t, b) in candidate.type_levels for t in base.types):
+                continue
+            plan = allocated_plan(base, dict.fromkeys(names, b),
+                                  {width_type(t, b): candidate.type_levels[t, b] for t in base.types})  # fmt: skip
+            bits = int(self.message_bits(plan))
+            if bits <= candidate.budget * candidate.numel:
+                return plan, dict.fromkeys(names, b), bits
+        return None
 
     @property
     def widths(self) -> dict[str, int]:
