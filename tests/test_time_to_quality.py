@@ -101,7 +101,10 @@ def test_summary_splits_each_speedup_into_quality_per_step_and_step_time():
     assert rows["allreduce"]["quality_at_budget"]["median"] == pytest.approx(4.75)  # between 5 at 10 s, 4 at 20 s
     assert q["quality_at_budget"]["median"] == pytest.approx(3.0) and q["final_quality"]["std"] == pytest.approx(0.1)
     (c,) = claims(list(rows.values()))
-    assert c["met_2x_vs_allreduce"] and not c["met_1.2x_vs_powersgd1"]
+    assert c["met_2x_vs_allreduce"] and c["met_1.2x_vs_powersgd1"]
+    assert c["decided_by_vs_allreduce"] == "met"
+    # PowerSGD never reaches the target in its 20 s: qoda (10 s) is at least 2x sooner
+    assert c["decided_by_vs_powersgd1"].endswith("within its 20 s: speed-up at least 2.00x (met)")
     assert c["final_within_one_std_of_allreduce"] is False  # 3.0 +- 0.1 vs 2.0 +- 0
 
 
