@@ -3,6 +3,7 @@ average across 2 gloo processes through the trainer's averager factory and its D
 
 import copy
 import pickle
+from functools import partial
 
 import numpy as np
 import pytest
@@ -14,6 +15,8 @@ from distributed import run, values
 from qoda.codec.compressor import Compressor
 from qoda.codec.format import CodecError
 from qoda.codec.topk import TopK
+from qoda.comm.ddp_hook import QodaHookState
+from qoda.quant.adapt import AdaptConfig
 
 SHAPES = [torch.Size([32, 40]), torch.Size([32]), torch.Size([7, 3, 2])]
 
@@ -72,6 +75,18 @@ def test_bad_input_and_damaged_messages_raise_one_line_errors():
     data[:4] = torch.tensor([255, 255, 255, 127], dtype=torch.uint8)  # first index 2^31 - 1: out of range
     with pytest.raises(CodecError, match="indices"):
         c.decode_into(data, outs)
+
+
+def test_the_hook_takes_a_compressor_factory_and_refuses_what_does_not_apply():
+    factory = partial(TopK, fraction=0.1)
+    state = QodaHookState(compressor=factory)
+    assert state.adapt is None and state.plan is None and state.state_dict()["settings"]["compressor"] == repr(factory)
+    with pytest.raises(ValueError, match="mode"):
+        QodaHookState(compressor=factory, mode="two_phase")
+    with pytest.raises(ValueError, match="adapt"):
+        QodaHookState(compressor=factory, adapt=AdaptConfig())
+    with pytest.raises(TypeError, match="compressor"):
+        QodaHookState(compressor=3)
 
 
 def _players():
