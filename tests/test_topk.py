@@ -77,6 +77,69 @@ def test_bad_input_and_damaged_messages_raise_one_line_errors():
         c.decode_into(data, outs)
 
 
+@pytest.fixture
+def gloo_world_1():
+    """A 1-process gloo group on an in-memory store: no port, no environment variables."""
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def test_error_feedback_memory_is_the_state_a_resumed_run_needs(gloo_world_1):
+    from qoda.comm.compressed import CompressedAverager
+
+    avg = CompressedAverager(TopK(SHAPES, 0.05, error_feedback=True))
+    x1, x2 = _tensors(1), _tensors(2)
+    first = [t.clone() for t in x1]
+    avg.average_(first, step=0)
+    k = avg.compressor.k
+    np.testing.assert_array_equal(_flat(first), _exact_topk(x1, k))
+    saved = pickle.loads(pickle.dumps(avg.state_dict()))
+    memory = _flat(x1) - _exact_topk(x1, k)  # e_1 = g_1 - topk(g_1)
+    np.testing.assert_array_equal(saved["compressor"]["memory"].numpy(), memory)
+    second = [t.clone() for t in x2]
+    avg.average_(second, step=1)
+    fed = _flat(x2) + memory
+    np.testing.assert_array_equal(_flat(second), _exact_topk([torch.from_numpy(fed)], k))  # topk(g_2 + e_1)
+    resumed = CompressedAverager(TopK(SHAPES, 0.05, error_feedback=True))
+    resumed.load_state_dict(saved)
+    again = [t.clone() for t in x2]
+    resumed.average_(again, step=1)
+    assert all(torch.equal(a, b) for a, b in zip(again, second, strict=True))
+    assert resumed.stats.calls == 2  # the costs resume too
+    with pytest.raises(ValueError, match="stateless"):
+        TopK(SHAPES, 0.05).load_state_dict(saved["compressor"])
+
+
+def test_the_hook_checkpoints_each_group_compressor_state(gloo_world_1):
+    """Error feedback through the DDP hook: a state saved after step 1 and loaded into a new hook
+    gives step 2's averaged gradients bit for bit."""
+
+    def step(state, model, seed):
+        ddp = nn.parallel.DistributedDataParallel(model)
+        state.register(ddp)
+        ddp(torch.randn(8, 20, generator=torch.Generator().manual_seed(seed))).square().sum().backward()
+        grads = [p.grad.clone() for p in model.parameters()]
+        model.zero_grad()
+        return grads
+
+    factory = partial(TopK, fraction=0.05, error_feedback=True)
+    model, _ = _model_and_batch(0)
+    state = QodaHookState(compressor=factory, start_iter=0)
+    step(state, model, 1)
+    saved = pickle.loads(pickle.dumps(state.state_dict()))
+    assert [st["memory"] is not None for st in saved["compressors"].values()] == [True]
+    straight = step(state, model, 2)
+    other = QodaHookState(compressor=factory, start_iter=0)
+    other.load_state_dict(saved)
+    resumed = step(other, _model_and_batch(0)[0], 2)
+    assert all(torch.equal(a, b) for a, b in zip(straight, resumed, strict=True))
+    fresh = step(QodaHookState(compressor=factory, start_iter=0), _model_and_batch(0)[0], 2)
+    assert not all(torch.equal(a, b) for a, b in zip(straight, fresh, strict=True))  # the memory mattered
+
+
 def test_the_hook_takes_a_compressor_factory_and_refuses_what_does_not_apply():
     factory = partial(TopK, fraction=0.1)
     state = QodaHookState(compressor=factory)

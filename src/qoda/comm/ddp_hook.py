@@ -134,8 +134,8 @@ class QodaHookState:
             (e.g. ``functools.partial(TopK, fraction=0.01)``); averaged by all-gather
             (:class:`~qoda.comm.compressed.CompressedAverager`) in the hook body, after the fp32
             warm-up.  ``policy`` and ``overlap`` then do not apply; ``adapt`` and ``mode`` keep their
-            defaults (no adaptive levels: passing any ``adapt`` raises).  The compressor must be
-            stateless (its state is not in the checkpoint).
+            defaults (no adaptive levels: passing any ``adapt`` raises).  Each exchange group's
+            compressor state (e.g. an error-feedback memory) is in the checkpoint.
 
     Tuning guide:
 
@@ -234,6 +234,7 @@ class QodaHookState:
         self.iter = 0
         self.stats = CommStats()
         self.adapter_state: dict | None = None  # the LevelAdapter's, refreshed when saved
+        self.compressor_states: dict[str, dict] = {}  # exchange group -> its compressor's state, refreshed when saved
         self.layout: list[Group] = []  # the groups of the last pass (DDP's buckets, or the restored ones)
         self.shapes: dict[str, tuple[int, ...]] = {}  # every parameter's shape, in model order
         # ---- runtime only (not pickled)
@@ -290,6 +291,7 @@ class QodaHookState:
             raise ValueError("hook state: its parameters (restored from a checkpoint) are not this model's")
         self._names, self._modules, self.shapes, self._bound = names, modules, shapes, True
         self._adapter = None
+        self._refresh_compressor_states()  # kept across the rebuild of the groups' averagers
         self._aggregators = {}
 
     def register(self, ddp_model: nn.parallel.DistributedDataParallel) -> nn.parallel.DistributedDataParallel:
@@ -402,6 +404,9 @@ class QodaHookState:
         if self.compressor is not None:
             shapes = [torch.Size(self.shapes[n]) for n in names]
             agg = CompressedAverager(self.compressor(shapes), self.process_group, seed=seed)
+            saved = self.compressor_states.get(_group_key(names, index))
+            if saved is not None:
+                agg.compressor.load_state_dict(saved)
         else:
             plan = sub_plan(self._adapter_now().plan, names) if self.adapt is not None else self._policy_plan(names)
             agg = Aggregator(plan, self.mode, self.process_group, seed=seed)
@@ -455,14 +460,20 @@ class QodaHookState:
         return out
 
     # ------------------------------------------------------------------ checkpoints
-    def _refresh_adapter_state(self) -> None:
+    def _refresh_saved_state(self) -> None:
         if self._adapter is not None:
             self.adapter_state = self._adapter.state_dict()
+        self._refresh_compressor_states()
+
+    def _refresh_compressor_states(self) -> None:
+        for (names, index), (_, agg) in self._aggregators.items():
+            if isinstance(agg, CompressedAverager):
+                self.compressor_states[_group_key(names, index)] = agg.compressor.state_dict()
 
     def state_dict(self) -> dict[str, Any]:
         """Counters, costs, the per-parameter adaptive state and the grouping of the last pass
         (tensors and plain Python: safe for ``torch.load(weights_only=True)``)."""
-        self._refresh_adapter_state()
+        self._refresh_saved_state()
         a = self.adapter_state
         adapter = None
         if a is not None:
@@ -478,6 +489,7 @@ class QodaHookState:
             "layout": [list(g) for g in (self._pinned or self.layout)],
             "shapes": [[n, list(s)] for n, s in self.shapes.items()],
             "settings": self._settings(),
+            "compressors": copy.deepcopy(self.compressor_states),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -507,6 +519,7 @@ class QodaHookState:
                 k: {**st, "counts": np.asarray(st["counts"], dtype=np.float64)} for k, st in a["stats"].items()
             }
         self.adapter_state = a
+        self.compressor_states = copy.deepcopy(state.get("compressors", {}))
         if shapes:
             self.shapes = shapes
         self.layout = [tuple(str(n) for n in g) for g in state["layout"]]
@@ -529,16 +542,17 @@ class QodaHookState:
         }  # fmt: skip
 
     def __getstate__(self) -> dict[str, Any]:
-        self._refresh_adapter_state()
+        self._refresh_saved_state()
         keep = (
             "policy", "mode", "start_iter", "seed", "iter", "stats", "adapt", "adapter_state", "overlap", "shapes",
-            "compressor",
+            "compressor", "compressor_states",
         )  # fmt: skip
         return {**{k: self.__dict__[k] for k in keep}, "layout": list(self._pinned or self.layout)}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         state.setdefault("overlap", False)  # pickles of earlier versions: they ran synchronously
         state.setdefault("compressor", None)  # ... and had no compressor
+        state.setdefault("compressor_states", {})
         self.__dict__.update(state)
         self.process_group = None
         self._init_runtime()
@@ -694,6 +708,11 @@ class QodaHookState:
                 + ", ".join(f"{k}={fields[k]!r}" for k in differ if k != "policy")
                 + "); every rank must build QodaHookState with the same arguments and load the same checkpoint"
             )
+
+
+def _group_key(names: Group, index: int) -> str:
+    """A checkpoint key of one exchange group (its index and parameter names)."""
+    return f"{index}:{','.join(names)}"
 
 
 def _complete(all_f: torch.futures.Future, result: torch.futures.Future, buffer: torch.Tensor) -> None:
