@@ -90,13 +90,7 @@ CASES = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def gloo_world_1():
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
+pytestmark = pytest.mark.usefixtures("gloo_world_1")
 
 
 def _bucket_bound(x: torch.Tensor, config: QuantizerConfig, quantizations: int) -> torch.Tensor:

@@ -67,15 +67,3 @@ def test_benchmarks_read_calls_from_the_registry():
         assert compute_bound_of(c.name) == ("compute_only_2call" if calls_of(c.name) == 2 else "compute_only")
     assert set(MODELLED) <= {c.name for c in CONFIGS}
 
-
-@pytest.fixture
-def gloo_world_1():
-    """A 1-process gloo group on an in-memory store: no port, no environment variables."""
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
-

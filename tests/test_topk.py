@@ -77,16 +77,6 @@ def test_bad_input_and_damaged_messages_raise_one_line_errors():
         c.decode_into(data, outs)
 
 
-@pytest.fixture
-def gloo_world_1():
-    """A 1-process gloo group on an in-memory store: no port, no environment variables."""
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
-
-
 def test_error_feedback_memory_is_the_state_a_resumed_run_needs(gloo_world_1):
     from qoda.comm.compressed import CompressedAverager
 
