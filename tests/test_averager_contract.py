@@ -244,3 +244,18 @@ def test_adaptive_observe_and_refresh_are_what_average_does():
             assert torch.equal(x, y)
     assert whole.adapter.fits == split.adapter.fits == 2
     assert whole.plan.fingerprint() == split.plan.fingerprint()
+
+
+def test_the_layerwise_codec_through_the_compressor_contract_averages_like_the_aggregator():
+    """LayerwiseCodec is a Compressor: averaged by CompressedAverager it gives the allgather
+    Aggregator's result bit for bit (same seeds, same bytes, same decode order)."""
+    from qoda.codec.layerwise import LayerwiseCodec
+
+    plan = _plan(_players())
+    agg, generic = Aggregator(plan, "allgather", seed=3), CompressedAverager(LayerwiseCodec(plan), seed=3)
+    for step in range(2):
+        a, b = _inputs(step), _inputs(step)
+        sa, sb = agg.average_(a, step), generic.average_(b, step)
+        assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+        assert sa.payload_bits == sb.payload_bits
+    assert repr(generic.compressor) == f"LayerwiseCodec(plan {generic.compressor.plan_id:08x})"

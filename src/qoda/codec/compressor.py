@@ -20,6 +20,8 @@ for any compressor).  The four parts of the contract:
 * **state** - ``state_dict()`` / ``load_state_dict()``: what a resumed run needs to compress
   exactly like an uninterrupted one (error-feedback memories, ...); ``{}`` when stateless.
 
+A compressor's ``repr`` names its settings (no addresses): averagers compare it across ranks.
+
 A new compressor is one class implementing this contract, one entry in the trainer's registry
 (:data:`qoda.train.compressions.COMPRESSIONS`) and its test (docs/architecture.md).
 """

@@ -249,6 +249,9 @@ class LayerwiseCodec(Compressor):
         self.plan_id = zlib.crc32(plan.fingerprint().encode())
         self._layouts: dict[tuple[tuple[int, ...], ...] | None, fused.MessageLayout | None] = {}
 
+    def __repr__(self) -> str:
+        return f"LayerwiseCodec(plan {self.plan_id:08x})"
+
     @property
     def types(self) -> tuple[str, ...]:
         return self.plan.types

@@ -89,7 +89,7 @@ class CompressedAverager(Averager):
         for t, a in zip(tensors, acc, strict=True):
             t.copy_(a.mul_(1.0 / self.world))
         assert msg is not None
-        st.payload_bits = msg.bits
+        st.payload_bits = msg.code_bits
         charge(st, cost.allgather(self.world, max(n), sized=True))
         st.encode_seconds, st.comm_seconds, st.decode_seconds = t1 - t0, t2 - t1, time.perf_counter() - t2
         self.stats += st
