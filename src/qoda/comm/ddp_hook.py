@@ -6,12 +6,14 @@ Usage (the state can be built before the model is wrapped, like PyTorch's ``Powe
     ddp_model = DistributedDataParallel(model)
     state.register(ddp_model)            # = state.bind(model); ddp_model.register_comm_hook(state, qoda_hook)
 
-The tuning guide is :class:`QodaHookState`'s docstring.  Checkpoints: ``state.state_dict()`` /
-``load_state_dict()`` (plain Python and tensors), or ``pickle`` (the process group and the
-model binding are dropped; bind again after loading); resume is bit for bit whatever DDP's
-buckets (the state is per parameter; see *Per-parameter state* there).  ``state.summary()``:
-widths, levels, variance and bits per coordinate.  Lightning and accelerate:
-:mod:`qoda.integrations`.
+The tuning guide is :class:`QodaHookState`'s docstring.  Any other compressor
+(:class:`~qoda.codec.compressor.Compressor`) runs in the same hook:
+``QodaHookState(compressor=functools.partial(TopK, fraction=0.01))``.
+Checkpoints: ``state.state_dict()`` / ``load_state_dict()`` (plain Python and tensors), or
+``pickle`` (the process group and the model binding are dropped; bind again after loading);
+resume is bit for bit whatever DDP's buckets (the state is per parameter; see *Per-parameter
+state* there).  ``state.summary()``: widths, levels, variance and bits per coordinate.
+Lightning and accelerate: :mod:`qoda.integrations`.
 
 Collective order.  Every collective of a step is *issued from the hook body*, in bucket order,
 so every rank issues the same sequence.  Nothing is ever issued from a future callback: on
