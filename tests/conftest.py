@@ -8,6 +8,19 @@ from torch import nn
 from qoda.report.digits import DigitsCNN, load_digits_tensors
 
 
+@pytest.fixture(scope="module")
+def gloo_world_1():
+    """A 1-process gloo group on an in-memory store (no port, no environment variables), shared by
+    the tests of a module that ask for it."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _shared_cache(tmp_path_factory):
     """One FID-extractor cache for the whole session (child processes inherit it), never ~/.cache."""

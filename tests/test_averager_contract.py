@@ -9,10 +9,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from qoda.codec.topk import TopK
 from qoda.comm.adaptive import AdaptiveAggregator
 from qoda.comm.aggregate import Aggregator
 from qoda.comm.averager import Averager, CommStats
 from qoda.comm.baselines import LocalAverager, PowerSGDAverager
+from qoda.comm.compressed import CompressedAverager
 from qoda.comm.overlap import OverlappedAverager
 from qoda.quant.adapt import AdaptConfig, RefitSchedule
 from qoda.quant.config import QuantizerConfig
@@ -87,16 +89,11 @@ CASES = {
     "overlapped_powersgd": (lambda: _overlapped(quantized=False), "warm-up"),
     "simulated": (lambda: _Simulated(_plan(_players()), world=1, seed=3), 1),
     "exact_simulated": (lambda: _Exact(world=1), "exact"),
+    "topk": (lambda: CompressedAverager(TopK(SHAPES, 0.25, error_feedback=True), seed=3), "topk"),
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def gloo_world_1():
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
+pytestmark = pytest.mark.usefixtures("gloo_world_1")
 
 
 def _bucket_bound(x: torch.Tensor, config: QuantizerConfig, quantizations: int) -> torch.Tensor:
@@ -118,6 +115,13 @@ def _check_close(avg: Averager, before, after, how, calls_before: int) -> None:
     elif how == "warm-up":  # PowerSGD: plain all-reduce before start_iter, then a low-rank approximation
         for a, b in zip(before, after, strict=True):
             assert torch.equal(a, b) if calls_before < 2 else bool(torch.isfinite(b).all())
+    elif how == "topk":  # the k largest of input + memory (no memory at the first call)
+        after_flat = torch.cat([b.reshape(-1) for b in after])
+        assert int((after_flat != 0).sum()) == avg.compressor.k
+        if calls_before == 0:
+            flat = torch.cat([a.reshape(-1) for a in before])
+            keep = flat.abs().topk(avg.compressor.k).indices
+            assert torch.equal(after_flat, torch.zeros_like(flat).index_copy_(0, keep, flat[keep]))
     else:  # quantized ``how`` times (two-phase: phase 1 and the re-quantization of its average)
         plan = avg.plan
         assert isinstance(plan, LayerPlan)
@@ -179,7 +183,7 @@ def test_plan_capabilities_and_start():
     plan = _plan(_players())
     built = {name: build() for name, (build, _) in CASES.items()}
     for name, avg in built.items():
-        expect_plan = name not in ("powersgd", "local", "overlapped_powersgd", "exact_simulated")
+        expect_plan = name not in ("powersgd", "local", "overlapped_powersgd", "exact_simulated", "topk")
         assert isinstance(avg.plan, LayerPlan) if expect_plan else avg.plan is None, name
         assert avg.communicates is (name != "local"), name
         assert avg.starts_parts is name.startswith("overlapped"), name
@@ -240,3 +244,18 @@ def test_adaptive_observe_and_refresh_are_what_average_does():
             assert torch.equal(x, y)
     assert whole.adapter.fits == split.adapter.fits == 2
     assert whole.plan.fingerprint() == split.plan.fingerprint()
+
+
+def test_the_layerwise_codec_through_the_compressor_contract_averages_like_the_aggregator():
+    """LayerwiseCodec is a Compressor: averaged by CompressedAverager it gives the allgather
+    Aggregator's result bit for bit (same seeds, same bytes, same decode order)."""
+    from qoda.codec.layerwise import LayerwiseCodec
+
+    plan = _plan(_players())
+    agg, generic = Aggregator(plan, "allgather", seed=3), CompressedAverager(LayerwiseCodec(plan), seed=3)
+    for step in range(2):
+        a, b = _inputs(step), _inputs(step)
+        sa, sb = agg.average_(a, step), generic.average_(b, step)
+        assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+        assert sa.payload_bits == sb.payload_bits
+    assert repr(generic.compressor) == f"LayerwiseCodec(plan {generic.compressor.plan_id:08x})"

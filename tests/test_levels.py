@@ -74,3 +74,22 @@ def test_gaps_whose_inverse_overflows_float32_are_refused():
         LevelSet.exponential(14, 0.001)  # p^14 = 1e-42
     ok = LevelSet.custom([0.0, 2.0**-125, 1.0])
     assert np.isfinite(np.float32(1.0) / np.diff(ok.array)).all()
+
+
+def test_a_new_level_family_is_one_registry_entry(monkeypatch):
+    """A family registered in LEVEL_FAMILIES is a ``for_bits`` family and a registry ``levels``."""
+    from dataclasses import replace
+
+    from qoda.quant.levels import LEVEL_FAMILIES
+    from qoda.train.compression import quantizer_config
+    from qoda.train.compressions import COMPRESSIONS
+    from qoda.train.config import TrainConfig
+
+    def quadratic(s, p):
+        return LevelSet(tuple((j / (s + 1)) ** 2 for j in range(s + 2)), family="quadratic")
+
+    monkeypatch.setitem(LEVEL_FAMILIES, "quadratic", quadratic)
+    lv = LevelSet.for_bits(3, "quadratic")
+    assert lv.values == tuple(float(np.float32((j / 3) ** 2)) for j in range(4))
+    monkeypatch.setitem(COMPRESSIONS, "qsgd2", replace(COMPRESSIONS["qsgd"], name="qsgd2", levels="quadratic"))
+    assert quantizer_config(TrainConfig(compression="qsgd2", bits=3)).levels == lv

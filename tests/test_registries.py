@@ -8,10 +8,11 @@ from qoda.bench.scaling import MODELLED
 from qoda.comm.adaptive import AdaptiveAggregator
 from qoda.comm.aggregate import Aggregator, Mode
 from qoda.comm.baselines import PowerSGDAverager
+from qoda.comm.compressed import CompressedAverager
 from qoda.optim import OPTIMIZERS
 from qoda.optim.base import TwoCallOptimizer
 from qoda.train.compression import _single
-from qoda.train.compressions import COMPRESSIONS, Transport
+from qoda.train.compressions import COMPRESSIONS, resolve
 from qoda.train.config import OPTIMIZER_CHOICES, ConfigError, TrainConfig
 from qoda.train.trainer import _optimizer_kwargs
 
@@ -42,17 +43,21 @@ def test_skip_policy_follows_calls_per_iteration():
 @pytest.mark.parametrize("name", list(COMPRESSIONS))
 def test_every_compression_builds_the_averager_its_spec_names(name, gloo_world_1):
     spec = COMPRESSIONS[name]
+    resolve(spec.hook)  # the DDP hook's builder exists too (built in tests/test_lm_task.py)
     cfg = TrainConfig(compression=name, bits=3)
     players = nn.ModuleDict({"generator": nn.Linear(64, 32), "critic": nn.Linear(32, 1)})
     avg = _single(cfg, players, None, seed=0)
-    if spec.transport is Transport.POWERSGD:
+    assert cfg.quantized == spec.quantized and cfg.adaptive == (spec.levels == "fitted")
+    if "compressor" in spec.options:
+        assert isinstance(avg, CompressedAverager) and isinstance(avg.compressor, spec.options["compressor"])
+        assert cfg.wire_bits == spec.bits
+        return
+    if not spec.quantized and "precision" not in spec.options:
         assert isinstance(avg, PowerSGDAverager) and cfg.wire_bits is None
         return
     assert isinstance(avg, AdaptiveAggregator if spec.adaptive else Aggregator)
-    expected_mode = {Transport.FP32: Mode.FP32, Transport.FP16: Mode.FP16}.get(spec.transport, Mode(cfg.mode))
-    assert avg.mode is expected_mode
-    assert cfg.wire_bits == {Transport.FP32: 32, Transport.FP16: 16}.get(spec.transport, 3)
-    assert cfg.quantized == spec.quantized and cfg.adaptive == (spec.levels == "fitted")
+    assert avg.mode is Mode(spec.options.get("precision", cfg.mode))
+    assert cfg.wire_bits == (3 if spec.quantized else {"fp32": 32, "fp16": 16}[spec.options["precision"]])
 
 
 def test_benchmarks_read_calls_from_the_registry():
@@ -61,16 +66,4 @@ def test_benchmarks_read_calls_from_the_registry():
         assert calls_of(c.name) == OPTIMIZERS[opt].calls_per_iteration
         assert compute_bound_of(c.name) == ("compute_only_2call" if calls_of(c.name) == 2 else "compute_only")
     assert set(MODELLED) <= {c.name for c in CONFIGS}
-
-
-@pytest.fixture
-def gloo_world_1():
-    """A 1-process gloo group on an in-memory store: no port, no environment variables."""
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
 

@@ -41,6 +41,7 @@ import numpy as np
 import torch
 
 from qoda.codec import fused
+from qoda.codec.compressor import Compressor, EncodedMessage
 from qoda.codec.format import DTYPE_CODES, FIELDS, HEADER_SIZE, CodecError, as_bytes_array
 from qoda.codec.segment import Encoded, decode_into, encode_raw, encode_tensor, fixed_segment_header
 from qoda.quant.config import Coding, QuantizerConfig
@@ -226,24 +227,9 @@ class Group:
         return sum(self.numels)
 
 
-@dataclass(frozen=True)
-class EncodedMessage:
-    data: np.ndarray  # uint8 (a uint8 torch.Tensor on the device from qoda.codec.device)
-    bits: int  # exact payload bits (sum over segments, plus the message header)
-    segment_bits: dict[str, int]  # per type ("" for the raw segment)
-    framing_bits: int = 0  # message and segment headers and layer sizes (no coordinate information)
-
-    @property
-    def code_bits(self) -> int:
-        """Bits that carry the vector: norms, codes (or raw floats), frequency tables."""
-        return self.bits - self.framing_bits
-
-    def __len__(self) -> int:
-        return int(self.data.numel() if isinstance(self.data, torch.Tensor) else self.data.size)
-
-
-class LayerwiseCodec:
-    """Encode/decode the gradients of a model following a :class:`LayerPlan`.
+class LayerwiseCodec(Compressor):
+    """Encode/decode the gradients of a model following a :class:`LayerPlan` (a
+    :class:`~qoda.codec.compressor.Compressor`: stateless, fixed message size unless entropy-coded).
 
     Works on one flat float32 buffer per group (:attr:`groups`); :meth:`encode` and
     :meth:`decode_into` also accept per-layer tensors in plan order.
@@ -262,6 +248,9 @@ class LayerwiseCodec:
         self.groups: tuple[Group, ...] = tuple(groups)
         self.plan_id = zlib.crc32(plan.fingerprint().encode())
         self._layouts: dict[tuple[tuple[int, ...], ...] | None, fused.MessageLayout | None] = {}
+
+    def __repr__(self) -> str:
+        return f"LayerwiseCodec(plan {self.plan_id:08x})"
 
     @property
     def types(self) -> tuple[str, ...]:
@@ -430,9 +419,9 @@ class LayerwiseCodec:
         return (f"tensors: {passed}, where the plan has {e.name} (shape {tuple(e.shape)}, {e.numel} elements): "
                 f"pass the tensors in the plan's order ({order})")  # fmt: skip
 
-    def encode(self, tensors: Sequence[torch.Tensor], seed: int) -> EncodedMessage:
-        """One message for ``tensors`` (one per plan entry, in plan order)."""
-        return self.encode_flats(self.gather(tensors), seed)
+    def encode(self, tensors: Sequence[torch.Tensor], seed: int, out: np.ndarray | None = None) -> EncodedMessage:
+        """One message for ``tensors`` (one per plan entry, in plan order), into ``out`` if given."""
+        return self.encode_flats(self.gather(tensors), seed, out=out)
 
     def decode_into(self, payload: object, outs: Sequence[torch.Tensor], accumulate: bool = True) -> None:
         """Add (or write) the decoded layers into ``outs``; on any error nothing is written."""

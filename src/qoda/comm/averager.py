@@ -3,6 +3,7 @@
 The optimizers, the trainer and the DDP hook see only :class:`Averager`, never a concrete
 class.  Implementations: :class:`~qoda.comm.aggregate.Aggregator` (fp32, fp16, allgather,
 two-phase), :class:`~qoda.comm.adaptive.AdaptiveAggregator` (levels re-fitted on a schedule),
+:class:`~qoda.comm.compressed.CompressedAverager` (any :class:`~qoda.codec.compressor.Compressor`),
 :class:`~qoda.comm.baselines.PowerSGDAverager`, :class:`~qoda.comm.baselines.LocalAverager`
 (no communication), :class:`~qoda.comm.overlap.OverlappedAverager` (parts averaged in the
 background) and the VI simulator's in-process averagers (:mod:`qoda.vi.simulator`).

@@ -6,12 +6,14 @@ Usage (the state can be built before the model is wrapped, like PyTorch's ``Powe
     ddp_model = DistributedDataParallel(model)
     state.register(ddp_model)            # = state.bind(model); ddp_model.register_comm_hook(state, qoda_hook)
 
-The tuning guide is :class:`QodaHookState`'s docstring.  Checkpoints: ``state.state_dict()`` /
-``load_state_dict()`` (plain Python and tensors), or ``pickle`` (the process group and the
-model binding are dropped; bind again after loading); resume is bit for bit whatever DDP's
-buckets (the state is per parameter; see *Per-parameter state* there).  ``state.summary()``:
-widths, levels, variance and bits per coordinate.  Lightning and accelerate:
-:mod:`qoda.integrations`.
+The tuning guide is :class:`QodaHookState`'s docstring.  Any other compressor
+(:class:`~qoda.codec.compressor.Compressor`) runs in the same hook:
+``QodaHookState(compressor=functools.partial(TopK, fraction=0.01))``.
+Checkpoints: ``state.state_dict()`` / ``load_state_dict()`` (plain Python and tensors), or
+``pickle`` (the process group and the model binding are dropped; bind again after loading);
+resume is bit for bit whatever DDP's buckets (the state is per parameter; see *Per-parameter
+state* there).  ``state.summary()``: widths, levels, variance and bits per coordinate.
+Lightning and accelerate: :mod:`qoda.integrations`.
 
 Collective order.  Every collective of a step is *issued from the hook body*, in bucket order,
 so every rank issues the same sequence.  Nothing is ever issued from a future callback: on
@@ -63,9 +65,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from qoda.codec.compressor import Compressor
 from qoda.codec.layerwise import fixed_message_bits
 from qoda.comm.aggregate import AggregationError, Aggregator, Mode, allreduce_sum, compare_across_ranks
-from qoda.comm.averager import CommStats
+from qoda.comm.averager import Averager, CommStats
+from qoda.comm.compressed import CompressedAverager
 from qoda.comm.protocol import AllgatherExchange, TwoPhaseExchange
 from qoda.quant.adapt import AdaptConfig, LevelAdapter
 from qoda.quant.allocation import minimum_budget
@@ -139,6 +143,13 @@ class QodaHookState:
             ``AdaptConfig()``: adaptive levels at the policy's widths, as the trainer; ``None``:
             fixed levels; ``AdaptConfig(allocation="dp", budget=b)``: per-tensor widths too).
         overlap: issue the exchange asynchronously and decode in the future's continuation.
+        compressor: any :class:`~qoda.codec.compressor.Compressor` instead of the layer-wise codec,
+            as a factory ``compressor(shapes)`` called per exchange with its parameters' shapes
+            (e.g. ``functools.partial(TopK, fraction=0.01)``); averaged by all-gather
+            (:class:`~qoda.comm.compressed.CompressedAverager`) in the hook body, after the fp32
+            warm-up.  ``policy`` and ``overlap`` then do not apply; ``adapt`` and ``mode`` keep their
+            defaults (no adaptive levels: passing any ``adapt`` raises).  Each exchange group's
+            compressor state (e.g. an error-feedback memory) is in the checkpoint.
 
     Tuning guide:
 
@@ -192,6 +203,7 @@ class QodaHookState:
         process_group: dist.ProcessGroup | None = None,
         adapt: AdaptConfig | None = DEFAULT_ADAPT,
         overlap: bool = True,
+        compressor: Callable[[list[torch.Size]], Compressor] | None = None,
     ) -> None:
         if isinstance(model, LayerPolicy):  # QodaHookState(policy, ...)
             if policy is not None:
@@ -211,8 +223,14 @@ class QodaHookState:
             raise ValueError(f"start_iter: must be a non-negative int, got {start_iter!r}")
         if adapt is not None and not isinstance(adapt, AdaptConfig):
             raise TypeError(f"adapt: expected an AdaptConfig, got {type(adapt).__name__}")
-        if adapt is DEFAULT_ADAPT and mode in (Mode.FP32, Mode.FP16):
-            adapt = None  # nothing to adapt in an uncompressed mode
+        if compressor is not None and not callable(compressor):
+            raise TypeError(f"compressor: expected a factory shapes -> Compressor, got {type(compressor).__name__}")
+        if compressor is not None and mode is not Mode.ALLGATHER:
+            raise ValueError(f"mode: a compressor is averaged by all-gather, got mode {mode.value}")
+        if compressor is not None and adapt is not DEFAULT_ADAPT and adapt is not None:
+            raise ValueError("adapt: adaptive levels belong to the layer-wise codec; a compressor takes adapt=None")
+        if adapt is DEFAULT_ADAPT and (mode in (Mode.FP32, Mode.FP16) or compressor is not None):
+            adapt = None  # nothing to adapt in an uncompressed mode or with another compressor
         if adapt is not None and mode in (Mode.FP32, Mode.FP16):
             raise ValueError(
                 f"adapt: adaptive levels need a quantized mode (allgather or two_phase), got {mode.value} "
@@ -225,10 +243,12 @@ class QodaHookState:
         self.seed = int(seed)
         self.adapt = adapt
         self.overlap = bool(overlap)
+        self.compressor = compressor
         # ---- counters and per-parameter state (pickled)
         self.iter = 0
         self.stats = CommStats()
         self.adapter_state: dict | None = None  # the LevelAdapter's, refreshed when saved
+        self.compressor_states: dict[str, dict] = {}  # exchange group -> its compressor's state, refreshed when saved
         self.layout: list[Group] = []  # the groups of the last pass (DDP's buckets, or the restored ones)
         self.shapes: dict[str, tuple[int, ...]] = {}  # every parameter's shape, in model order
         # ---- runtime only (not pickled)
@@ -242,7 +262,7 @@ class QodaHookState:
         self._modules: dict[str, tuple[nn.Module, str]] = {}  # name -> (owning module, local name)
         self._bound = False
         self._adapter: LevelAdapter | None = None
-        self._aggregators: dict[tuple[Group, int], tuple[int, Aggregator]] = {}  # (group, index) -> (version, agg)
+        self._aggregators: dict[tuple[Group, int], tuple[int, Averager]] = {}  # (group, index) -> (version, averager)
         self._version = 0  # bumped when the adapter's plan changes
         self._pinned: list[Group] | None = None  # restored layout, used until DDP's buckets match it
         self._previous: list[Group] | None = None  # DDP's buckets of the pass before
@@ -285,6 +305,7 @@ class QodaHookState:
             raise ValueError("hook state: its parameters (restored from a checkpoint) are not this model's")
         self._names, self._modules, self.shapes, self._bound = names, modules, shapes, True
         self._adapter = None
+        self._refresh_compressor_states()  # kept across the rebuild of the groups' averagers
         self._aggregators = {}
 
     def register(self, ddp_model: nn.parallel.DistributedDataParallel) -> nn.parallel.DistributedDataParallel:
@@ -373,24 +394,36 @@ class QodaHookState:
 
     @property
     def plan(self) -> LayerPlan | None:
-        """The plan every parameter is quantized with now (``None`` before the parameters are known)."""
+        """The plan every parameter is quantized with now (``None`` before the parameters are known,
+        or with a ``compressor``)."""
         return self._plan()
 
     def _plan(self) -> LayerPlan | None:
-        """The current plan of every parameter (``None`` before the parameters are known)."""
-        if not self.shapes:
+        """The current plan of every parameter (``None`` before the parameters are known or with a
+        ``compressor``)."""
+        if not self.shapes or self.compressor is not None:
             return None
         if self.adapt is not None and (self._adapter is not None or self._bound or self.adapter_state is not None):
             return self._adapter_now().plan
         return self._policy_plan(list(self.shapes))
 
-    def _aggregator(self, names: Group, index: int) -> Aggregator:
+    def _aggregator(self, names: Group, index: int) -> Averager:
+        """The averager of one group: an :class:`Aggregator` of its plan, or the compressor's."""
         key = (names, index)
         cached = self._aggregators.get(key)
         if cached is not None and cached[0] == self._version:
             return cached[1]
-        plan = sub_plan(self._adapter_now().plan, names) if self.adapt is not None else self._policy_plan(names)
-        agg = Aggregator(plan, self.mode, self.process_group, seed=self.seed ^ (index << 32))
+        seed = self.seed ^ (index << 32)
+        agg: Averager
+        if self.compressor is not None:
+            shapes = [torch.Size(self.shapes[n]) for n in names]
+            agg = CompressedAverager(self.compressor(shapes), self.process_group, seed=seed)
+            saved = self.compressor_states.get(_group_key(names, index))
+            if saved is not None:
+                agg.compressor.load_state_dict(saved)
+        else:
+            plan = sub_plan(self._adapter_now().plan, names) if self.adapt is not None else self._policy_plan(names)
+            agg = Aggregator(plan, self.mode, self.process_group, seed=seed)
         self._aggregators[key] = (self._version, agg)
         return agg
 
@@ -441,14 +474,20 @@ class QodaHookState:
         return out
 
     # ------------------------------------------------------------------ checkpoints
-    def _refresh_adapter_state(self) -> None:
+    def _refresh_saved_state(self) -> None:
         if self._adapter is not None:
             self.adapter_state = self._adapter.state_dict()
+        self._refresh_compressor_states()
+
+    def _refresh_compressor_states(self) -> None:
+        for (names, index), (_, agg) in self._aggregators.items():
+            if isinstance(agg, CompressedAverager):
+                self.compressor_states[_group_key(names, index)] = agg.compressor.state_dict()
 
     def state_dict(self) -> dict[str, Any]:
         """Counters, costs, the per-parameter adaptive state and the grouping of the last pass
         (tensors and plain Python: safe for ``torch.load(weights_only=True)``)."""
-        self._refresh_adapter_state()
+        self._refresh_saved_state()
         a = self.adapter_state
         adapter = None
         if a is not None:  # histogram counts as tensors (numpy arrays are not weights_only-safe)
@@ -461,10 +500,12 @@ class QodaHookState:
             "layout": [list(g) for g in (self._pinned or self.layout)],
             "shapes": [[n, list(s)] for n, s in self.shapes.items()],
             "settings": self._settings(),
+            "compressors": copy.deepcopy(self.compressor_states),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict`'s output; the settings must match (mode, seed, start_iter, adapt)."""
+        """Restore :meth:`state_dict`'s output; the settings must match (mode, seed, start_iter, adapt,
+        compressor)."""
         version = int(state.get("version", -1))
         if version == 1 and not state.get("adapter_states"):
             state = {**state, "adapter": None, "layout": [], "shapes": []}  # nothing per bucket to convert
@@ -474,7 +515,7 @@ class QodaHookState:
                 "checkpoints kept adaptive state per DDP bucket and cannot be restored per parameter)"
             )
         saved, mine = state["settings"], self._settings()
-        diff = [k for k in ("mode", "seed", "start_iter", "adapt") if saved.get(k) != mine[k]]
+        diff = [k for k in ("mode", "seed", "start_iter", "adapt", "compressor") if saved.get(k) != mine[k]]
         if diff:
             desc = ", ".join(f"{k}: saved {saved.get(k)!r}, now {mine[k]!r}" for k in diff)
             raise ValueError(f"hook state: the checkpoint was written with other settings ({desc})")
@@ -487,6 +528,7 @@ class QodaHookState:
         if a is not None:
             a.update({key: _stats_as(a[key], _float64_array) for key in _ADAPTER_STATS if key in a})
         self.adapter_state = a
+        self.compressor_states = copy.deepcopy(state.get("compressors", {}))
         if shapes:
             self.shapes = shapes
         self.layout = [tuple(str(n) for n in g) for g in state["layout"]]
@@ -505,15 +547,21 @@ class QodaHookState:
         return {
             "mode": self.mode.value, "start_iter": self.start_iter, "seed": self.seed, "overlap": self.overlap,
             "adapt": repr(self.adapt), "policy": repr(self.policy),
+            "compressor": None if self.compressor is None else repr(self.compressor),
         }  # fmt: skip
 
     def __getstate__(self) -> dict[str, Any]:
-        self._refresh_adapter_state()
-        keep = ("policy", "mode", "start_iter", "seed", "iter", "stats", "adapt", "adapter_state", "overlap", "shapes")
+        self._refresh_saved_state()
+        keep = (
+            "policy", "mode", "start_iter", "seed", "iter", "stats", "adapt", "adapter_state", "overlap", "shapes",
+            "compressor", "compressor_states",
+        )  # fmt: skip
         return {**{k: self.__dict__[k] for k in keep}, "layout": list(self._pinned or self.layout)}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         state.setdefault("overlap", False)  # pickles of earlier versions: they ran synchronously
+        state.setdefault("compressor", None)  # ... and had no compressor
+        state.setdefault("compressor_states", {})
         self.__dict__.update(state)
         self.process_group = None
         self._init_runtime()
@@ -606,11 +654,13 @@ class QodaHookState:
                 if e.type_name is not None:
                     cfg = agg.plan.configs[e.type_name]
                     self._variance[e.name] = (exact_variance(v, cfg), float(v.double().square().sum()))
-        if self.overlap and agg.mode is Mode.ALLGATHER:
+        overlap = self.overlap and isinstance(agg, Aggregator)  # a compressor is averaged in the body
+        if overlap and agg.mode is Mode.ALLGATHER:
             return _allgather_async(self, agg, views, buffer, self.iter)
-        if self.overlap and agg.mode is Mode.TWO_PHASE:
+        if overlap and agg.mode is Mode.TWO_PHASE:
             return _two_phase_async(self, agg, views, buffer, self.iter)
-        self._add_stats(agg, agg.average_(views, step=self.iter), self.iter, counted=True)
+        numel = sum(v.numel() for v in views)
+        self._add_stats(agg, agg.average_(views, step=self.iter), self.iter, counted=True, numel=numel)
         done: torch.futures.Future = torch.futures.Future()
         done.set_result(buffer)
         return done
@@ -632,7 +682,7 @@ class QodaHookState:
         p.fresh.update(fresh)
         return True
 
-    def _add_stats(self, agg: Aggregator, st: CommStats, step: int, counted: bool = False) -> None:
+    def _add_stats(self, agg: Averager, st: CommStats, step: int, counted: bool = False, numel: int = 0) -> None:
         st.calls = 1
         with self._lock:
             if not counted:
@@ -640,7 +690,7 @@ class QodaHookState:
             self.stats += st
             wire = self._wire.setdefault(step, [0, 0])
             wire[0] += st.payload_bits
-            wire[1] += sum(e.numel for e in agg.plan.entries)
+            wire[1] += sum(e.numel for e in agg.plan.entries) if agg.plan is not None else numel
             for old in [i for i in self._wire if i < step - 1]:
                 del self._wire[old]
 
@@ -651,7 +701,7 @@ class QodaHookState:
         s = self._settings()
         fields = {
             "mode": s["mode"], "start_iter": s["start_iter"], "seed": s["seed"], "overlap": s["overlap"],
-            "adapt": s["adapt"], "policy": s["policy"], "iteration": self.iter,
+            "adapt": s["adapt"], "policy": s["policy"], "compressor": s["compressor"], "iteration": self.iter,
             "binding": "bad" if binding else "ok",
         }  # fmt: skip
         differ, everyone = compare_across_ranks(fields, self.process_group)
@@ -667,6 +717,11 @@ class QodaHookState:
                 + ", ".join(f"{k}={fields[k]!r}" for k in differ if k != "policy")
                 + "); every rank must build QodaHookState with the same arguments and load the same checkpoint"
             )
+
+
+def _group_key(names: Group, index: int) -> str:
+    """A checkpoint key of one exchange group (its index and parameter names)."""
+    return f"{index}:{','.join(names)}"
 
 
 def _complete(all_f: torch.futures.Future, result: torch.futures.Future, buffer: torch.Tensor) -> None:

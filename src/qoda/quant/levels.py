@@ -13,7 +13,7 @@ from __future__ import annotations
 import itertools
 import math
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -84,18 +84,17 @@ class LevelSet:
 
     @classmethod
     def for_bits(cls, bits: int, family: str = "uniform", p: float = 0.5) -> LevelSet:
-        """The largest level set whose fixed-width code (sign + index) fits ``bits`` bits.
+        """The largest level set of ``family`` (:data:`LEVEL_FAMILIES`, shape parameter ``p``) whose
+        fixed-width code (sign + index) fits ``bits`` bits.
 
         ``bits = 1 + ceil(log2(s + 2))`` so ``s + 2 = 2 ** (bits - 1)`` levels.
         """
         if not isinstance(bits, int) or not 2 <= bits <= 16:
             raise ValueError(f"bits: must be an integer in [2, 16], got {bits!r}")
-        s = 2 ** (bits - 1) - 2
-        if family == "uniform":
-            return cls.uniform(s)
-        if family == "exponential":
-            return cls.exponential(s, p)
-        raise ValueError(f"family: expected 'uniform' or 'exponential', got {family!r}")
+        build = LEVEL_FAMILIES.get(family)
+        if build is None:
+            raise ValueError(f"family: expected one of {', '.join(map(repr, LEVEL_FAMILIES))}, got {family!r}")
+        return build(2 ** (bits - 1) - 2, p)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -131,6 +130,15 @@ class LevelSet:
 
     def __repr__(self) -> str:
         return f"LevelSet({self.family}, s={self.s}, id={self.level_set_id:08x})"
+
+
+#: The level families by name: ``(s, p) -> LevelSet`` with ``s`` interior levels and the family's
+#: shape parameter ``p`` (unused by ``uniform``).  A new family is one entry here; it is then a
+#: ``family`` of :meth:`LevelSet.for_bits` and a ``levels`` of the trainer's compression registry.
+LEVEL_FAMILIES: dict[str, Callable[[int, float], LevelSet]] = {
+    "uniform": lambda s, p: LevelSet.uniform(s),
+    "exponential": LevelSet.exponential,
+}
 
 
 def _check_s(s: int) -> None:

@@ -23,7 +23,6 @@ _EXPORTS: dict[str, str] = {
     "TrainConfig": "qoda.train.config",
     "COMPRESSIONS": "qoda.train.compressions",
     "CompressionSpec": "qoda.train.compressions",
-    "Transport": "qoda.train.compressions",
     "build_averager": "qoda.train.compression",
     "layer_plan": "qoda.train.compression",
     "Trainer": "qoda.train.trainer",
@@ -39,7 +38,7 @@ _EXPORTS: dict[str, str] = {
 
 __all__ = [
     "COMPRESSIONS", "CheckpointError", "CompressionSpec", "ConfigError", "Interrupted", "RunError", "TrainConfig",
-    "Trainer", "Transport", "WorkerError", "build_averager", "layer_plan", "load_generator", "run_worker", "train",
+    "Trainer", "WorkerError", "build_averager", "layer_plan", "load_generator", "run_worker", "train",
     "write_sample_grid",
 ]  # fmt: skip
 
@@ -50,7 +49,7 @@ __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 if TYPE_CHECKING:  # for type checkers and IDEs; nothing is imported at run time
     from qoda.train.checkpoint import CheckpointError
     from qoda.train.compression import build_averager, layer_plan
-    from qoda.train.compressions import COMPRESSIONS, CompressionSpec, Transport
+    from qoda.train.compressions import COMPRESSIONS, CompressionSpec
     from qoda.train.config import ConfigError, TrainConfig
     from qoda.train.launch import Interrupted, WorkerError, train
     from qoda.train.sample import RunError, load_generator, write_sample_grid

@@ -2,8 +2,10 @@
 language model's DDP hooks are built from the same policy and adaptation in :mod:`qoda.train.ddp`).
 
 The choices and their capabilities are the registry :data:`qoda.train.compressions.COMPRESSIONS`
-(transport, level family, layer-wise or not, bits on the wire); this module builds the averager a
-spec describes.
+(builders and their options, level family, layer-wise or not, bits on the wire); this module holds
+the averager builders its entries name (:func:`allreduce_averager`, :func:`powersgd_averager`,
+:func:`quantized_averager`, :func:`compressor_averager`) and :func:`build_averager`, which calls
+the entry's.
 
 ``layer_types``: ``player_class`` (default) gives each player's convolutions and linear
 layers their own levels (``generator.conv``, ``critic.linear``, ...): the two players'
@@ -20,22 +22,25 @@ the all-reduced statistics (:mod:`qoda.quant.allocation`); levels are fitted per
 
 from __future__ import annotations
 
-from dataclasses import replace
+from typing import Any
 
 import torch.distributed as dist
 from torch import nn
 
+from qoda.codec.compressor import Compressor
 from qoda.codec.layerwise import fixed_message_bits
 from qoda.comm.adaptive import AdaptiveAggregator
 from qoda.comm.aggregate import Aggregator, Mode
 from qoda.comm.averager import Averager
 from qoda.comm.baselines import PowerSGDAverager
+from qoda.comm.compressed import CompressedAverager
 from qoda.comm.overlap import OverlappedAverager
 from qoda.quant.adapt import AdaptConfig, RefitSchedule
 from qoda.quant.allocation import WIDTHS, allocate_plan
 from qoda.quant.config import Coding, Norm, QuantizerConfig
+from qoda.quant.levels import LevelSet
 from qoda.quant.policy import LayerEntry, LayerPlan, LayerPolicy
-from qoda.train.compressions import COMPRESSIONS, Transport
+from qoda.train.compressions import COMPRESSIONS
 from qoda.train.config import ConfigError, TrainConfig
 
 
@@ -43,12 +48,12 @@ def quantizer_config(cfg: TrainConfig) -> QuantizerConfig:
     norm = cfg.quant_norm
     if norm == "auto":
         norm = "linf" if cfg.adaptive else "l2"
-    exponential = COMPRESSIONS[cfg.compression].levels == "exponential"
+    spec = COMPRESSIONS[cfg.compression]
+    # fitted levels start uniform; the plan of an all-reduce only lists the layers
+    family = spec.levels if spec.quantized and not spec.adaptive else "uniform"
     # with bit allocation the widths (and levels) come from the allocation; the base width is a placeholder
     bits = int(cfg.bits) if cfg.allocation == "uniform" else min(WIDTHS)
-    base = QuantizerConfig.nuqsgd(bits, cfg.bucket_size) if exponential else (
-        QuantizerConfig.qsgd(bits, cfg.bucket_size))  # fmt: skip
-    return replace(base, norm=Norm(norm), coding=Coding(cfg.coding))
+    return QuantizerConfig(LevelSet.for_bits(bits, family), cfg.bucket_size, Norm(norm), coding=Coding(cfg.coding))
 
 
 def _prefix_types(plan: LayerPlan) -> LayerPlan:
@@ -109,21 +114,42 @@ def build_averager(cfg: TrainConfig, players: nn.Module, group: dist.ProcessGrou
 
 
 def _single(cfg: TrainConfig, players: nn.Module, group: dist.ProcessGroup | None, seed: int) -> Averager:
-    transport = COMPRESSIONS[cfg.compression].transport
-    if transport is Transport.POWERSGD:
-        shapes = [p.shape for p in players.parameters()]
-        return PowerSGDAverager(shapes, cfg.powersgd_rank, cfg.powersgd_start_iter, group, seed=seed)
+    """The averager of ``cfg.compression``'s registry entry over ``players``' parameters."""
+    return COMPRESSIONS[cfg.compression].build_averager(cfg, players, group, seed)
+
+
+# ---------------------------------------------------------------------------- the entries' builders
+def allreduce_averager(
+    cfg: TrainConfig, players: nn.Module, group: dist.ProcessGroup | None, seed: int, precision: str
+) -> Averager:
+    """An uncompressed all-reduce in ``precision`` (``fp32`` or ``fp16``)."""
+    return Aggregator(layer_plan(cfg, players), Mode(precision), group, seed=seed)
+
+
+def powersgd_averager(cfg: TrainConfig, players: nn.Module, group: dist.ProcessGroup | None, seed: int) -> Averager:
+    """PyTorch's PowerSGD (rank ``powersgd_rank``, ``powersgd_start_iter`` all-reduces first)."""
+    shapes = [p.shape for p in players.parameters()]
+    return PowerSGDAverager(shapes, cfg.powersgd_rank, cfg.powersgd_start_iter, group, seed=seed)
+
+
+def quantized_averager(cfg: TrainConfig, players: nn.Module, group: dist.ProcessGroup | None, seed: int) -> Averager:
+    """qoda's layer-wise codec in ``cfg.mode``; adaptive levels re-fitted on the config's schedule."""
     plan = layer_plan(cfg, players)
-    if transport is Transport.FP32:
-        return Aggregator(plan, Mode.FP32, group, seed=seed)
-    if transport is Transport.FP16:
-        return Aggregator(plan, Mode.FP16, group, seed=seed)
     if cfg.adaptive:
         resolved = resolve_allocation(cfg, plan)
         if resolved.allocation != cfg.allocation:  # auto fell back to one width: the plan's widths change
             cfg, plan = resolved, layer_plan(resolved, players)
         return AdaptiveAggregator(plan, cfg.mode, group, seed=seed, adapt=adapt_config(resolved))
     return Aggregator(plan, cfg.mode, group, seed=seed)
+
+
+def compressor_averager(
+    cfg: TrainConfig, players: nn.Module, group: dist.ProcessGroup | None, seed: int,
+    compressor: type[Compressor], **settings: Any,
+) -> Averager:  # fmt: skip
+    """Any compressor, built as ``compressor(shapes, **settings)``, averaged by all-gather
+    (:class:`~qoda.comm.compressed.CompressedAverager`)."""
+    return CompressedAverager(compressor([p.shape for p in players.parameters()], **settings), group, seed=seed)
 
 
 def resolve_allocation(cfg: TrainConfig, plan: LayerPlan) -> TrainConfig:
