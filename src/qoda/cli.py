@@ -324,7 +324,7 @@ def _train(args: argparse.Namespace) -> int:
     from qoda.train.config import ConfigError, TrainConfig
     from qoda.train.launch import train
 
-    overrides = {k: v for k, v in vars(args).items() if k not in ("command", "config", "handler")}
+    overrides = {k: v for k, v in vars(args).items() if k not in ("command", "config", "handler", "extra")}
     for k in ("betas", "refit_steps"):
         if k in overrides:
             overrides[k] = tuple(overrides[k])
@@ -699,24 +699,25 @@ def _bench_scaling(args: argparse.Namespace) -> int:
 Handler = Callable[[argparse.Namespace], int]
 AddParser = Callable[[argparse._SubParsersAction, str], argparse.ArgumentParser]
 
-#: ``qoda <command>``: how its parser is built and the handler that runs it (in ``--help`` order)
-COMMANDS: dict[str, tuple[AddParser, Handler]] = {
-    "report": (_report_parser, _report),
-    "vi": (_vi_parser, _vi),
-    "train": (_train_parser, _train),
-    "sample": (_sample_parser, _sample),
+#: ``qoda <command>``: how its parser is built, the handler that runs it and the extra of
+#: ``pip install 'qoda[...]'`` it needs (:mod:`qoda.utils.extras`), in ``--help`` order
+COMMANDS: dict[str, tuple[AddParser, Handler, str]] = {
+    "report": (_report_parser, _report, "train"),
+    "vi": (_vi_parser, _vi, "train"),
+    "train": (_train_parser, _train, "train"),
+    "sample": (_sample_parser, _sample, "train"),
 }
 #: ``qoda bench <benchmark>``: the same
-BENCHMARKS: dict[str, tuple[AddParser, Handler]] = {
-    "codec": (_codec_parser, _bench_codec),
-    "entropy": (_entropy_parser, _bench_entropy),
-    "variance": (_variance_parser, _bench_variance),
-    "quality": (_quality_parser, _bench_quality),
-    "faults": (_faults_parser, _bench_faults),
-    "comm": (_comm_parser, _bench_comm),
-    "e2e": (_e2e_parser, _bench_e2e),
-    "scaling": (_scaling_parser, _bench_scaling),
-    "time-to-quality": (_ttq_parser, _bench_ttq),
+BENCHMARKS: dict[str, tuple[AddParser, Handler, str]] = {
+    "codec": (_codec_parser, _bench_codec, "bench"),
+    "entropy": (_entropy_parser, _bench_entropy, "bench"),
+    "variance": (_variance_parser, _bench_variance, "bench"),
+    "quality": (_quality_parser, _bench_quality, "bench"),
+    "faults": (_faults_parser, _bench_faults, "bench"),
+    "comm": (_comm_parser, _bench_comm, "bench"),
+    "e2e": (_e2e_parser, _bench_e2e, "bench"),
+    "scaling": (_scaling_parser, _bench_scaling, "bench"),
+    "time-to-quality": (_ttq_parser, _bench_ttq, "bench"),
 }
 
 
@@ -724,23 +725,30 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``qoda`` parser; every (sub)command sets ``handler``, the function that runs it."""
     p = argparse.ArgumentParser(prog="qoda", description="Layer-wise quantization for communication-efficient training")
     sub = p.add_subparsers(dest="command", required=True)
-    for name, (add, handler) in COMMANDS.items():
-        add(sub, name).set_defaults(handler=handler)
+    for name, (add, handler, extra) in COMMANDS.items():
+        add(sub, name).set_defaults(handler=handler, extra=extra)
     bench = sub.add_parser("bench", help="benchmarks")
     bsub = bench.add_subparsers(dest="bench", required=True)
-    for name, (add, handler) in BENCHMARKS.items():
-        add(bsub, name).set_defaults(handler=handler)
+    for name, (add, handler, extra) in BENCHMARKS.items():
+        add(bsub, name).set_defaults(handler=handler, extra=extra)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """The ``qoda`` command.  Exit codes: 0 done; 1 a run failed (one line); 2 bad options or input
-    (one line); 3 a network benchmark needs root and iproute2, or a GPU benchmark CUDA; 130 / 143
-    interrupted (SIGINT/SIGTERM).
+    (one line), or the command's extra is not installed (one line naming it); 3 a network benchmark
+    needs root and iproute2, or a GPU benchmark CUDA; 130 / 143 interrupted (SIGINT/SIGTERM).
 
     Argparse reports what it finds itself (exit 2, via ``SystemExit``); a handler reports a
     failure by raising :class:`CommandError` (:class:`UsageError` for bad options or input)."""
+    from qoda.utils.extras import MissingExtra, require
+
     args = build_parser().parse_args(argv)
+    try:
+        require(args.extra, "qoda " + (f"bench {args.bench}" if args.command == "bench" else args.command))
+    except MissingExtra as e:
+        print(f"qoda: error: {e}", file=sys.stderr)
+        return 2
     try:
         return args.handler(args)
     except CommandError as e:

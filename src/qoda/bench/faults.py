@@ -5,7 +5,7 @@ Scenarios (each a real multi-process run on 127.0.0.1 with gloo, on the trainer'
 * ``fuzz`` - :func:`qoda.bench.fuzz.run_fuzz`: damaged payloads must all raise ``CodecError``
   (forged-CRC headers claiming huge sizes included), with the peak memory a payload makes the
   decoder allocate.
-* ``generated`` - :func:`qoda.bench.generate.run_generated`: ``generated_cases`` (default 100,000)
+* ``generated`` - :func:`qoda.testing.generate.run_generated`: ``generated_cases`` (default 100,000)
   generated tensors, level sets, configs and messages checked against the quantizer's and the
   codec's properties (bit-exact round trip, exact bits, CPU = torch, error bound, unbiasedness,
   invalid inputs); failures are counted by property.
@@ -643,7 +643,7 @@ def run_faults(fuzz_cases: int = 10_000, kills: int = 5, pg_timeout: float = 10.
                              f"{fz['peak_extra_ratio_max']:.0f}x the payload's bytes), {fz['memory_over_limit']} over "
                              "the limit", fz["seconds"]))  # fmt: skip
         if "generated" in selected:
-            from qoda.bench.generate import run_generated
+            from qoda.testing.generate import run_generated
 
             log(f"checking {generated_cases} generated cases ...")
             gen = run_generated(generated_cases, seed, log=log).as_dict()
