@@ -145,7 +145,7 @@ def _dies(rank: int, world: int, out: str, how: str, pg_timeout: float, overlap:
         return original(self)
 
     tr.Trainer.train_step = step  # this child process only
-    cfg = _tiny(Path(out), steps=50, timeout_seconds=pg_timeout, overlap=overlap)  # the group's own timeout
+    cfg = _tiny(Path(out), steps=50, timeout_seconds=pg_timeout, player_threads=overlap)  # the group's own timeout
     tr.run_worker(cfg, rank, world)
     return "finished"
 

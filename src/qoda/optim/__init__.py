@@ -1,11 +1,11 @@
-"""torch.optim optimizers for VIs and min-max games, and a registry to build them by name."""
+"""torch.optim optimizers for VIs and min-max games, and a registry to build them by name.
 
-from qoda.optim.adam import ExtraAdam, OptimisticAdam, SimultaneousAdam
-from qoda.optim.dual_averaging import QODA, QGenX
+Every registered optimizer's class is exported here under its own name (``from qoda.optim import
+QODA``), read from :data:`~qoda.optim.factory.OPTIMIZERS`: registering a new one is all it takes.
+"""
+
 from qoda.optim.factory import OPTIMIZERS, OptimizerSpec, create_optimizer
-from qoda.optim.gradient import GDA, ExtraGradient, OptimisticGradient
 
-__all__ = [
-    "GDA", "OPTIMIZERS", "QODA", "ExtraAdam", "ExtraGradient", "OptimisticAdam", "OptimisticGradient",
-    "OptimizerSpec", "QGenX", "SimultaneousAdam", "create_optimizer",
-]  # fmt: skip
+globals().update({spec.cls.__name__: spec.cls for spec in OPTIMIZERS.values()})
+
+__all__ = ["OPTIMIZERS", "OptimizerSpec", "create_optimizer", *sorted(s.cls.__name__ for s in OPTIMIZERS.values())]
