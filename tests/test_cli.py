@@ -354,21 +354,23 @@ def _train_parser():
 def test_train_help_has_every_option_with_help_choices_and_one_default(capsys):
     from dataclasses import fields
 
-    from qoda.cli import TRAIN_HELP, train_choices
-    from qoda.train.config import ConfigError, TrainConfig
+    from qoda.cli import train_choices
+    from qoda.train.config import ALIASES, ConfigError, TrainConfig
 
     names = [f.name for f in fields(TrainConfig)]
-    assert set(TRAIN_HELP) == set(names)  # no option without help, no help of a removed option
+    assert all(f.metadata.get("help") for f in fields(TrainConfig))  # no option without help
     actions = {a.dest: a for a in _train_parser()._actions if a.dest != "help"}
     assert set(actions) == {*names, "config"}
     for name, a in actions.items():
         assert a.help and len(a.help) > 15, name
         assert a.help.lower().count("default") <= 1, (name, a.help)  # the default is stated once
+    former = {new: "--" + old.replace("_", "-") for old, new in ALIASES.items()}  # still accepted
     for f in fields(TrainConfig):
         a = actions[f.name]
         if isinstance(f.default, bool):  # a flag, named for what it does
-            assert a.option_strings == ["--no-" + f.name.replace("_", "-") if f.default else "--" + f.name.replace(
-                "_", "-")] and "default:" not in a.help  # fmt: skip
+            flag = "--no-" + f.name.replace("_", "-") if f.default else "--" + f.name.replace("_", "-")
+            assert a.option_strings == [flag, *([former[f.name]] if f.name in former else [])]
+            assert "default:" not in a.help
         elif f.default is not None:
             assert a.help.count("(default: ") == 1, f.name
     for name, choices in train_choices().items():
@@ -415,3 +417,12 @@ def test_value_errors_after_parsing_exit_2_in_one_line(argv, needle, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(needle) and "\n" not in err, err
+
+
+def test_the_former_overlap_option_still_reads_as_player_threads(tmp_path):
+    from qoda.train.config import TrainConfig
+
+    args = _train_parser().parse_args(["--overlap"])
+    assert args.player_threads is True
+    (tmp_path / "c.json").write_text('{"overlap": true}')
+    assert TrainConfig.from_file(tmp_path / "c.json").player_threads is True

@@ -1,8 +1,8 @@
-"""Property-based tests of the quantizer and the codec (Hypothesis), with the checks of ``qoda.bench.generate``.
+"""Property-based tests of the quantizer and the codec (Hypothesis), with the checks of ``qoda.testing.generate``.
 
 Each property draws a few hundred derandomized cases (the same ones on every run, so CI is reproducible;
 a failure is shrunk by Hypothesis to a minimal input).  ``qoda bench faults`` runs the same strategies and
-checks on 100,000 cases in counting mode (:func:`qoda.bench.generate.run_generated`).
+checks on 100,000 cases in counting mode (:func:`qoda.testing.generate.run_generated`).
 """
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ import pytest
 import torch
 from hypothesis import HealthCheck, example, given, settings
 
-from qoda.bench import generate as gen
 from qoda.quant.config import QuantizerConfig
 from qoda.quant.levels import LevelSet
+from qoda.testing import generate as gen
 
 PROPERTY_SETTINGS = settings(
     max_examples=300,

@@ -14,7 +14,6 @@ from qoda.optim.base import TwoCallOptimizer
 from qoda.train.compression import _single
 from qoda.train.compressions import COMPRESSIONS, resolve
 from qoda.train.config import OPTIMIZER_CHOICES, ConfigError, TrainConfig
-from qoda.train.trainer import _optimizer_kwargs
 
 
 def test_optimizer_specs_match_their_classes():
@@ -28,7 +27,7 @@ def test_optimizer_specs_match_their_classes():
 @pytest.mark.parametrize("name", OPTIMIZER_CHOICES)
 def test_trainer_passes_only_options_the_optimizer_accepts(name):
     cfg = TrainConfig(optimizer=name)
-    assert set(_optimizer_kwargs(cfg)) <= OPTIMIZERS[name].options
+    assert set(cfg.optimizer_kwargs()) <= OPTIMIZERS[name].options
 
 
 def test_skip_policy_follows_calls_per_iteration():
@@ -67,3 +66,14 @@ def test_benchmarks_read_calls_from_the_registry():
         assert compute_bound_of(c.name) == ("compute_only_2call" if calls_of(c.name) == 2 else "compute_only")
     assert set(MODELLED) <= {c.name for c in CONFIGS}
 
+
+def test_every_registered_optimizer_is_exported_under_its_class_name():
+    """Registering an optimizer in OPTIMIZERS is all it takes to export it (qoda.optim and qoda)."""
+    import qoda
+    import qoda.optim
+
+    for spec in OPTIMIZERS.values():
+        name = spec.cls.__name__
+        assert getattr(qoda.optim, name) is spec.cls and name in qoda.optim.__all__
+        assert getattr(qoda, name) is spec.cls and name in qoda.__all__
+        assert spec.calls_per_iteration == spec.cls.calls_per_iteration

@@ -236,7 +236,7 @@ RESUME_CASES = {
     "extra_adam-qsgd-two_phase": dict(optimizer="extra_adam", compression="qsgd", mode="two_phase"),
     "adam-powersgd": dict(optimizer="adam", compression="powersgd", mode="allgather"),
     "extra_adam-layerwise-two_phase-overlap": dict(optimizer="extra_adam", compression="layerwise_adaptive",
-                                                   mode="two_phase", overlap=True),
+                                                   mode="two_phase", player_threads=True),
     "qoda-dp-two_phase": dict(optimizer="qoda", compression="layerwise_adaptive", mode="two_phase",
                               bit_allocation="dp", bits=4.5),
 }
@@ -259,7 +259,7 @@ def two_process_runs(tmp_path_factory):
         second[f"part-{name}"] = part.replace(resume=True)
     for overlap in (False, True):
         first[f"overlap-{overlap}"] = tiny_config(
-            root, out=str(root / f"overlap-{overlap}"), optimizer="qoda", compression="none", overlap=overlap,
+            root, out=str(root / f"overlap-{overlap}"), optimizer="qoda", compression="none", player_threads=overlap,
             steps=4, eval_every=100, sample_every=100, checkpoint_every=4)  # fmt: skip
     reports = dict(zip(first, values(run(_runs, 2, list(first.values()), timeout=600))[0], strict=True))
     reports |= dict(zip(second, values(run(_runs, 2, list(second.values()), timeout=300))[0], strict=True))
@@ -413,10 +413,10 @@ def test_overlapped_exchange_gives_the_same_trajectory(two_process_runs, tmp_pat
             for overlap in (False, True)}  # fmt: skip
     _assert_same(runs[False][0], runs[True][0])
     assert runs[True][1]["bytes_sent_per_step"] == runs[False][1]["bytes_sent_per_step"]
-    with pytest.raises(ConfigError, match="overlap"):
-        tiny_config(tmp_path, overlap=True, nonfinite="skip")
-    with pytest.raises(ConfigError, match="overlap"):
-        tiny_config(tmp_path, overlap=True, compression="global_adaptive")
+    with pytest.raises(ConfigError, match="player_threads"):
+        tiny_config(tmp_path, player_threads=True, nonfinite="skip")
+    with pytest.raises(ConfigError, match="player_threads"):
+        tiny_config(tmp_path, player_threads=True, compression="global_adaptive")
 
 
 def test_ema_warm_up_matches_the_closed_form():

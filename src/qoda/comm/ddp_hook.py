@@ -132,8 +132,7 @@ class QodaHookState:
     """State of :func:`qoda_hook`: settings, counters, per-parameter adaptive state.
 
     Args:
-        model: the model DDP wraps (optional: see *binding*). For backward compatibility a
-            :class:`LayerPolicy` given first is taken as ``policy``.
+        model: the model DDP wraps (optional: see *binding*).
         policy: what is quantized and how (default: global 4-bit QSGD, buckets of 1024).
         mode: ``allgather`` (default) or ``two_phase`` (``fp32``/``fp16`` for comparisons).
         start_iter: plain fp32 all-reduce iterations before compression (default 10).
@@ -195,7 +194,7 @@ class QodaHookState:
 
     def __init__(
         self,
-        model: nn.Module | LayerPolicy | None = None,
+        model: nn.Module | None = None,
         policy: LayerPolicy | None = None,
         mode: Mode | str = Mode.ALLGATHER,
         start_iter: int = 10,
@@ -205,12 +204,8 @@ class QodaHookState:
         overlap: bool = True,
         compressor: Callable[[list[torch.Size]], Compressor] | None = None,
     ) -> None:
-        if isinstance(model, LayerPolicy):  # QodaHookState(policy, ...)
-            if policy is not None:
-                raise TypeError("QodaHookState: got two policies (the first argument is the model)")
-            model, policy = None, model
         if model is not None and not isinstance(model, nn.Module):
-            raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
+            raise TypeError(f"model: expected an nn.Module, got {type(model).__name__} (a policy is policy=...)")
         if policy is None:
             policy = LayerPolicy.global_(QuantizerConfig.qsgd(4))
         if not isinstance(policy, LayerPolicy):
@@ -506,14 +501,9 @@ class QodaHookState:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`'s output; the settings must match (mode, seed, start_iter, adapt,
         compressor)."""
-        version = int(state.get("version", -1))
-        if version == 1 and not state.get("adapter_states"):
-            state = {**state, "adapter": None, "layout": [], "shapes": []}  # nothing per bucket to convert
-        elif version != STATE_DICT_VERSION:
-            raise ValueError(
-                f"hook state: version {state.get('version')!r}, expected {STATE_DICT_VERSION} (version 1 "
-                "checkpoints kept adaptive state per DDP bucket and cannot be restored per parameter)"
-            )
+        if state.get("version") != STATE_DICT_VERSION:
+            raise ValueError(f"hook state: version {state.get('version')!r}, expected {STATE_DICT_VERSION} "
+                             "(a state written by another qoda release)")  # fmt: skip
         saved, mine = state["settings"], self._settings()
         diff = [k for k in ("mode", "seed", "start_iter", "adapt", "compressor") if saved.get(k) != mine[k]]
         if diff:
@@ -559,9 +549,6 @@ class QodaHookState:
         return {**{k: self.__dict__[k] for k in keep}, "layout": list(self._pinned or self.layout)}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        state.setdefault("overlap", False)  # pickles of earlier versions: they ran synchronously
-        state.setdefault("compressor", None)  # ... and had no compressor
-        state.setdefault("compressor_states", {})
         self.__dict__.update(state)
         self.process_group = None
         self._init_runtime()

@@ -8,15 +8,14 @@ from typing import Any
 
 import torch
 
-from qoda.optim.base import Averager, TwoCallOptimizer, VIOptimizer, check_lr, check_positive, lr_value
+from qoda.optim.base import Averager, TwoCallOptimizer, VIOptimizer, check_betas, check_lr, check_positive, lr_value
 
 
 def _check_adam(lr: float, betas: tuple[float, float], eps: float, weight_decay: float = 0.0) -> None:
     check_lr("lr", lr)
     check_positive("eps", eps)
     check_positive("weight_decay", weight_decay, allow_zero=True)
-    if len(betas) != 2 or not all(isinstance(b, int | float) and 0.0 <= b < 1.0 for b in betas):
-        raise ValueError(f"betas: both must be in [0, 1), got {betas!r}")
+    check_betas("betas", betas)
 
 
 def _decayed(opt: VIOptimizer, p: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

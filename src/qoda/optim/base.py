@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch.optim import Optimizer
@@ -30,6 +30,13 @@ def check_positive(name: str, value: float, allow_zero: bool = False) -> None:
     ok = value >= 0 if allow_zero else value > 0
     if not isinstance(value, int | float) or not ok or value != value:
         raise ValueError(f"{name}: must be {'non-negative' if allow_zero else 'positive'}, got {value!r}")
+
+
+def check_betas(name: str, betas: Any) -> None:
+    """Adam's moment decays: two numbers in ``[0, 1)`` (the one check of every optimizer, group and config)."""
+    ok = isinstance(betas, tuple | list) and len(betas) == 2
+    if not ok or not all(isinstance(b, int | float) and 0.0 <= b < 1.0 for b in betas):
+        raise ValueError(f"{name}: two numbers in [0, 1), got {betas!r}")
 
 
 def lr_value(lr: Any) -> float:
@@ -72,10 +79,7 @@ def check_group(i: int, g: dict[str, Any]) -> None:
     if "weight_decay" in g:
         check_positive(f"param_groups[{i}].weight_decay", g["weight_decay"], allow_zero=True)
     if "betas" in g:
-        b = g["betas"]
-        ok = isinstance(b, tuple | list) and len(b) == 2
-        if not ok or not all(isinstance(v, int | float) and 0 <= v < 1 for v in b):
-            raise ValueError(f"param_groups[{i}].betas: both must be in [0, 1), got {b!r}")
+        check_betas(f"param_groups[{i}].betas", g["betas"])
 
 
 class VIOptimizer(Optimizer):
@@ -109,6 +113,9 @@ class VIOptimizer(Optimizer):
 
     #: whether complex parameters are accepted (updates linear in the gradient: GDA, EG, OG)
     supports_complex = False
+    #: oracle calls = exchanges per iteration (:class:`TwoCallOptimizer`: 2); the registry and the
+    #: trainer read it here
+    calls_per_iteration: ClassVar[int] = 1
 
     def __init__(self, params: Iterable[Any], defaults: dict[str, Any], averager: Averager | None) -> None:
         self._initialised = False
@@ -217,6 +224,8 @@ class TwoCallOptimizer(VIOptimizer):
     taken between them resumes exactly.  A parameter without gradient at ``extrapolation()``
     stays at ``X_t``; one without gradient at ``step()`` returns to ``X_t``.
     """
+
+    calls_per_iteration: ClassVar[int] = 2
 
     def extrapolation(self) -> None:
         if self.group.get("extrapolated", False):

@@ -31,17 +31,24 @@ from typing import Any
 import torch
 
 from qoda.optim.adam import adam_moments
-from qoda.optim.base import Averager, TwoCallOptimizer, VIOptimizer, check_lr, check_positive, lr_value
+from qoda.optim.base import Averager, TwoCallOptimizer, VIOptimizer, check_betas, check_lr, check_positive, lr_value
 
+# The choices of QODA's options (the first is the default); the trainer's qoda_* options offer these.
 RATES = ("separated", "single")
 SCOPES = ("global", "coordinate")
-PRECONDITIONERS = ("none", "adam")
+PRECONDITIONERS = ("adam", "none")
 #: Default ``lr`` per variant: Adam's usual 1e-3; the analysed rules' constants are scaled by 1.
 DEFAULT_LR = {"adam": 1e-3, "none": 1.0}
 #: The analysed rules' options and their defaults (rejected with other values under Adam).
 ANALYSED_DEFAULTS: dict[str, object] = {
-    "c_eta": 1.0, "c_gamma": 1.0, "q": 0.25, "rate": "separated", "scope": "global", "delta": 1.0,
+    "c_eta": 1.0, "c_gamma": 1.0, "q": 0.25, "rate": RATES[0], "scope": SCOPES[0], "delta": 1.0,
 }  # fmt: skip
+
+
+def unused_analysed_options(precondition: str, options: dict[str, Any]) -> list[str]:
+    """The analysed rules' options in ``options`` (names as in :data:`ANALYSED_DEFAULTS`) set to other
+    than their defaults although ``precondition = 'adam'`` ignores them: the one statement of that rule."""
+    return [k for k, v in options.items() if v != ANALYSED_DEFAULTS[k]] if precondition == "adam" else []
 
 
 Rate = float | torch.Tensor
@@ -170,16 +177,14 @@ class QODA(_Anchored, VIOptimizer):
         check_lr("lr", lr)
         for name, v in (("c_eta", c_eta), ("c_gamma", c_gamma), ("delta", delta), ("eps", eps)):
             check_positive(name, v)
-        if precondition == "adam":
-            given = {"c_eta": c_eta, "c_gamma": c_gamma, "q": q, "rate": rate, "scope": scope, "delta": delta}
-            unused = [k for k, v in given.items() if v != ANALYSED_DEFAULTS[k]]
-            if unused:
-                raise ValueError(
-                    f"{unused[0]}: an option of the analysed adaptive rules, unused with precondition='adam' "
-                    "(pass precondition='none' to use them)"
-                )
-        if len(betas) != 2 or not all(isinstance(b, int | float) and 0.0 <= b < 1.0 for b in betas):
-            raise ValueError(f"betas: both must be in [0, 1), got {betas!r}")
+        given = {"c_eta": c_eta, "c_gamma": c_gamma, "q": q, "rate": rate, "scope": scope, "delta": delta}
+        unused = unused_analysed_options(precondition, given)
+        if unused:
+            raise ValueError(
+                f"{unused[0]}: an option of the analysed adaptive rules, unused with precondition='adam' "
+                "(pass precondition='none' to use them)"
+            )
+        check_betas("betas", betas)
         if scope not in SCOPES:
             raise ValueError(f"scope: expected one of {SCOPES}, got {scope!r}")
         if not isinstance(q, int | float) or not 0.0 <= q < 0.5:

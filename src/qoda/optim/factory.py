@@ -19,7 +19,8 @@ from qoda.optim.gradient import GDA, ExtraGradient, OptimisticGradient
 class OptimizerSpec:
     """One optimizer and its capabilities.
 
-    ``calls_per_iteration``: oracle calls = exchanges per iteration (extra-gradient methods: 2).
+    :attr:`calls_per_iteration`: oracle calls = exchanges per iteration, the class's own
+    (:class:`~qoda.optim.base.TwoCallOptimizer`: 2).
     ``trains_gans``: offered by the GAN trainer (the constant-step VI baselines are not).
     :attr:`options`: the keyword arguments the constructor accepts (read from its signature).
     ``variants``: named option sets that change the method (QODA's preconditionings and rate
@@ -28,10 +29,13 @@ class OptimizerSpec:
 
     name: str
     cls: type[VIOptimizer]
-    calls_per_iteration: int
     description: str
     trains_gans: bool = False
     variants: dict[str, dict[str, Any]] = field(default_factory=lambda: {"default": {}}, compare=False)
+
+    @property
+    def calls_per_iteration(self) -> int:
+        return self.cls.calls_per_iteration
 
     @property
     def options(self) -> frozenset[str]:
@@ -43,17 +47,17 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
     s.name: s
     for s in (
         OptimizerSpec(
-            "qoda", QODA, 1, "quantized optimistic dual averaging (Adam-preconditioned by default)", True,
+            "qoda", QODA, "quantized optimistic dual averaging (Adam-preconditioned by default)", True,
             {"adam": {}, "none": {"precondition": "none"}, "single": {"precondition": "none", "rate": "single"},
              "coordinate": {"precondition": "none", "scope": "coordinate"}},
         ),
-        OptimizerSpec("qgenx", QGenX, 2, "quantized generalised extra-gradient, dual averaging, adaptive rate", True),
-        OptimizerSpec("gda", GDA, 1, "simultaneous gradient descent-ascent, constant step"),
-        OptimizerSpec("eg", ExtraGradient, 2, "extra-gradient, constant step"),
-        OptimizerSpec("og", OptimisticGradient, 1, "optimistic gradient (Popov), constant step"),
-        OptimizerSpec("extra_adam", ExtraAdam, 2, "extra-gradient with Adam steps (Gidel et al. 2019)", True),
-        OptimizerSpec("optimistic_adam", OptimisticAdam, 1, "optimistic Adam (Daskalakis et al. 2018)", True),
-        OptimizerSpec("adam", SimultaneousAdam, 1, "simultaneous Adam on both players (GAN baseline)", True),
+        OptimizerSpec("qgenx", QGenX, "quantized generalised extra-gradient, dual averaging, adaptive rate", True),
+        OptimizerSpec("gda", GDA, "simultaneous gradient descent-ascent, constant step"),
+        OptimizerSpec("eg", ExtraGradient, "extra-gradient, constant step"),
+        OptimizerSpec("og", OptimisticGradient, "optimistic gradient (Popov), constant step"),
+        OptimizerSpec("extra_adam", ExtraAdam, "extra-gradient with Adam steps (Gidel et al. 2019)", True),
+        OptimizerSpec("optimistic_adam", OptimisticAdam, "optimistic Adam (Daskalakis et al. 2018)", True),
+        OptimizerSpec("adam", SimultaneousAdam, "simultaneous Adam on both players (GAN baseline)", True),
     )
 }
 

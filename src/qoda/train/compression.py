@@ -97,10 +97,10 @@ def layer_plan(cfg: TrainConfig, players: nn.Module) -> LayerPlan:
 def build_averager(cfg: TrainConfig, players: nn.Module, group: dist.ProcessGroup | None = None) -> Averager:
     """The averager of ``cfg.compression`` over ``group`` (checks the settings across ranks).
 
-    With ``cfg.overlap`` each player gets its own averager on its own new process group
+    With ``cfg.player_threads`` each player gets its own averager on its own new process group
     (created here, collectively, in the same order on every rank); see :mod:`qoda.comm.overlap`.
     """
-    if cfg.overlap:
+    if cfg.player_threads:
         parts, averagers, names, offset = [], [], [], 0
         for k, (name, module) in enumerate(players.named_children()):
             n = len(list(module.parameters()))

@@ -143,7 +143,7 @@ def _spawned(rank: int, cfg: TrainConfig, world: int, port: int, progress: Any) 
 def check_plan(cfg: TrainConfig) -> None:
     """Refuse here, as every worker would when it builds its averager, a bit budget that the
     model's layer plan cannot hold (``ConfigError`` naming ``bits``).  The models are built on the
-    meta device (shapes only: no memory, no data read); with ``overlap`` each player is planned on
+    meta device (shapes only: no memory, no data read); with ``player_threads`` each player is planned on
     its own, as :func:`~qoda.train.compression.build_averager` does.  The language model
 (``--task lm``) is planned as its DDP hook plans it."""
     if not cfg.adaptive:
@@ -157,7 +157,7 @@ def check_plan(cfg: TrainConfig) -> None:
     with torch.device("meta"):
         generator, critic = build_models(cfg, CHANNELS[cfg.dataset])
     players = nn.ModuleDict({"generator": generator, "critic": critic})
-    parts = [nn.ModuleDict({n: m}) for n, m in players.named_children()] if cfg.overlap else [players]
+    parts = [nn.ModuleDict({n: m}) for n, m in players.named_children()] if cfg.player_threads else [players]
     for part in parts:
         resolve_allocation(cfg, layer_plan(cfg, part))
 

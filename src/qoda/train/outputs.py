@@ -1,5 +1,6 @@
 """What a run writes besides checkpoints: sample grids, plots (matplotlib, no torchvision), and
-the units of ``report.json``."""
+the units of ``report.json``.  matplotlib (the ``train`` extra) is imported when a grid or a plot
+is written, so loading a run's generator needs only the core dependencies."""
 
 from __future__ import annotations
 
@@ -8,15 +9,11 @@ import math
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import numpy as np
 import torch
-from matplotlib.ticker import ScalarFormatter
 
 from qoda.utils.atomic import atomic_write_bytes
+from qoda.utils.extras import require
 
 # The unit of every number in ``report.json`` (key -> unit); ``fid_history`` rows use the same keys.
 REPORT_UNITS: dict[str, str] = {
@@ -62,6 +59,17 @@ REPORT_UNITS: dict[str, str] = {
 }
 
 
+def _pyplot() -> Any:
+    """matplotlib's pyplot on the Agg backend (no display); a clear error without the ``train`` extra."""
+    require("train", "writing images and plots", only=("matplotlib",))
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def image_grid(images: torch.Tensor, nrow: int | None = None, pad: int = 2) -> np.ndarray:
     """Tile ``(N, C, H, W)`` images in ``[-1, 1]`` into one ``(H', W', C)`` array in ``[0, 1]``."""
     x = ((images.detach().float().cpu().clamp(-1, 1) + 1) / 2).numpy()
@@ -103,6 +111,7 @@ def save_grid(images: torch.Tensor, path: Path, scale: int = 3) -> None:
     grid = image_grid(images)
     grid = grid.repeat(scale, axis=0).repeat(scale, axis=1)
     buf = io.BytesIO()
+    plt = _pyplot()
     if grid.shape[2] == 1:
         plt.imsave(buf, grid[:, :, 0], cmap="gray", vmin=0, vmax=1, format=fmt)
     else:
@@ -113,6 +122,9 @@ def save_grid(images: torch.Tensor, path: Path, scale: int = 3) -> None:
 def plot_curves(history: list[dict[str, Any]], evals: list[dict[str, Any]], path: Path, title: str) -> None:
     """Losses and the critic's Wasserstein estimate (left) and FID of the EMA and raw generators
     (right), against wall-clock seconds (top row) and against iterations (bottom row)."""
+    plt = _pyplot()
+    from matplotlib.ticker import ScalarFormatter
+
     fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
     for row, (xkey, xlabel) in enumerate((("seconds", "wall-clock seconds"), ("step", "iterations"))):
         a, b = axes[row]
@@ -142,7 +154,7 @@ def plot_curves(history: list[dict[str, Any]], evals: list[dict[str, Any]], path
 def plot_lm_curves(history: list[dict[str, Any]], evals: list[dict[str, Any]], path: Path, title: str) -> None:
     """The language model's training loss (rank 0's batches) and validation loss, against
     wall-clock seconds (left) and iterations (right)."""
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, axes = _pyplot().subplots(1, 2, figsize=(11, 4.2))
     for ax, (xkey, xlabel) in zip(axes, (("seconds", "wall-clock seconds"), ("step", "iterations")), strict=True):
         if history:
             ax.plot([h[xkey] for h in history], [h["train_loss"] for h in history], lw=1, label="training batches")
@@ -161,5 +173,5 @@ def _save_figure(fig: Any, path: Path) -> None:
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
+    _pyplot().close(fig)
     atomic_write_bytes(buf.getvalue(), path)

@@ -45,8 +45,8 @@ from qoda.data.sampler import ShardSampler
 from qoda.eval.features import build_extractor, default_cache_dir
 from qoda.eval.fid import FIDEvaluator
 from qoda.gan.models import LATENT, DCGANCritic, DCGANGenerator, ResNetCritic, ResNetGenerator
-from qoda.optim import OPTIMIZERS, create_optimizer
-from qoda.optim.base import TwoCallOptimizer, VIOptimizer
+from qoda.optim import create_optimizer
+from qoda.optim.base import VIOptimizer
 from qoda.quant.kernels.warmup import announce_if_slow
 from qoda.quant.policy import LayerPlan
 from qoda.quant.variance import plan_variance
@@ -98,15 +98,6 @@ def build_models(cfg: TrainConfig, channels: int) -> tuple[nn.Module, nn.Module]
     if cfg.model == "dcgan":
         return DCGANGenerator(LATENT, cfg.width, channels, cfg.norm), DCGANCritic(cfg.width, channels)
     return ResNetGenerator(LATENT, cfg.width, channels, cfg.norm), ResNetCritic(cfg.width, channels)
-
-
-def _optimizer_kwargs(cfg: TrainConfig) -> dict[str, Any]:
-    if cfg.optimizer in ("extra_adam", "optimistic_adam", "adam"):
-        return {"betas": tuple(cfg.betas)}
-    if cfg.optimizer == "qoda":
-        return {"scope": cfg.qoda_scope, "rate": cfg.qoda_rate, "delta": cfg.qoda_delta,
-                "precondition": cfg.qoda_precondition, "betas": tuple(cfg.betas)}  # fmt: skip
-    return {}
 
 
 def _plan_of(averager: Averager) -> LayerPlan:
@@ -186,7 +177,7 @@ class Trainer:
             {"params": list(self.critic.parameters()), "lr": cfg.lr_d},
         ]
         self.optimizer: VIOptimizer = create_optimizer(
-            cfg.optimizer, groups, averager=self.averager, lr=cfg.lr_g, **_optimizer_kwargs(cfg)
+            cfg.optimizer, groups, averager=self.averager, lr=cfg.lr_g, **cfg.optimizer_kwargs()
         )
         self.sampler = ShardSampler(len(self.data), rank, world, cfg.batch_size, cfg.seed)
         self.rng = torch.Generator().manual_seed(derive_seed(cfg.seed, rank, 0x5A17) & 0x7FFFFFFFFFFFFFFF)
@@ -251,7 +242,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ one iteration
     def _oracle(self, update_generator: bool, call: int) -> Any:
-        calls = OPTIMIZERS[self.cfg.optimizer].calls_per_iteration
+        calls = self.optimizer.calls_per_iteration
         idx = self.sampler.batch(self.step * calls + call)
         z = torch.randn(len(idx), LATENT, generator=self.rng).to(self.device)  # CPU stream on any device
         start = None
@@ -278,11 +269,12 @@ class Trainer:
         before = copy.copy(self.averager.stats)
         t0 = time.perf_counter()
         skipped = False
-        if isinstance(self.optimizer, TwoCallOptimizer):
+        calls = self.optimizer.calls_per_iteration
+        if calls == 2:  # extra-gradient: the first oracle call and the extrapolation
             self._oracle(update_g, 0)
             self._check_finite()
             self.optimizer.extrapolation()
-        losses = self._oracle(update_g, 1 if isinstance(self.optimizer, TwoCallOptimizer) else 0)
+        losses = self._oracle(update_g, calls - 1)
         measuring = 0.0
         if self._check_finite():
             if cfg.quantized and ((self.step + 1) % cfg.log_every == 0 or self.step + 1 == cfg.steps):
@@ -299,7 +291,7 @@ class Trainer:
         after = self.averager.stats
         comm = {k: getattr(after, k) - getattr(before, k) for k in ("payload_bits", "encode_seconds",
                                                                   "comm_seconds", "decode_seconds")}  # fmt: skip
-        exchanges = OPTIMIZERS[cfg.optimizer].calls_per_iteration
+        exchanges = calls
         if not skipped and not all(math.isfinite(v) for v in asdict(losses).values()):
             raise FloatingPointError(f"step {self.step}: non-finite loss {asdict(losses)}; lower the learning rates")
         self.step += 1
@@ -554,7 +546,7 @@ def _log_window(trainer: Trainer, window: list[dict[str, float]], writer: Any, b
     if cfg.quantized and trainer.quant_variance is not None:
         mean["quant_variance"] = trainer.quant_variance
     # bits on the wire per coordinate of one exchange, measured over the window
-    mean["bits_per_coordinate"] = mean["bits"] / max(trainer.numel * OPTIMIZERS[cfg.optimizer].calls_per_iteration, 1)
+    mean["bits_per_coordinate"] = mean["bits"] / max(trainer.numel * trainer.optimizer.calls_per_iteration, 1)
     trainer.history.append(mean)
     if writer is not None:
         for k in ("loss_d", "loss_g", "wasserstein", "penalty", "bits", "compression_ratio", "step_seconds",
@@ -607,7 +599,7 @@ def build_report(trainer: Trainer, world: int) -> dict[str, Any]:
     cfg, hist = trainer.cfg, trainer.history
     stats = trainer.averager.stats
     iters = max(trainer.step, 1)
-    exchanges = OPTIMIZERS[cfg.optimizer].calls_per_iteration
+    exchanges = trainer.optimizer.calls_per_iteration
     last = trainer.evals[-1]
     tail = hist[len(hist) // 2 :] or hist
 
