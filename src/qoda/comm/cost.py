@@ -33,7 +33,7 @@ their statistics); this module applies them to a plan (:func:`exchange_cost`, th
 protocol registry) or to given sizes (measured, or entropy-coded: data-dependent;
 :func:`allgather`, :func:`two_phase`).  Message sizes come from the plan for fixed-width coding
 (:meth:`Protocol.message_sizes`; two-phase chunks from
-:meth:`qoda.comm.partition.MessageLayout.chunks`).
+:meth:`qoda.comm.partition.ExchangeLayout.chunks`).
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ from qoda.codec.layerwise import LayerwiseCodec
 from qoda.comm.baselines import powersgd_payload_floats
 from qoda.comm.collective_cost import SIZE_BYTES, ExchangeCost, all_gather, all_to_all, ring_allreduce, size_exchange
 from qoda.comm.exchanges import AllgatherExchange, Fp16Exchange, Fp32Exchange, TwoPhaseExchange
-from qoda.comm.partition import MessageLayout
+from qoda.comm.partition import ExchangeLayout
 from qoda.comm.protocol import PROTOCOLS, protocol_named
 from qoda.quant.policy import LayerPlan
 
@@ -91,8 +91,8 @@ def allgather_message_bytes(k: int, bytes_sent: float, sized: bool = False) -> f
 
 # ---------------------------------------------------------------------------- from a plan
 def two_phase_pieces(codec: LayerwiseCodec, k: int) -> list[list[tuple[int, ...]]]:
-    """``[chunk][group]`` layer pieces of the two-phase chunks (:meth:`MessageLayout.chunks`)."""
-    return MessageLayout.chunks(codec.groups, k).pieces  # type: ignore[return-value]
+    """``[chunk][group]`` layer pieces of the two-phase chunks (:meth:`ExchangeLayout.chunks`)."""
+    return ExchangeLayout.chunks(codec.groups, k).pieces  # type: ignore[return-value]
 
 
 def exchange_cost(

@@ -26,7 +26,11 @@ the bytes travel and while an earlier bucket is decoded on gloo's thread.  To ne
 exchange, each message travels with a one-byte status in front, at its size fixed by the plan
 (fixed-width coding: ``LayerwiseCodec.message_size``):
 
-* ``allgather``: **one** asynchronous all-gather per bucket.
+Every mode is a registered protocol (:mod:`qoda.comm.protocol`) with the same stages: the body
+issues a bucket's first stage, each later stage is issued from the next bucket's body (or at the
+end of the last one), and the last stage's continuation finishes the bucket:
+
+* ``allgather``: **one** asynchronous all-gather per bucket (``fp32``/``fp16``: one all-reduce).
 * ``two_phase``: pipelined across buckets.  Phase 2 of a bucket is the re-quantized *result*
   of its phase 1, so it cannot be issued before phase 1 is done, and it must not be issued
   from phase 1's callback (see above).  So bucket ``i``'s body issues its phase-1 all-to-all
@@ -34,7 +38,7 @@ exchange, each message travels with a one-byte status in front, at its size fixe
   bucket ``i``), waits, decodes, re-encodes and issues the phase-2 all-gather asynchronously;
   the last bucket's body issues its own phase 2 too.  Every rank issues
   ``P1(0) | P1(1) P2(0) | ... | P1(n-1) P2(n-2) P2(n-1)``.  Two collectives per bucket, the
-  same steps the synchronous path runs back to back (:mod:`qoda.comm.protocol`).
+  same stages the synchronous path runs back to back.
 
 Entropy coding has data-dependent sizes: the sizes are exchanged first, blocking, then the
 data asynchronously.  The overlapping results equal the synchronous ones bit for bit (same
@@ -119,7 +123,8 @@ class QodaHookState:
         model: the model DDP wraps (optional: see *binding*). For backward compatibility a
             :class:`LayerPolicy` given first is taken as ``policy``.
         policy: what is quantized and how (default: global 4-bit QSGD, buckets of 1024).
-        mode: ``allgather`` (default) or ``two_phase`` (``fp32``/``fp16`` for comparisons).
+        mode: ``allgather`` (default) or ``two_phase`` (``fp32``/``fp16`` for comparisons), or any
+            protocol registered with :func:`~qoda.comm.protocol.register_protocol`.
         start_iter: plain fp32 all-reduce iterations before compression (default 10).
         seed: base seed of the quantization noise (same on every rank).
         process_group: the group (default: the world).

@@ -21,7 +21,7 @@ from qoda.codec.format import CodecError
 from qoda.codec.layerwise import EncodedMessage, LayerwiseCodec, MessageStatus, SenderFailed
 from qoda.comm.averager import CommStats
 from qoda.comm.collective_cost import ExchangeCost, all_gather, all_to_all, ring_allreduce
-from qoda.comm.partition import MessageLayout
+from qoda.comm.partition import ExchangeLayout
 from qoda.comm.protocol import (
     AggregationError,
     Protocol,
@@ -165,7 +165,7 @@ class AllgatherExchange(Protocol):
 class TwoPhaseExchange(Protocol):
     """A compressed reduce-scatter, then an all-gather of the re-quantized averaged chunks.  On
     rank ``r`` of ``K``, chunk ``c`` of every group is message ``c`` of the layout
-    (:meth:`MessageLayout.chunks`: chunks end on bucket starts).
+    (:meth:`ExchangeLayout.chunks`: chunks end on bucket starts).
 
     Still unbiased (``E[Q2(a)] = a``); the extra variance is that of the second quantization,
     ``E||Q2(a) - a||^2 <= eps_Q E||a||^2`` with ``a`` the phase-1 average.  Bytes per rank stay
@@ -199,8 +199,8 @@ class TwoPhaseExchange(Protocol):
         return 2
 
     @classmethod
-    def layout(cls, codec: LayerwiseCodec, k: int) -> MessageLayout:
-        return MessageLayout.chunks(codec.groups, k)
+    def layout(cls, codec: LayerwiseCodec, k: int) -> ExchangeLayout:
+        return ExchangeLayout.chunks(codec.groups, k)
 
     @classmethod
     def model_sizes(cls, k: int, message_bytes: float) -> list[float]:

@@ -46,7 +46,7 @@ def chunk_pieces(numels: Sequence[int], lo: int, hi: int) -> tuple[int, ...]:
 
 
 @dataclass
-class MessageLayout:
+class ExchangeLayout:
     """The messages one rank sends in an exchange, as parts of the plan's group buffers.
 
     Message ``i`` carries, of every group ``g``, the coordinates ``bounds[g][i]:bounds[g][i+1]``,
@@ -59,12 +59,12 @@ class MessageLayout:
     bounds: list[list[int]] | None = None
 
     @classmethod
-    def whole(cls) -> MessageLayout:
+    def whole(cls) -> ExchangeLayout:
         """One message of the whole plan (allgather, all-reduce)."""
         return cls([None])
 
     @classmethod
-    def chunks(cls, groups: Sequence[Group], k: int) -> MessageLayout:
+    def chunks(cls, groups: Sequence[Group], k: int) -> ExchangeLayout:
         """``k`` chunk messages, chunk ``c`` of every group (:func:`chunk_bounds`: chunks end on
         bucket starts, so each is bucketed as the whole group would be)."""
         bounds = [chunk_bounds(g.numels, None if g.config is None else g.config.bucket_size, k) for g in groups]

@@ -5,7 +5,7 @@ Every protocol is a subclass of :class:`Protocol`, registered by name in :data:`
 (:func:`register_protocol`); its name is the averager's ``mode``.  A protocol states:
 
 * the **layout** of its messages for ``K`` workers (:meth:`Protocol.layout`: which parts of the
-  plan's group buffers each message carries, :class:`~qoda.comm.partition.MessageLayout`) and
+  plan's group buffers each message carries, :class:`~qoda.comm.partition.ExchangeLayout`) and
   their sizes (:meth:`Protocol.message_sizes`: fixed by the plan, ``None`` with entropy coding);
 * its **cost** per rank (:meth:`Protocol.cost`, in the terms of :mod:`qoda.comm.collective_cost`)
   and its **codec work** (:meth:`Protocol.codec_work`: whole-vector encodes and decodes per
@@ -48,7 +48,7 @@ from qoda.codec.format import CodecError
 from qoda.codec.layerwise import EncodedMessage, LayerwiseCodec, MessageStatus, SenderFailed, failure_message
 from qoda.comm.averager import CommStats
 from qoda.comm.collective_cost import ExchangeCost
-from qoda.comm.partition import MessageLayout
+from qoda.comm.partition import ExchangeLayout
 
 
 class AggregationError(RuntimeError):
@@ -133,7 +133,7 @@ class ExchangeContext:
     seed: int
     wire_device: torch.device
     device_codec: DeviceCodec | None
-    layout: MessageLayout
+    layout: ExchangeLayout
     sizes: list[int] | None
     _host_buffers: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
     _device_buffers: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
@@ -283,12 +283,12 @@ class Protocol(abc.ABC):
         return 1
 
     @classmethod
-    def layout(cls, codec: LayerwiseCodec, k: int) -> MessageLayout:
+    def layout(cls, codec: LayerwiseCodec, k: int) -> ExchangeLayout:
         """The messages one rank encodes for ``k`` workers (default: one whole message)."""
-        return MessageLayout.whole()
+        return ExchangeLayout.whole()
 
     @classmethod
-    def message_sizes(cls, codec: LayerwiseCodec, layout: MessageLayout) -> list[int] | None:
+    def message_sizes(cls, codec: LayerwiseCodec, layout: ExchangeLayout) -> list[int] | None:
         """Bytes of each message of ``layout`` (``None`` with entropy coding); an uncompressed
         protocol's one message is the vector, ``element_bytes`` per coordinate."""
         if cls.element_bytes is not None:
@@ -375,6 +375,7 @@ def register_protocol(cls: type[Protocol]) -> type[Protocol]:
     name = getattr(cls, "name", None)
     if not isinstance(name, str) or not name:
         raise ValueError(f"register_protocol: {cls.__name__} needs a non-empty str name")
+    name = str(name)  # a StrEnum member's value
     if PROTOCOLS.get(name, cls) is not cls and PROTOCOLS[name].__qualname__ != cls.__qualname__:
         raise ValueError(f"register_protocol: {name!r} is already {PROTOCOLS[name].__qualname__}")
     PROTOCOLS[name] = cls
