@@ -1,9 +1,9 @@
 """What one exchange costs on the wire: pure arithmetic, no collectives.
 
-The one statement of each exchange protocol's cost, per rank, as the averagers account it
-(``CommStats.bytes_sent`` / ``bytes_received``; ``tests/test_cost.py`` checks the equality on
-real gloo processes), and the latency and byte terms of the alpha-beta
-model of ``qoda bench scaling``.  ``K`` ranks, ``B`` bytes of an uncompressed vector, ``m`` bytes
+Each exchange protocol's cost per rank, stated by the protocol (:meth:`Protocol.cost`), as the
+averagers account it (``CommStats.bytes_sent`` / ``bytes_received``; ``tests/test_cost.py``
+checks the equality on real gloo processes), and the latency and byte terms of the step-time
+model (:mod:`qoda.comm.step_time`).  ``K`` ranks, ``B`` bytes of an uncompressed vector, ``m`` bytes
 of a quantized message, ``S = 8`` bytes of one size message (an int64):
 
 =========  ================================================================  ===========  =======
