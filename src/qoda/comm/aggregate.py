@@ -117,10 +117,10 @@ class Aggregator(Averager):
         self.world = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
         self.seed = int(seed)
-        #: bytes of this rank's whole message, fixed by the plan (``None`` with entropy coding: data-dependent)
-        self.message_size = self.codec.message_size()
         #: what the protocol sees: layout, message sizes, wire device, codec, reused send buffers
         self.context = ExchangeContext.build(self.codec, self.protocol, group, self.seed)
+        #: bytes of this rank's whole message, fixed by the plan (``None`` with entropy coding: data-dependent)
+        self.message_size = self.context.message_size
         if check:
             self._check_consistency()
 

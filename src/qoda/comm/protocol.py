@@ -121,7 +121,8 @@ class ExchangeContext:
     """What a protocol may use of its averager: fixed for a plan, shared by its exchanges.
 
     ``sizes``: the bytes of each message of ``layout`` (:meth:`Protocol.message_sizes`), ``None``
-    with entropy coding (data-dependent: exchanged first).  ``device_codec``: the codec on the
+    with entropy coding (data-dependent: exchanged first); ``message_size``: the bytes of one whole
+    message of the plan (``None`` likewise).  ``device_codec``: the codec on the
     wire device when it is a GPU (NCCL moves CUDA tensors only; no host copy of the gradients),
     ``None``: the CPU (numba) codec.
     """
@@ -135,6 +136,7 @@ class ExchangeContext:
     device_codec: DeviceCodec | None
     layout: ExchangeLayout
     sizes: list[int] | None
+    message_size: int | None
     _host_buffers: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
     _device_buffers: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
@@ -149,7 +151,7 @@ class ExchangeContext:
         layout = protocol.layout(codec, world)
         return cls(
             codec, group, world, rank, int(seed), wire, DeviceCodec(codec, wire) if wire.type != "cpu" else None,
-            layout, protocol.message_sizes(codec, layout),
+            layout, protocol.message_sizes(codec, layout), codec.message_size(),
         )  # fmt: skip
 
     @property
@@ -214,7 +216,7 @@ class ExchangeContext:
     ) -> tuple[EncodedMessage | None, Bytes, Exception | None]:
         """This rank's whole message (seed ``(seed, step, rank)``, into send buffer ``buffer``), or a
         failure message of the same size: ``(message or None, bytes to send, error or None)``."""
-        size = None if self.sizes is None else self.codec.message_size()
+        size = self.message_size
         try:
             flats = self.codec.gather(tensors)
             msg = self.encoder.encode_flats(flats, derive_seed(self.seed, step, self.rank),
