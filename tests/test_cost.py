@@ -70,7 +70,7 @@ def _worker(rank, world):
             out[mode].append(agg.average_(_inputs(rank, s, shapes), s).as_dict())
             out["collectives"][mode].append(calls[0])
         if mode == "two_phase":
-            pieces = agg.pieces
+            pieces = agg.context.layout.pieces
     ps = PowerSGDAverager(shapes, rank=1, start_iter=POWERSGD_START, seed=0)
     out["powersgd"] = [ps.average_(_inputs(rank, s, shapes), s).as_dict() for s in range(POWERSGD_START + 2)]
     return out, pieces

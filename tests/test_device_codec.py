@@ -277,7 +277,7 @@ def _protocol_worker(rank, world):
             agg = Aggregator(codec.plan, mode=mode, seed=3)
             assert agg.wire_device.type == "cpu" and agg.device_codec is None  # gloo: the CPU codec, decided once
             if forced:
-                agg.device_codec = dev.DeviceCodec(agg.codec, agg.wire_device)
+                agg.context.device_codec = dev.DeviceCodec(agg.codec, agg.wire_device)
             g.manual_seed(rank)
             ts = [torch.randn(e.shape, generator=g) for e in codec.plan.entries]
             agg.average_(ts, step=1)

@@ -75,7 +75,7 @@ def default_model_codec(seed: int = 0):  # type: ignore[no-untyped-def]
 def model_message_rows(repeats: int, seed: int = 0, k: int = 4) -> list[dict]:
     """Encode / decode+accumulate GB/s of the default model's allgather message and of its
     ``k`` two-phase chunk messages (see the module docstring)."""
-    from qoda.comm.partition import chunk_bounds, chunk_pieces
+    from qoda.comm.exchanges import TwoPhaseExchange
 
     codec, flats = default_model_codec(seed)
     numel = sum(f.numel() for f in flats)
@@ -90,10 +90,9 @@ def model_message_rows(repeats: int, seed: int = 0, k: int = 4) -> list[dict]:
     segments = len(codec.groups)
     rows = [{"message": "allgather", "numel": numel, "segments": segments, "encode_gbps": gb / te,
              "decode_gbps": gb / td, "bits_per_coord": 8 * size / numel}]  # fmt: skip
-    bounds = [chunk_bounds(g.numels, None if g.config is None else g.config.bucket_size, k) for g in codec.groups]
-    pieces = [[chunk_pieces(g.numels, b[c], b[c + 1]) for g, b in zip(codec.groups, bounds, strict=True)]
-              for c in range(k)]  # fmt: skip
-    chunks = [[f[b[c] : b[c + 1]] for f, b in zip(flats, bounds, strict=True)] for c in range(k)]
+    layout = TwoPhaseExchange.layout(codec, k)  # the protocol's own chunks
+    pieces = layout.pieces
+    chunks = [layout.part(flats, c) for c in range(k)]
     sizes = [codec.message_size(p) for p in pieces]
     bufs = [np.empty(n or 0, dtype=np.uint8) for n in sizes]
     msgs = [codec.encode_flats(chunks[c], seed, pieces[c], tag=c + 1).data.copy() for c in range(k)]

@@ -1,26 +1,13 @@
-"""``qoda bench scaling``: an alpha-beta model of a training step, fed with measurements.
+"""``qoda bench scaling``: the step-time model (:mod:`qoda.comm.step_time`) fed with measurements.
 
-Per iteration a worker computes its oracle calls (``C``, measured: the compute-only rows of
-``qoda bench e2e``) and runs ``x`` exchanges (1 for Adam/QODA, 2 for the extra-gradient
-methods).  With ``K`` workers, per-message latency ``alpha`` and link goodput ``beta`` bytes/s,
-one exchange costs what :mod:`qoda.comm.cost` says its protocol costs (the same arithmetic as
-the averagers' own byte counts): ``latency_terms * alpha + payload_bytes / beta``, plus, for
-the quantized modes, the codec times ``E(n) = 4n / enc`` and ``D(n) = 4n / dec`` for ``n``
-parameters (measured on this model's messages, see :func:`workload_from`; divided by the CPU
-share ``s = min(1, cores / K)`` when K processes share fewer cores), and for PowerSGD its
-compression overhead ``P`` (see below)::
+The model (its formulas: :mod:`qoda.comm.step_time`) prices each exchange by its protocol's own
+cost and codec work; here it is fed: the compute per oracle call ``C`` (the compute-only rows of
+``qoda bench e2e``), the measured message of each aggregation config, the codec speed measured
+on this model's messages (see :func:`workload_from`), PowerSGD's floats and its overhead ``P``
+(below), and ``alpha`` fitted per measured setting.  Each e2e config is modelled by an exchange
+kind (:data:`MODELLED`) and its exchanges per iteration (the optimizer registry)::
 
-    fp32, fp16             cost.fp32 / cost.fp16
-    PowerSGD               cost.powersgd (f floats, measured) + P / s
-    qoda allgather         cost.allgather(K, m) + E(n) + K D(n)       (every worker decodes all K)
-    qoda two-phase         cost.two_phase(K, K chunks of m / K) + (1 + 1/K) E(n) + 2 D(n)
-                           (decode + re-encode the own chunk; chunk headers neglected)
-    entropy-coded qoda     the same with sized=True (sizes exchanged first: data-dependent),
-                           m and the codec speed of the entropy-coded rows
-
-    step = C + x * exchange + x finite-check all-reduces (latency terms of cost.ring_allreduce)
-
-with ``m`` the measured quantized message of one worker (bytes) and ``f`` PowerSGD's floats.
+    step = C + x * exchange + x finite-check all-reduces
 
 **PowerSGD's overhead** ``P``: PyTorch's hook runs three dependent all-reduces (the 1-D
 tensors, then ``P = M Q``, then ``Q = M^T P``) with its compression compute between them
@@ -35,8 +22,9 @@ Measuring the whole overhead was chosen over a FLOP count (the matmuls are ~4 n 
 a millisecond) because the FLOPs leave out what costs: the serialisation.
 
 ``beta`` is the tbf rate times the TCP goodput of a 1500-byte MTU frame, 1448/1538 (IP and
-TCP-with-timestamps headers, Ethernet framing): arithmetic, not fitted.  ``alpha`` is fitted
-once per measured setting from a one-float all-reduce (the latency terms of ``cost.ring_allreduce``).
+TCP-with-timestamps headers, Ethernet framing; :data:`qoda.comm.step_time.MTU_GOODPUT`):
+arithmetic, not fitted.  ``alpha`` is fitted once per measured setting from a one-float
+all-reduce (:func:`qoda.comm.step_time.check_latency_terms`).
 
 Validation: every measured e2e row is predicted from its own setting's compute-only time and
 latency, and the relative error is reported per row.  Extrapolation to 4-64 workers at
@@ -60,14 +48,22 @@ from __future__ import annotations
 import functools
 import json
 import statistics
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from qoda.bench.e2e import calls_of, compute_bound_of
 from qoda.comm import cost
+from qoda.comm.step_time import (
+    MTU_GOODPUT,
+    Network,
+    Workload,
+    check_latency_terms,
+    exchange_seconds,
+    is_entropy,
+    iteration_seconds,
+)
 
-MTU_GOODPUT = 1448 / 1538  # TCP payload per Ethernet frame on a 1500-byte MTU
 WORKERS = (4, 8, 12, 16, 32, 64)
 RATES_GBIT = (1.0, 2.5, 5.0, 10.0, 100.0)
 PAPER = {4: 1.28, 8: 1.83, 12: 2.50, 16: 2.47}  # QODA layer-wise over uncompressed (docs/method.md section 5)
@@ -83,81 +79,11 @@ class ScalingInputError(ValueError):
     """A measurement file is missing or lacks the rows the model needs."""
 
 
-@dataclass(frozen=True)
-class Network:
-    alpha: float  # seconds per message
-    beta: float  # bytes per second (goodput)
-
-    @classmethod
-    def of(cls, rate_mbit: float, alpha: float) -> Network:
-        return cls(alpha, rate_mbit * 1e6 / 8 * MTU_GOODPUT)
-
-
-@dataclass(frozen=True)
-class Workload:
-    """What one exchange moves and costs, from the measurements.
-
-    ``message_bytes`` keys ending in ``_entropy`` are entropy-coded messages (sizes exchanged
-    first, :mod:`qoda.comm.cost`'s ``sized``); ``codec_gbps`` overrides the codec speed
-    ``(encode, decode)`` of a key (default ``encode_gbps`` / ``decode_gbps``)."""
-
-    parameters: int  # n
-    message_bytes: dict[str, float]  # quantized message per worker, per aggregation config
-    powersgd_floats: float  # floats per worker in PowerSGD's all-reduces
-    encode_gbps: float  # codec on this model's messages, one uncontended core (GB/s of float32 input)
-    decode_gbps: float
-    cpu_share: float = 1.0  # cores per worker process when fewer cores than workers (codec runs slower)
-    codec_gbps: dict[str, tuple[float, float]] = field(default_factory=dict)
-    powersgd_overhead_seconds: float = 0.0  # P: the hook's time beyond its all-reduces, one core per worker
-
-
-def is_entropy(cfg: str) -> bool:
-    return cfg.endswith("_entropy")
-
-
-def exchange_cost(kind: str, k: int, w: Workload) -> cost.ExchangeCost:
-    """Bytes and latency terms of one exchange of ``kind`` (see :func:`exchange_seconds`) among ``k``
-    workers, from the measured sizes."""
-    n = float(w.parameters)  # real-valued: a ring's bytes are a mean over ranks, not rounded down
-    if kind == "fp32":
-        return cost.fp32(k, n)
-    if kind == "fp16":
-        return cost.fp16(k, n)
-    if kind == "powersgd":
-        return cost.powersgd(k, w.powersgd_floats)
-    mode, _, cfg = kind.partition(":")
-    if mode not in ("allgather", "two_phase") or cfg not in w.message_bytes:
-        raise ValueError(f"kind: unknown exchange {kind!r}")
-    m, sized = w.message_bytes[cfg], is_entropy(cfg)
-    if mode == "allgather":
-        return cost.allgather(k, m, sized=sized)
-    return cost.two_phase(k, [m / k] * k, sized=sized)  # an even split of the message (chunk headers neglected)
-
-
-def exchange_seconds(kind: str, k: int, net: Network, w: Workload) -> float:
-    """One exchange of ``kind`` (``fp32``, ``fp16``, ``powersgd``, ``allgather:<cfg>``,
-    ``two_phase:<cfg>``) among ``k`` workers: network time, codec time for the quantized modes,
-    PowerSGD's overhead for PowerSGD."""
-    if k == 1:
-        return 0.0
-    network = exchange_cost(kind, k, w).seconds(net.alpha, net.beta)
-    mode, _, cfg = kind.partition(":")
-    if mode == "powersgd":
-        return network + w.powersgd_overhead_seconds / w.cpu_share
-    enc_gbps, dec_gbps = w.codec_gbps.get(cfg, (w.encode_gbps, w.decode_gbps))
-    enc = 4 * w.parameters / (enc_gbps * 1e9 * w.cpu_share)
-    dec = 4 * w.parameters / (dec_gbps * 1e9 * w.cpu_share)
-    if mode == "allgather":  # encode one message, decode all K
-        return network + enc + k * dec
-    if mode == "two_phase":  # encode the K chunks and the own average; decode K own chunks, the K averages
-        return network + (1 + 1 / k) * enc + 2 * dec
-    return network
-
-
-def _check_latency(k: int) -> int:
-    """Latency terms of the finite-gradient check (one small all-reduce per oracle call), and of
-    the one-float all-reduce ``alpha`` is fitted from."""
-    return cost.ring_allreduce(k, 4).latency_terms
+#: the model's names, read from here by the tests and the CLI as before
+__all__ = [
+    "MTU_GOODPUT", "Network", "ScalingInputError", "Workload", "exchange_seconds", "format_scaling",
+    "is_entropy", "plot_scaling", "run_scaling", "step_seconds",
+]  # fmt: skip
 
 
 #: e2e config -> exchange kind it is modelled by; its exchanges per iteration come from the
@@ -189,9 +115,8 @@ def modelled(config: str, w: Workload) -> bool:
 
 
 def step_seconds(config: str, k: int, net: Network, w: Workload, compute: float) -> float:
-    kind, x = MODELLED[config], calls_of(config)
-    checks = x * _check_latency(k) * net.alpha  # the per-call finite-gradient all-reduce
-    return compute + x * exchange_seconds(kind, k, net, w) + checks
+    """One iteration of e2e config ``config`` (its exchange kind, its exchanges per iteration)."""
+    return iteration_seconds(MODELLED[config], calls_of(config), k, net, w, compute)
 
 
 # ---------------------------------------------------------------------------- inputs
@@ -205,7 +130,7 @@ def _load(path: Path, what: str) -> dict[str, Any]:
 
 
 def _row_alpha(r: dict[str, Any]) -> float:
-    return r["allreduce_latency_seconds"] / _check_latency(r["workers"])
+    return r["allreduce_latency_seconds"] / check_latency_terms(r["workers"])
 
 
 def _bits_per_coordinate(rows: list[dict[str, Any]], cfg: str) -> float | None:

@@ -30,6 +30,7 @@ import torch.distributed as dist
 from qoda.codec.layerwise import fixed_message_bits
 from qoda.comm.aggregate import AggregationError, Aggregator, Mode, allreduce_sum, compare_across_ranks
 from qoda.comm.averager import Averager, CommStats
+from qoda.comm.protocol import protocol_named
 from qoda.quant.adapt import AdaptConfig, LevelAdapter
 from qoda.quant.policy import LayerPlan
 
@@ -59,8 +60,9 @@ class AdaptiveAggregator(Averager):
         seed: int = 0, adapt: AdaptConfig | None = None, check: bool = True,
     ) -> None:  # fmt: skip
         super().__init__()
-        self.mode, self.group, self.seed = Mode(mode), group, int(seed)
-        if self.mode in (Mode.FP32, Mode.FP16):
+        protocol = protocol_named(mode)
+        self.mode, self.group, self.seed = protocol.name, group, int(seed)
+        if not protocol.quantizes():
             raise ValueError(f"mode: adaptive levels need a quantized mode (allgather or two_phase), got {mode!r}")
         adapt = adapt or AdaptConfig()
         if check:  # before the adapter: a budget one rank cannot meet must not leave the others waiting

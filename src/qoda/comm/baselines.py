@@ -24,8 +24,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from qoda.comm import cost
 from qoda.comm.averager import Averager, CommStats
+from qoda.comm.collective_cost import ring_allreduce
 
 
 class _Bucket:
@@ -108,7 +108,7 @@ class PowerSGDAverager(Averager):
             offset += t.numel()
         floats = self.compressed_floats if compressing else self.numel
         st.payload_bits = 32 * floats
-        moved = cost.ring_allreduce(self.world, 4 * floats)  # three ring all-reduces, counted as one total
+        moved = ring_allreduce(self.world, 4 * floats)  # three ring all-reduces, counted as one total
         st.bytes_sent, st.bytes_received = int(moved.bytes_sent), int(moved.bytes_received)
         # the hook interleaves compression and communication: its whole time counts as communication
         st.encode_seconds, st.comm_seconds, st.decode_seconds = t1 - t0, t2 - t1, time.perf_counter() - t2

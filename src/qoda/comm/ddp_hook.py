@@ -28,7 +28,11 @@ the bytes travel and while an earlier bucket is decoded on gloo's thread.  To ne
 exchange, each message travels with a one-byte status in front, at its size fixed by the plan
 (fixed-width coding: ``LayerwiseCodec.message_size``):
 
-* ``allgather``: **one** asynchronous all-gather per bucket.
+Every mode is a registered protocol (:mod:`qoda.comm.protocol`) with the same stages: the body
+issues a bucket's first stage, each later stage is issued from the next bucket's body (or at the
+end of the last one), and the last stage's continuation finishes the bucket:
+
+* ``allgather``: **one** asynchronous all-gather per bucket (``fp32``/``fp16``: one all-reduce).
 * ``two_phase``: pipelined across buckets.  Phase 2 of a bucket is the re-quantized *result*
   of its phase 1, so it cannot be issued before phase 1 is done, and it must not be issued
   from phase 1's callback (see above).  So bucket ``i``'s body issues its phase-1 all-to-all
@@ -36,7 +40,7 @@ exchange, each message travels with a one-byte status in front, at its size fixe
   bucket ``i``), waits, decodes, re-encodes and issues the phase-2 all-gather asynchronously;
   the last bucket's body issues its own phase 2 too.  Every rank issues
   ``P1(0) | P1(1) P2(0) | ... | P1(n-1) P2(n-2) P2(n-1)``.  Two collectives per bucket, the
-  same steps the synchronous path runs back to back (:mod:`qoda.comm.protocol`).
+  same stages the synchronous path runs back to back.
 
 Entropy coding has data-dependent sizes: the sizes are exchanged first, blocking, then the
 data asynchronously.  The overlapping results equal the synchronous ones bit for bit (same
@@ -70,7 +74,7 @@ from qoda.codec.layerwise import fixed_message_bits
 from qoda.comm.aggregate import AggregationError, Aggregator, Mode, allreduce_sum, compare_across_ranks
 from qoda.comm.averager import Averager, CommStats
 from qoda.comm.compressed import CompressedAverager
-from qoda.comm.protocol import AllgatherExchange, TwoPhaseExchange
+from qoda.comm.protocol import Protocol, protocol_named
 from qoda.quant.adapt import AdaptConfig, LevelAdapter
 from qoda.quant.allocation import minimum_budget
 from qoda.quant.config import QuantizerConfig
@@ -134,7 +138,8 @@ class QodaHookState:
     Args:
         model: the model DDP wraps (optional: see *binding*).
         policy: what is quantized and how (default: global 4-bit QSGD, buckets of 1024).
-        mode: ``allgather`` (default) or ``two_phase`` (``fp32``/``fp16`` for comparisons).
+        mode: ``allgather`` (default) or ``two_phase`` (``fp32``/``fp16`` for comparisons), or any
+            protocol registered with :func:`~qoda.comm.protocol.register_protocol`.
         start_iter: plain fp32 all-reduce iterations before compression (default 10).
         seed: base seed of the quantization noise (same on every rank).
         process_group: the group (default: the world).
@@ -210,26 +215,23 @@ class QodaHookState:
             policy = LayerPolicy.global_(QuantizerConfig.qsgd(4))
         if not isinstance(policy, LayerPolicy):
             raise TypeError(f"policy: expected a LayerPolicy, got {type(policy).__name__}")
-        try:
-            mode = Mode(mode)
-        except ValueError:
-            raise ValueError(f"mode: expected one of {[m.value for m in Mode]}, got {mode!r}") from None
+        protocol = protocol_named(mode)
+        mode = protocol.name
         if not isinstance(start_iter, int) or start_iter < 0:
             raise ValueError(f"start_iter: must be a non-negative int, got {start_iter!r}")
         if adapt is not None and not isinstance(adapt, AdaptConfig):
             raise TypeError(f"adapt: expected an AdaptConfig, got {type(adapt).__name__}")
         if compressor is not None and not callable(compressor):
             raise TypeError(f"compressor: expected a factory shapes -> Compressor, got {type(compressor).__name__}")
-        if compressor is not None and mode is not Mode.ALLGATHER:
-            raise ValueError(f"mode: a compressor is averaged by all-gather, got mode {mode.value}")
+        if compressor is not None and mode != Mode.ALLGATHER:
+            raise ValueError(f"mode: a compressor is averaged by all-gather, got mode {mode}")
         if compressor is not None and adapt is not DEFAULT_ADAPT and adapt is not None:
             raise ValueError("adapt: adaptive levels belong to the layer-wise codec; a compressor takes adapt=None")
-        if adapt is DEFAULT_ADAPT and (mode in (Mode.FP32, Mode.FP16) or compressor is not None):
+        if adapt is DEFAULT_ADAPT and (not protocol.quantizes() or compressor is not None):
             adapt = None  # nothing to adapt in an uncompressed mode or with another compressor
-        if adapt is not None and mode in (Mode.FP32, Mode.FP16):
+        if adapt is not None and not protocol.quantizes():
             raise ValueError(
-                f"adapt: adaptive levels need a quantized mode (allgather or two_phase), got {mode.value} "
-                "(pass adapt=None)"
+                f"adapt: adaptive levels need a quantized mode (allgather or two_phase), got {mode} (pass adapt=None)"
             )
         # ---- configuration (pickled)
         self.policy = policy
@@ -264,7 +266,7 @@ class QodaHookState:
         self._pass: _Pass | None = None
         self._checked = False
         self._lock = threading.Lock()  # stats are updated from gloo's threads (overlap)
-        self._pending: list[_TwoPhase] = []  # two-phase overlap: phase 1 in flight, phase 2 due
+        self._pending: list[_Job] = []  # overlap: exchanges with a stage still to issue
         self._variance: dict[str, tuple[float, float]] = {}  # name -> (E||Q(g)-g||^2, ||g||^2), last observed
         self._wire: dict[int, list[int]] = {}  # iteration -> [payload bits, coordinates]
 
@@ -535,7 +537,7 @@ class QodaHookState:
 
     def _settings(self) -> dict[str, Any]:
         return {
-            "mode": self.mode.value, "start_iter": self.start_iter, "seed": self.seed, "overlap": self.overlap,
+            "mode": str(self.mode), "start_iter": self.start_iter, "seed": self.seed, "overlap": self.overlap,
             "adapt": repr(self.adapt), "policy": repr(self.policy),
             "compressor": None if self.compressor is None else repr(self.compressor),
         }  # fmt: skip
@@ -641,11 +643,8 @@ class QodaHookState:
                 if e.type_name is not None:
                     cfg = agg.plan.configs[e.type_name]
                     self._variance[e.name] = (exact_variance(v, cfg), float(v.double().square().sum()))
-        overlap = self.overlap and isinstance(agg, Aggregator)  # a compressor is averaged in the body
-        if overlap and agg.mode is Mode.ALLGATHER:
-            return _allgather_async(self, agg, views, buffer, self.iter)
-        if overlap and agg.mode is Mode.TWO_PHASE:
-            return _two_phase_async(self, agg, views, buffer, self.iter)
+        if self.overlap and isinstance(agg, Aggregator):  # a compressor is averaged in the body
+            return _overlapped(self, agg, views, buffer, self.iter)
         numel = sum(v.numel() for v in views)
         self._add_stats(agg, agg.average_(views, step=self.iter), self.iter, counted=True, numel=numel)
         done: torch.futures.Future = torch.futures.Future()
@@ -780,14 +779,14 @@ def qoda_hook(state: QodaHookState, bucket: dist.GradBucket) -> torch.futures.Fu
             fut = state._exchange(p, names, views, index, buffer)
             p.done.update(dict.fromkeys(names, fut))
             if last:
-                _flush_phase2(state)
+                _flush(state)
             return fut
         result: torch.futures.Future[torch.Tensor] = torch.futures.Future()
         p.views.update(zip(names, views, strict=True))
         p.waiting.append((names, buffer, result))
         state._run_groups(p, last)
         if last:
-            _flush_phase2(state)
+            _flush(state)
         return result.then(_value)
     except BaseException as e:  # no phase 2 left behind for the next iteration to issue
         for job in state._pending:
@@ -806,77 +805,65 @@ def qoda_hook(state: QodaHookState, bucket: dist.GradBucket) -> torch.futures.Fu
 
 
 # ---------------------------------------------------------------------------- overlapped exchanges
-# The protocols themselves live in qoda.comm.protocol (one implementation, shared with the
-# synchronous Aggregator): here they are only issued from hook bodies and finished in futures.
-def _allgather_async(
-    state: QodaHookState, agg: Aggregator, grads: Sequence[torch.Tensor], buffer: torch.Tensor | None, step: int
-) -> torch.futures.Future[torch.Tensor]:
-    ex = AllgatherExchange(agg, grads, step)
-    ex.start()
-    assert ex.work is not None
-
-    def finish(f: torch.futures.Future) -> torch.Tensor:
-        f.value()  # re-raises a failed collective
-        state._add_stats(agg, ex.finish(), step)
-        return buffer
-
-    return ex.work.get_future().then(finish)
-
-
-class _TwoPhase:
-    """One bucket's overlapped two-phase exchange: phase 1 in flight, phase 2 not yet issued."""
+# The protocols themselves (qoda.comm.protocol, qoda.comm.exchanges) are shared with the synchronous
+# Aggregator: here their stages are only issued from hook bodies and finished in futures.
+class _Job:
+    """One group's overlapped exchange: stages issued from hook bodies, finished in a callback."""
 
     def __init__(
-        self,
-        state: QodaHookState,
-        agg: Aggregator,
-        grads: Sequence[torch.Tensor],
-        buffer: torch.Tensor | None,
+        self, state: QodaHookState, agg: Aggregator, grads: Sequence[torch.Tensor], buffer: torch.Tensor | None,
         step: int,
-    ) -> None:
+    ) -> None:  # fmt: skip
         self.state, self.agg, self.buffer, self.step = state, agg, buffer, step
-        self.exchange = TwoPhaseExchange(agg, grads, step)
+        self.exchange: Protocol = agg.exchange(grads, step)
         self.result: torch.futures.Future[torch.Tensor] = torch.futures.Future()  # what DDP waits for
 
-    def start_phase1(self) -> None:
-        self.exchange.start_phase1()
+    def start(self) -> None:
+        self.exchange.start()
+        self._finish_when_issued()
 
-    def start_phase2(self) -> None:
-        """From the body of the next bucket (or of this one if it is the last)."""
-        self.exchange.start_phase2()
-        assert self.exchange.work2 is not None
+    def advance(self) -> None:
+        """From the body of a later bucket (or of the pass's last one): the next stage."""
+        self.exchange.advance()
+        self._finish_when_issued()
+
+    def _finish_when_issued(self) -> None:
+        if self.exchange.remaining:
+            return
+        assert self.exchange.work is not None
 
         def finish(f: torch.futures.Future) -> None:
             try:
-                f.value()
+                f.value()  # re-raises a failed collective
                 self.state._add_stats(self.agg, self.exchange.finish(), self.step)
             except Exception as e:
                 self.result.set_exception(e)
                 return
             self.result.set_result(self.buffer)
 
-        self.exchange.work2.get_future().add_done_callback(finish)
+        self.exchange.work.get_future().add_done_callback(finish)
 
     def fail(self, error: Exception) -> None:
         if not self.result.done():
             self.result.set_exception(error)
 
 
-def _two_phase_async(
+def _overlapped(
     state: QodaHookState, agg: Aggregator, grads: Sequence[torch.Tensor], buffer: torch.Tensor | None, step: int,
 ) -> torch.futures.Future[torch.Tensor]:  # fmt: skip
-    """Pipelined two-phase exchange.  Order of collectives in every rank's hook bodies:
+    """Pipelined exchange, any protocol.  Its first stage is issued here; each later stage (which
+    needs the previous one's result) from the next group's exchange or, for the pass's last groups,
+    by :func:`_flush` at the end of the last bucket's body; never from a callback.  Two-phase:
     ``P1(0) | P1(1) P2(0) | P1(2) P2(1) | ... | P1(n-1) P2(n-2) P2(n-1)``: phase 1 of a bucket
-    travels while backward computes the next bucket; its phase 2 (which needs phase 1's result)
-    is issued from the next group's exchange or, for the pass's last group, by
-    :func:`_flush_phase2` at the end of the last bucket's body; never from a callback."""
-    job = _TwoPhase(state, agg, grads, buffer, step)
+    travels while backward computes the next bucket.  Allgather: one stage, finished in the
+    all-gather's continuation."""
+    job = _Job(state, agg, grads, buffer, step)
     pending, state._pending = state._pending, []
     try:
-        job.start_phase1()
+        job.start()
         for older in pending:
-            older.start_phase2()
-        state._pending = [job]
+            older.advance()
+        state._pending = [j for j in (*pending, job) if j.exchange.remaining]
     except Exception as e:
         for j in (*pending, job):
             j.fail(e)
@@ -886,12 +873,14 @@ def _two_phase_async(
     return job.result.then(_value)
 
 
-def _flush_phase2(state: QodaHookState) -> None:
-    """End of the last bucket's body: issue the phase 2 still due (two-phase overlap)."""
+def _flush(state: QodaHookState) -> None:
+    """End of the last bucket's body: issue every stage still due (overlap)."""
     pending, state._pending = state._pending, []
     try:
-        for job in pending:
-            job.start_phase2()
+        while pending:
+            for job in pending:
+                job.advance()
+            pending = [j for j in pending if j.exchange.remaining]
     except Exception as e:
         for job in pending:
             job.fail(e)

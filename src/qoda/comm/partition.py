@@ -1,4 +1,4 @@
-"""Splitting a group's flat coordinate range into one chunk per rank (two-phase aggregation).
+"""The messages of an exchange as parts of the group buffers; two-phase chunks, one per rank.
 
 Chunk boundaries fall on bucket starts, so that a chunk quantized on its own (its pieces of
 layers given as layer sizes) is bucketed exactly as the whole group would be.
@@ -7,9 +7,12 @@ layers given as layer sizes) is bucketed exactly as the whole group would be.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
+import torch
 
+from qoda.codec.layerwise import Group
 from qoda.quant.quantizer import bucket_starts
 
 
@@ -40,3 +43,41 @@ def chunk_pieces(numels: Sequence[int], lo: int, hi: int) -> tuple[int, ...]:
             pieces.append(b - a)
         offset += n
     return tuple(pieces)
+
+
+@dataclass
+class ExchangeLayout:
+    """The messages one rank sends in an exchange, as parts of the plan's group buffers.
+
+    Message ``i`` carries, of every group ``g``, the coordinates ``bounds[g][i]:bounds[g][i+1]``,
+    given to the codec as layer pieces ``pieces[i][g]`` (``bounds is None``: one message of the
+    whole groups, ``pieces == [None]``).  The one place the two-phase chunking is computed
+    (:meth:`chunks`): the protocol, the cost model and the codec benchmark read it from here.
+    """
+
+    pieces: list[list[tuple[int, ...]] | None]
+    bounds: list[list[int]] | None = None
+
+    @classmethod
+    def whole(cls) -> ExchangeLayout:
+        """One message of the whole plan (allgather, all-reduce)."""
+        return cls([None])
+
+    @classmethod
+    def chunks(cls, groups: Sequence[Group], k: int) -> ExchangeLayout:
+        """``k`` chunk messages, chunk ``c`` of every group (:func:`chunk_bounds`: chunks end on
+        bucket starts, so each is bucketed as the whole group would be)."""
+        bounds = [chunk_bounds(g.numels, None if g.config is None else g.config.bucket_size, k) for g in groups]
+        pieces = [
+            [chunk_pieces(g.numels, b[c], b[c + 1]) for g, b in zip(groups, bounds, strict=True)] for c in range(k)
+        ]
+        return cls(pieces, bounds)  # type: ignore[arg-type]
+
+    def __len__(self) -> int:
+        return len(self.pieces)
+
+    def part(self, flats: Sequence[torch.Tensor], i: int) -> list[torch.Tensor]:
+        """Message ``i``'s part of every group buffer (views)."""
+        if self.bounds is None:
+            return list(flats)
+        return [f[b[i] : b[i + 1]] for f, b in zip(flats, self.bounds, strict=True)]

@@ -1,40 +1,54 @@
-"""One quantized exchange as explicit steps: the wire protocols of ``allgather`` and ``two_phase``.
+"""The protocol contract: one collective exchange of quantized (or plain) tensors, as stages.
 
-The one implementation of both protocols: :class:`~qoda.comm.aggregate.Aggregator` runs the
-steps back to back, the DDP hook (:mod:`qoda.comm.ddp_hook`) issues them from its hook bodies
-and finishes them in a future's continuation.  Every collective is issued with
-``async_op=True``; the synchronous caller waits at once.
+A *protocol* is how the ``K`` ranks of a group turn their per-layer tensors into the average.
+Every protocol is a subclass of :class:`Protocol`, registered by name in :data:`PROTOCOLS`
+(:func:`register_protocol`); its name is the averager's ``mode``.  A protocol states:
+
+* the **layout** of its messages for ``K`` workers (:meth:`Protocol.layout`: which parts of the
+  plan's group buffers each message carries, :class:`~qoda.comm.partition.ExchangeLayout`) and
+  their sizes (:meth:`Protocol.message_sizes`: fixed by the plan, ``None`` with entropy coding);
+* its **cost** per rank (:meth:`Protocol.cost`, in the terms of :mod:`qoda.comm.collective_cost`)
+  and its **codec work** (:meth:`Protocol.codec_work`: whole-vector encodes and decodes per
+  rank), which the cost model (:mod:`qoda.comm.cost`) and the step-time model
+  (:mod:`qoda.comm.step_time`) read, and which the exchange charges to its own
+  :class:`CommStats`, so the model and the accounting are one statement;
+* its **asynchronous stages**, with the same names for every protocol: :meth:`Protocol.start`
+  encodes and issues the first collective, :meth:`Protocol.advance` (``stages(K) - 1`` times)
+  completes the stage in flight and issues the next, :meth:`Protocol.finish` (once the last
+  stage's :attr:`Protocol.work` has completed; it never waits, so it may run in the work's
+  completion callback) decodes, writes the average into the tensors and returns the costs.
+  :meth:`Protocol.run` runs them back to back (the synchronous
+  :class:`~qoda.comm.aggregate.Aggregator`); the DDP hook (:mod:`qoda.comm.ddp_hook`) issues the
+  stages from its hook bodies, across buckets, and finishes in a future's continuation.
+
+A protocol sees the group only through its :class:`ExchangeContext` (codec, group, rank, seed,
+wire device, layout, message sizes, named reusable send buffers), built once per plan by the
+averager.  The built-in protocols are in :mod:`qoda.comm.exchanges`.
 
 Failures travel in the payload (wire format 2, :mod:`qoda.codec.layerwise`): a rank that cannot
-encode (NaN/Inf input, norm overflow) sends a *failure message* of the size its receivers expect,
-with the reason as text, so it takes part in every collective and every rank raises
-:class:`AggregationError` naming the origin rank.  No failure all-reduce, no size exchange with
-fixed-width coding (every message size is known from the plan): two-phase is one all-to-all
-and one all-gather (``2(K-1)`` latency terms), allgather one all-gather (``K-1``).  Entropy-coded
-messages have data-dependent sizes: their sizes are exchanged first (one more small collective
-per phase), as :mod:`qoda.comm.cost` counts.
-
-Every rank decodes the same bytes in the same order with the same arithmetic, so results are
-bitwise identical across ranks, and so are failures found while decoding them.
+encode sends a *failure message* of the size its receivers expect (:meth:`ExchangeContext.failure`),
+so it takes part in every collective and every rank raises :class:`AggregationError` naming the
+origin rank.  Every rank decodes the same bytes in the same order with the same arithmetic, so
+results are bitwise identical across ranks, and so are failures found while decoding them.
 """
 
 from __future__ import annotations
 
-import time
+import abc
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
+from typing import ClassVar
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
+from qoda.codec.device import DeviceCodec
 from qoda.codec.format import CodecError
 from qoda.codec.layerwise import EncodedMessage, LayerwiseCodec, MessageStatus, SenderFailed, failure_message
-from qoda.comm import cost
 from qoda.comm.averager import CommStats
-
-if TYPE_CHECKING:  # pragma: no cover
-    from qoda.comm.aggregate import Aggregator
+from qoda.comm.collective_cost import ExchangeCost
+from qoda.comm.partition import ExchangeLayout
 
 
 class AggregationError(RuntimeError):
@@ -53,336 +67,332 @@ def derive_seed(*parts: int) -> int:
     return z
 
 
-def charge(st: CommStats, c: cost.ExchangeCost) -> None:
-    """Add the bytes of ``c`` (:mod:`qoda.comm.cost`, the one statement of each protocol's cost)."""
+def charge(st: CommStats, c: ExchangeCost) -> None:
+    """Add the bytes of ``c`` (a protocol's :meth:`Protocol.cost`) to ``st``."""
     st.bytes_sent += int(c.bytes_sent)
     st.bytes_received += int(c.bytes_received)
 
 
-def _error_text(e: BaseException) -> str:
+# ---------------------------------------------------------------------------- messages on the wire
+Bytes = np.ndarray | torch.Tensor  # a message: on the host (CPU codec) or the wire device (device codec)
+
+
+def error_text(e: BaseException) -> str:
+    """The reason a failure message carries."""
     return f"{type(e).__name__}: {e}" if not isinstance(e, CodecError | ValueError) else str(e)
 
 
-def _failure(codec: LayerwiseCodec, tag: int, status: MessageStatus, origin: int, text: str, size: int | None,
-             out: np.ndarray | None = None) -> np.ndarray:  # fmt: skip
-    return failure_message(len(codec.groups), codec.plan_id ^ tag, status, origin, text, size, out)
-
-
-def _raise_for(e: SenderFailed, what: str) -> None:
+def raise_for(e: SenderFailed, what: str) -> None:
+    """Raise the :class:`AggregationError` a received failure message stands for."""
     if e.status is MessageStatus.ENCODE_FAILED:
         raise AggregationError(f"rank {e.origin} could not encode its {what}: {e.text}") from None
     raise AggregationError(f"rank {e.origin} received a damaged payload (nothing was applied): {e.text}") from None
 
 
-Bytes = np.ndarray | torch.Tensor  # a message: on the host (CPU codec) or the wire device (device codec)
-
-
-def _wire(arr: Bytes, dev: torch.device) -> torch.Tensor:
+def to_wire(arr: Bytes, dev: torch.device) -> torch.Tensor:
+    """``arr`` as a tensor on ``dev`` (no copy if it is one already)."""
     t = arr if isinstance(arr, torch.Tensor) else torch.from_numpy(arr)
     return t if t.device == dev else t.to(dev)
 
 
-def _nbytes(arr: Bytes) -> int:
+def nbytes(arr: Bytes) -> int:
     return int(arr.numel() if isinstance(arr, torch.Tensor) else arr.size)
 
 
-def _padded(arr: Bytes, width: int, dev: torch.device) -> torch.Tensor:
+def padded(arr: Bytes, width: int, dev: torch.device) -> torch.Tensor:
     """``arr`` with zero padding up to ``width`` bytes (all-gathers need equal sizes), on ``dev``."""
     out = torch.zeros(width, dtype=torch.uint8, device=dev)
-    out[: _nbytes(arr)] = _wire(arr, dev)
+    out[: nbytes(arr)] = to_wire(arr, dev)
     return out
 
 
-def _concat(arrs: Sequence[Bytes], dev: torch.device) -> torch.Tensor:
-    return torch.cat([_wire(a, dev) for a in arrs])
+def concat(arrs: Sequence[Bytes], dev: torch.device) -> torch.Tensor:
+    return torch.cat([to_wire(a, dev) for a in arrs])
 
 
-def _received(outs: Sequence[torch.Tensor], sizes: Sequence[int], on_device: bool) -> list[Bytes]:
-    """The received messages cut to their sizes: where they arrived (device codec) or on the host."""
-    return [o[:n] if on_device else o[:n].cpu().numpy() for o, n in zip(outs, sizes, strict=True)]
-
-
-def _host(arr: Bytes) -> np.ndarray:
+def on_host(arr: Bytes) -> np.ndarray:
     """A received message on the host (the CPU codec, or naming the sender of a damaged payload)."""
     return arr.cpu().numpy() if isinstance(arr, torch.Tensor) else arr
 
 
-def _gather_sizes(agg: Aggregator, n: int) -> list[int]:
-    """Blocking all-gather of one size per rank (entropy coding: sizes depend on the data)."""
-    size = torch.tensor([n], dtype=torch.int64, device=agg.wire_device)
-    sizes = [torch.empty_like(size) for _ in range(agg.world)]
-    dist.all_gather(sizes, size, group=agg.group)
-    return [int(s) for s in sizes]
+# ---------------------------------------------------------------------------- the context
+@dataclass
+class ExchangeContext:
+    """What a protocol may use of its averager: fixed for a plan, shared by its exchanges.
 
-
-class AllgatherExchange:
-    """One allgather exchange of ``tensors`` (plan order) at ``step``.
-
-    1. :meth:`start`: encode this rank's message (seed ``(seed, step, rank)``) into the
-       aggregator's reused send buffer, or a failure message of the same size; entropy coding:
-       all-gather the sizes first (blocking); issue the all-gather of the messages (padded to the
-       longest) asynchronously.
-    2. :meth:`finish` (after :attr:`work` completed): decode the ``K`` messages in rank order,
-       summing, divide by ``K`` and write the average into the tensors.  A failure message or a
-       damaged payload makes every rank raise (all decode the same bytes).
+    ``sizes``: the bytes of each message of ``layout`` (:meth:`Protocol.message_sizes`), ``None``
+    with entropy coding (data-dependent: exchanged first); ``message_size``: the bytes of one whole
+    message of the plan (``None`` likewise).  ``device_codec``: the codec on the
+    wire device when it is a GPU (NCCL moves CUDA tensors only; no host copy of the gradients),
+    ``None``: the CPU (numba) codec.
     """
 
-    def __init__(self, agg: Aggregator, tensors: Sequence[torch.Tensor], step: int) -> None:
-        self.agg, self.tensors, self.step = agg, list(tensors), step
-        self.stats = CommStats()
-        self.msg: EncodedMessage | None = None
-        self.error: Exception | None = None
-        self.work: dist.Work | None = None
+    codec: LayerwiseCodec
+    group: dist.ProcessGroup | None
+    world: int
+    rank: int
+    seed: int
+    wire_device: torch.device
+    device_codec: DeviceCodec | None
+    layout: ExchangeLayout
+    sizes: list[int] | None
+    message_size: int | None
+    _host_buffers: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+    _device_buffers: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
-    def start(self) -> None:
-        agg, codec, st = self.agg, self.agg.codec, self.stats
-        t0 = time.perf_counter()
-        fixed = agg.message_size
-        dc = agg.device_codec
+    @classmethod
+    def build(
+        cls, codec: LayerwiseCodec, protocol: type[Protocol], group: dist.ProcessGroup | None = None, seed: int = 0
+    ) -> ExchangeContext:
+        """The context of ``protocol`` on ``group`` (the wire device decided once, here)."""
+        world, rank = dist.get_world_size(group), dist.get_rank(group)
+        nccl = dist.get_backend(group) == "nccl"
+        wire = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+        layout = protocol.layout(codec, world)
+        return cls(
+            codec, group, world, rank, int(seed), wire, DeviceCodec(codec, wire) if wire.type != "cpu" else None,
+            layout, protocol.message_sizes(codec, layout), codec.message_size(),
+        )  # fmt: skip
+
+    @property
+    def fixed(self) -> bool:
+        """Whether every message size is known from the plan (fixed-width coding)."""
+        return self.sizes is not None
+
+    @property
+    def encoder(self) -> LayerwiseCodec | DeviceCodec:
+        """The codec that encodes and decodes: the device codec if there is one, else the CPU codec."""
+        return self.device_codec or self.codec
+
+    def send_buffer(self, name: str, size: int | None) -> np.ndarray | None:
+        """The reused host send buffer ``name`` of ``size`` bytes (``None`` for ``size=None``: entropy
+        coding, whose sizes depend on the data).  Zeroed once; bytes behind what a message writes stay
+        zero (its padding).  Reuse spares the allocator's fresh-page faults on every step; a buffer is
+        free again once the exchange that used it has finished."""
+        if size is None:
+            return None
+        buf = self._host_buffers.get(name)
+        if buf is None:
+            buf = self._host_buffers[name] = np.zeros(size, dtype=np.uint8)
+        return buf
+
+    def codec_buffer(self, name: str, size: int | None) -> np.ndarray | torch.Tensor | None:
+        """:meth:`send_buffer` where the codec writes: on the wire device with the device codec."""
+        host = self.send_buffer(name, size)
+        if host is None or self.device_codec is None:
+            return host
+        buf = self._device_buffers.get(name)
+        if buf is None:
+            buf = self._device_buffers[name] = torch.zeros(host.size, dtype=torch.uint8, device=self.wire_device)
+        return buf
+
+    def failure(
+        self, tag: int, status: MessageStatus, origin: int, text: str, size: int | None, out: np.ndarray | None = None
+    ) -> np.ndarray:
+        """A failure message of ``size`` bytes (what receivers expect), tagged like the message it replaces."""
+        return failure_message(len(self.codec.groups), self.codec.plan_id ^ tag, status, origin, text, size, out)
+
+    def gather_sizes(self, n: int) -> list[int]:
+        """Blocking all-gather of one size per rank (entropy coding: sizes depend on the data)."""
+        size = torch.tensor([n], dtype=torch.int64, device=self.wire_device)
+        sizes = [torch.empty_like(size) for _ in range(self.world)]
+        dist.all_gather(sizes, size, group=self.group)
+        return [int(s) for s in sizes]
+
+    def received(self, outs: Sequence[torch.Tensor], sizes: Sequence[int]) -> list[Bytes]:
+        """The received messages cut to their sizes: where they arrived (device codec) or on the host."""
+        dev = self.device_codec is not None
+        return [o[:n] if dev else o[:n].cpu().numpy() for o, n in zip(outs, sizes, strict=True)]
+
+    def zeros(self, numels: Sequence[int], fill: bool = True) -> list[torch.Tensor]:
+        """float32 accumulators where the codec decodes (``fill=False``: uninitialised, for a
+        decode that overwrites every coordinate)."""
+        on = self.device_codec.device if self.device_codec else None
+        new = torch.zeros if fill else torch.empty
+        return [new(n, dtype=torch.float32, device=on) for n in numels]
+
+    def encode_own(
+        self, tensors: Sequence[torch.Tensor], step: int, buffer: str
+    ) -> tuple[EncodedMessage | None, Bytes, Exception | None]:
+        """This rank's whole message (seed ``(seed, step, rank)``, into send buffer ``buffer``), or a
+        failure message of the same size: ``(message or None, bytes to send, error or None)``."""
+        size = self.message_size
         try:
-            flats, seed = codec.gather(self.tensors), derive_seed(agg.seed, self.step, agg.rank)
-            if dc is None:
-                self.msg = codec.encode_flats(flats, seed, out=agg.send_buffer(0))
-            else:
-                self.msg = dc.encode_flats(flats, seed, out=agg.device_send_buffer(0))
-            data = self.msg.data
+            flats = self.codec.gather(tensors)
+            msg = self.encoder.encode_flats(flats, derive_seed(self.seed, step, self.rank),
+                                            out=self.codec_buffer(buffer, size))  # fmt: skip
+            return msg, msg.data, None
         except Exception as e:  # told to every rank in the payload
-            self.error = e
-            data = _failure(codec, 0, MessageStatus.ENCODE_FAILED, agg.rank, _error_text(e), fixed, agg.send_buffer(0))
-        if fixed is not None:
-            self.sizes = [fixed] * agg.world
-            send = _wire(data, agg.wire_device)
-        else:
-            self.sizes = _gather_sizes(agg, _nbytes(data))
-            send = _padded(data, max(self.sizes), agg.wire_device)
-        self.outs = [torch.empty_like(send) for _ in range(agg.world)]
-        self.t1 = time.perf_counter()
-        st.encode_seconds += self.t1 - t0
-        self.work = dist.all_gather(self.outs, send, group=agg.group, async_op=True)
+            failed = self.failure(0, MessageStatus.ENCODE_FAILED, self.rank, error_text(e), size,
+                                  self.send_buffer(buffer, size))  # fmt: skip
+            return None, failed, e
 
-    def run(self) -> CommStats:
-        """Both steps back to back (the synchronous exchange)."""
-        self.start()
-        assert self.work is not None
-        self.work.wait()
-        return self.finish()
-
-    def finish(self) -> CommStats:
-        """Step 2, once :attr:`work` has completed (never waits: it may run in the work's own
-        completion callback, where waiting deadlocks)."""
-        agg, codec, st = self.agg, self.agg.codec, self.stats
-        t2 = time.perf_counter()
-        if self.error is not None:
-            raise AggregationError(f"rank {agg.rank} could not encode its gradients: {self.error}") from self.error
-        dc = agg.device_codec
-        # the device codec decodes where the messages arrived; the CPU codec on the host
-        arrays = _received(self.outs, self.sizes, dc is not None)
-        acc = [torch.zeros(g.numel, dtype=torch.float32, device=dc.device if dc else None) for g in codec.groups]
+    def average_messages(self, messages: Sequence[Bytes]) -> list[torch.Tensor]:
+        """``(1/K) sum_k decode(message_k)`` per group, the ``K`` whole messages decoded in rank order.
+        A failure message or a damaged payload raises :class:`AggregationError` (every rank decodes
+        the same bytes, so every rank raises), naming the sender."""
+        codec = self.codec
+        acc = self.zeros([g.numel for g in codec.groups])
         try:
-            for a in arrays:
-                (dc or codec).decode_flats_into(a, acc, accumulate=True)
+            for m in messages:
+                self.encoder.decode_flats_into(m, acc, accumulate=True)
         except SenderFailed as e:
-            _raise_for(e, "gradients")
+            raise_for(e, "gradients")
         except CodecError:  # name the sender(s) of what does not decode
             bad = []
-            for r, a in enumerate(arrays):
+            for r, m in enumerate(messages):
                 try:
-                    codec.decode(_host(a))
+                    codec.decode(on_host(m))
                 except CodecError as e:
                     bad.append(f"rank {r}: {e}")
             raise AggregationError(f"received a damaged payload (nothing was applied) from {'; '.join(bad)}") from None
         for a in acc:
-            a.mul_(1.0 / agg.world)
-        codec.scatter(acc, self.tensors, accumulate=False)
-        assert self.msg is not None
-        st.payload_bits = self.msg.code_bits
-        charge(st, cost.allgather(agg.world, max(self.sizes), sized=agg.message_size is None))
-        st.comm_seconds += t2 - self.t1
-        st.decode_seconds += time.perf_counter() - t2
-        st.calls = 1
-        return st
-
-
-class TwoPhaseExchange:
-    """One two-phase exchange: a compressed reduce-scatter, then an all-gather of the re-quantized
-    averaged chunks.  On rank ``r`` of ``K``, chunk ``c`` of every group is ``agg.bounds[c]``.
-
-    Phase 1 (:meth:`start_phase1`, then the first half of :meth:`start_phase2`):
-
-    1. quantize chunk ``d`` of the local tensors for every rank ``d`` (seed
-       ``(seed, step, r, 1, d)``) into one reused buffer; a rank that cannot encode sends
-       failure messages of the same sizes;
-    2. entropy coding only: all-to-all of the message sizes (blocking);
-    3. all-to-all of the messages (asynchronous);
-    4. decode the ``K`` messages of chunk ``r`` in source-rank order, summing, and divide by
-       ``K``; a failure message or a damaged payload is remembered for step 5.
-
-    Phase 2 (:meth:`start_phase2`, :meth:`finish`):
-
-    5. re-quantize the averaged chunk ``r`` (seed ``(seed, step, r, 2)``), or send a failure
-       message relaying step 4's failure (its origin kept);
-    6. entropy coding only: all-gather of the sizes (blocking);
-    7. all-gather of the averaged chunks padded to the longest (asynchronous);
-    8. decode chunk ``c`` from rank ``c``'s message into the tensors; any failure message makes
-       every rank raise, naming the origin.
-    """
-
-    def __init__(self, agg: Aggregator, tensors: Sequence[torch.Tensor], step: int) -> None:
-        self.agg, self.tensors, self.step = agg, list(tensors), step
-        self.stats = CommStats()
-        self.msgs: list[EncodedMessage] | None = None
-        self.error: Exception | None = None  # this rank's own encode failure
-        self.relay: tuple[MessageStatus, int, str] | None = None  # what phase 2 reports, if anything
-        self.work1: dist.Work | None = None
-        self.work2: dist.Work | None = None
-
-    # ------------------------------------------------------------------ phase 1
-    def start_phase1(self) -> None:
-        agg, codec, st = self.agg, self.agg.codec, self.stats
-        k, r, dev = agg.world, agg.rank, agg.wire_device
-        t0 = time.perf_counter()
-        fixed = agg.chunk_sizes  # None with entropy coding
-        dc = agg.device_codec
-        buf = agg.send_buffer(1) if dc is None else agg.device_send_buffer(1)
-        try:  # 1.
-            flats = codec.gather(self.tensors)
-            msgs, pos = [], 0
-            for d in range(k):
-                out = None if buf is None else buf[pos:]
-                m = (dc or codec).encode_flats(
-                    agg.chunk(flats, d), derive_seed(agg.seed, self.step, r, 1, d), agg.pieces[d], tag=d + 1, out=out
-                )
-                msgs.append(m)
-                pos += len(m)
-            self.msgs = msgs
-            datas = [m.data for m in msgs]
-        except Exception as e:  # told to every rank in the payload
-            self.error = e
-            text = _error_text(e)
-            datas = [
-                _failure(codec, d + 1, MessageStatus.ENCODE_FAILED, r, text, None if fixed is None else fixed[d])
-                for d in range(k)
-            ]
-        if fixed is not None:
-            self.send_sizes, self.recv_sizes = list(fixed), [fixed[r]] * k
-            contiguous = self.msgs is not None and buf is not None
-            send = _wire(buf[: sum(fixed)], dev) if contiguous else _concat(datas, dev)
-        else:  # 2.
-            ss = torch.tensor([_nbytes(d) for d in datas], dtype=torch.int64)
-            rs = torch.empty(k, dtype=torch.int64, device=dev)
-            dist.all_to_all_single(rs, ss.to(dev), group=agg.group)
-            self.send_sizes, self.recv_sizes = ss.tolist(), rs.cpu().tolist()
-            send = _concat(datas, dev)
-        self.recv = torch.empty(sum(self.recv_sizes), dtype=torch.uint8, device=dev)
-        self.t1 = time.perf_counter()
-        st.encode_seconds += self.t1 - t0
-        self.work1 = dist.all_to_all_single(  # 3.
-            self.recv, send, output_split_sizes=self.recv_sizes, input_split_sizes=self.send_sizes,
-            group=agg.group, async_op=True,
-        )  # fmt: skip
-
-    def _average_own_chunk(self) -> list[torch.Tensor]:
-        """Step 4: this rank's averaged chunk; a failure is kept in :attr:`relay`."""
-        agg, codec = self.agg, self.agg.codec
-        k, r = agg.world, agg.rank
-        own = agg.pieces[r]
-        dc = agg.device_codec
-        acc = [torch.zeros(sum(p), dtype=torch.float32, device=dc.device if dc else None) for p in own]
-        if self.error is not None:
-            self.relay = (MessageStatus.ENCODE_FAILED, r, _error_text(self.error))
-            return acc
-        recv = self.recv if dc else self.recv.cpu()
-        for src, part in enumerate(recv.split(self.recv_sizes)):  # source-rank order
-            try:
-                payload = part if dc else part.numpy()
-                (dc or codec).decode_flats_into(payload, acc, accumulate=True, pieces=own, tag=r + 1)
-            except SenderFailed as e:
-                self.relay = (e.status, e.origin, e.text)
-                return acc
-            except Exception as e:
-                self.relay = (MessageStatus.DECODE_FAILED, r, f"from rank {src}: {_error_text(e)}")
-                return acc
-        for a in acc:
-            a.mul_(1.0 / k)
+            a.mul_(1.0 / self.world)
         return acc
 
-    # ------------------------------------------------------------------ phase 2
-    def start_phase2(self) -> None:
-        agg, codec, st = self.agg, self.agg.codec, self.stats
-        k, r, dev = agg.world, agg.rank, agg.wire_device
-        assert self.work1 is not None
-        self.work1.wait()
-        t2 = time.perf_counter()
-        st.comm_seconds += t2 - self.t1
-        acc = self._average_own_chunk()  # 4.
-        t3 = time.perf_counter()
-        fixed = agg.chunk_sizes
-        width = None if fixed is None else max(fixed)
-        dc = agg.device_codec
-        buf = agg.send_buffer(2) if dc is None else agg.device_send_buffer(2)
-        self.msg2: EncodedMessage | None = None
-        if self.relay is None:  # 5.
-            try:
-                self.msg2 = (dc or codec).encode_flats(
-                    acc, derive_seed(agg.seed, self.step, r, 2), agg.pieces[r], tag=k + 1 + r, out=buf
-                )
-                data = self.msg2.data
-            except Exception as e:
-                self.relay = (MessageStatus.ENCODE_FAILED, r, _error_text(e))
-        if self.relay is not None:
-            status, origin, text = self.relay
-            data = _failure(codec, k + 1 + r, status, origin, text, None if fixed is None else fixed[r])
-        if fixed is not None:
-            self.sizes2 = list(fixed)
-            # the reused buffer already holds zero padding behind the message (see send_buffer)
-            in_place = buf is not None and self.msg2 is not None
-            send = _wire(buf[:width], dev) if in_place else _padded(data, width, dev)
-        else:  # 6.
-            self.sizes2 = _gather_sizes(agg, _nbytes(data))
-            send = _padded(data, max(self.sizes2), dev)
-        self.outs = [torch.empty_like(send) for _ in range(k)]
-        self.t4 = time.perf_counter()
-        st.decode_seconds += t3 - t2
-        st.encode_seconds += self.t4 - t3
-        self.work2 = dist.all_gather(self.outs, send, group=agg.group, async_op=True)  # 7.
 
-    def run(self) -> CommStats:
-        """All steps back to back (the synchronous exchange)."""
-        self.start_phase1()
-        self.start_phase2()
-        assert self.work2 is not None
-        self.work2.wait()
-        return self.finish()
+# ---------------------------------------------------------------------------- the contract
+class Protocol(abc.ABC):
+    """One exchange of ``tensors`` (plan order) at ``step`` on ``ctx``, in asynchronous stages.
+
+    Subclasses set :attr:`name`, implement :meth:`first_stage` (and :meth:`next_stage` when
+    :meth:`stages` is more than 1), :meth:`complete`, :meth:`cost` and :meth:`codec_work`, and
+    override :meth:`layout` / :meth:`stages` / :meth:`model_sizes` where theirs differ from one
+    whole message in one stage.  Quantization noise is derived from ``(ctx.seed, step, rank, ...)``.
+    """
+
+    #: the registry key, the averager's ``mode``
+    name: ClassVar[str]
+    #: bytes per coordinate on the wire of an uncompressed protocol (all-reduce); ``None``: the
+    #: protocol sends the codec's messages
+    element_bytes: ClassVar[int | None] = None
+
+    def __init__(self, ctx: ExchangeContext, tensors: Sequence[torch.Tensor], step: int) -> None:
+        self.ctx, self.tensors, self.step = ctx, list(tensors), step
+        self.stats = CommStats()
+        self.work: dist.Work | None = None  # the collective in flight
+        self.issued = 0  # stages issued so far
+
+    # ------------------------------------------------------------------ what it sends, what it costs
+    @classmethod
+    def quantizes(cls) -> bool:
+        """Whether this protocol sends the codec's messages (else: plain floats)."""
+        return cls.element_bytes is None
+
+    @classmethod
+    def stages(cls, k: int) -> int:
+        """Collectives issued one after the other (each may need the previous one's result)."""
+        return 1
+
+    @classmethod
+    def layout(cls, codec: LayerwiseCodec, k: int) -> ExchangeLayout:
+        """The messages one rank encodes for ``k`` workers (default: one whole message)."""
+        return ExchangeLayout.whole()
+
+    @classmethod
+    def message_sizes(cls, codec: LayerwiseCodec, layout: ExchangeLayout) -> list[int] | None:
+        """Bytes of each message of ``layout`` (``None`` with entropy coding); an uncompressed
+        protocol's one message is the vector, ``element_bytes`` per coordinate."""
+        if cls.element_bytes is not None:
+            return [cls.element_bytes * sum(e.numel for e in codec.plan.entries)]
+        sizes = [codec.message_size(p) for p in layout.pieces]
+        return None if any(s is None for s in sizes) else sizes  # type: ignore[return-value]
+
+    @classmethod
+    def model_sizes(cls, k: int, message_bytes: float) -> list[float]:
+        """The layout's message sizes for a whole message of ``message_bytes`` (the step-time model's
+        measured sizes; default: the one whole message)."""
+        return [message_bytes]
+
+    @classmethod
+    @abc.abstractmethod
+    def cost(cls, k: int, sizes: Sequence[float], rank: int = 0, sized: bool = False) -> ExchangeCost:
+        """Rank ``rank``'s cost among ``k`` ranks; ``sizes[i]``: message ``i`` of the layout (the same
+        from every rank); ``sized``: entropy coding (sizes exchanged first)."""
+
+    @classmethod
+    @abc.abstractmethod
+    def codec_work(cls, k: int) -> tuple[float, float]:
+        """``(encodes, decodes)`` per rank and exchange, in whole-vector passes of the codec."""
+
+    # ------------------------------------------------------------------ the stages
+    @property
+    def remaining(self) -> int:
+        """Stages not yet issued."""
+        return self.stages(self.ctx.world) - self.issued
+
+    def start(self) -> None:
+        """Stage 1: encode and issue the first collective asynchronously (:attr:`work`)."""
+        if self.issued:
+            raise RuntimeError(f"{self.name}: start() called twice")
+        self.work = self.first_stage()
+        self.issued = 1
+
+    def advance(self) -> None:
+        """Wait for the stage in flight, then issue the next (from a hook body, never a callback)."""
+        if not 0 < self.issued < self.stages(self.ctx.world):
+            raise RuntimeError(f"{self.name}: advance() with no stage to issue ({self.issued} issued)")
+        assert self.work is not None
+        self.work.wait()
+        self.work = self.next_stage()
+        self.issued += 1
 
     def finish(self) -> CommStats:
-        """Step 8, once :attr:`work2` has completed (never waits: it may run in the work's own
-        completion callback, where waiting deadlocks)."""
-        agg, codec, st = self.agg, self.agg.codec, self.stats
-        k, r = agg.world, agg.rank
-        t5 = time.perf_counter()
-        if self.error is not None:
-            raise AggregationError(f"rank {r} could not encode its chunks: {self.error}") from self.error
-        dc = agg.device_codec
-        payloads = _received(self.outs, self.sizes2, dc is not None)
-        on = dc.device if dc else None
-        result = [torch.empty(g.numel, dtype=torch.float32, device=on) for g in codec.groups]  # 8.
-        try:
-            for c, p in enumerate(payloads):
-                (dc or codec).decode_flats_into(
-                    p, agg.chunk(result, c), accumulate=False, pieces=agg.pieces[c], tag=k + 1 + c
-                )
-        except SenderFailed as e:
-            _raise_for(e, "chunks")
-        except CodecError as e:
-            raise AggregationError(f"received a damaged averaged chunk (nothing was applied) from rank {c}: {e}") from e
-        codec.scatter(result, self.tensors, accumulate=False)
-        assert self.msgs is not None and self.msg2 is not None
-        st.payload_bits = sum(m.code_bits for d, m in enumerate(self.msgs) if d != r) + self.msg2.code_bits
-        sent = sum(self.send_sizes) - self.send_sizes[r]
-        received = sum(self.recv_sizes) - self.recv_sizes[r]
-        sized = agg.chunk_sizes is None
-        charge(st, cost.all_to_all(k, sent, received, sized=sized) + cost.all_gather(k, max(self.sizes2), sized=sized))
-        st.comm_seconds += t5 - self.t4
-        st.decode_seconds += time.perf_counter() - t5
+        """Once the last stage's :attr:`work` has completed: decode, write the average into the
+        tensors, return this exchange's costs (never waits)."""
+        if self.remaining:
+            raise RuntimeError(f"{self.name}: finish() with {self.remaining} stage(s) not issued")
+        st = self.complete()
         st.calls = 1
         return st
+
+    def run(self) -> CommStats:
+        """All stages back to back (the synchronous exchange)."""
+        self.start()
+        while self.remaining:
+            self.advance()
+        assert self.work is not None
+        self.work.wait()
+        return self.finish()
+
+    @abc.abstractmethod
+    def first_stage(self) -> dist.Work:
+        """Encode and issue the first collective (``async_op=True``); returns its work."""
+
+    def next_stage(self) -> dist.Work:
+        """The previous stage's work has completed: use its result, issue the next collective."""
+        raise NotImplementedError(f"{self.name}: one stage only")
+
+    @abc.abstractmethod
+    def complete(self) -> CommStats:
+        """The last work has completed: decode, write the tensors, account (:func:`charge`)."""
+
+
+#: name -> protocol class: the averagers' modes (built-ins: :mod:`qoda.comm.exchanges`)
+PROTOCOLS: dict[str, type[Protocol]] = {}
+
+
+def register_protocol(cls: type[Protocol]) -> type[Protocol]:
+    """Class decorator: add ``cls`` to :data:`PROTOCOLS` under ``cls.name``."""
+    name = getattr(cls, "name", None)
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"register_protocol: {cls.__name__} needs a non-empty str name")
+    name = str(name)  # a StrEnum member's value
+    if PROTOCOLS.get(name, cls) is not cls and PROTOCOLS[name].__qualname__ != cls.__qualname__:
+        raise ValueError(f"register_protocol: {name!r} is already {PROTOCOLS[name].__qualname__}")
+    PROTOCOLS[name] = cls
+    return cls
+
+
+def protocol_named(name: object) -> type[Protocol]:
+    """The protocol registered as ``name`` (a clear error naming the ``mode`` otherwise)."""
+    proto = PROTOCOLS.get(str(name)) if isinstance(name, str) else None
+    if proto is None:
+        raise ValueError(f"mode: expected one of {list(PROTOCOLS)}, got {name!r}")
+    return proto
+
+
+__all__ = [
+    "PROTOCOLS", "AggregationError", "Bytes", "ExchangeContext", "Protocol", "charge", "derive_seed",
+    "protocol_named", "register_protocol",
+]  # fmt: skip
