@@ -11,12 +11,19 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import numpy as np
 import torch
-from matplotlib.ticker import ScalarFormatter
 
 from qoda.utils.atomic import atomic_write_bytes
+
+
+def _pyplot() -> Any:
+    """``matplotlib.pyplot``, imported on first use: workers that write no image (every rank but
+    0, killed or short runs) start without it."""
+    import matplotlib.pyplot as plt
+
+    return plt
+
 
 # The unit of every number in ``report.json`` (key -> unit); ``fid_history`` rows use the same keys.
 REPORT_UNITS: dict[str, str] = {
@@ -103,6 +110,7 @@ def save_grid(images: torch.Tensor, path: Path, scale: int = 3) -> None:
     grid = image_grid(images)
     grid = grid.repeat(scale, axis=0).repeat(scale, axis=1)
     buf = io.BytesIO()
+    plt = _pyplot()
     if grid.shape[2] == 1:
         plt.imsave(buf, grid[:, :, 0], cmap="gray", vmin=0, vmax=1, format=fmt)
     else:
@@ -113,7 +121,9 @@ def save_grid(images: torch.Tensor, path: Path, scale: int = 3) -> None:
 def plot_curves(history: list[dict[str, Any]], evals: list[dict[str, Any]], path: Path, title: str) -> None:
     """Losses and the critic's Wasserstein estimate (left) and FID of the EMA and raw generators
     (right), against wall-clock seconds (top row) and against iterations (bottom row)."""
-    fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
+    from matplotlib.ticker import ScalarFormatter
+
+    fig, axes = _pyplot().subplots(2, 2, figsize=(11, 7.5))
     for row, (xkey, xlabel) in enumerate((("seconds", "wall-clock seconds"), ("step", "iterations"))):
         a, b = axes[row]
         if history:
@@ -142,7 +152,7 @@ def plot_curves(history: list[dict[str, Any]], evals: list[dict[str, Any]], path
 def plot_lm_curves(history: list[dict[str, Any]], evals: list[dict[str, Any]], path: Path, title: str) -> None:
     """The language model's training loss (rank 0's batches) and validation loss, against
     wall-clock seconds (left) and iterations (right)."""
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, axes = _pyplot().subplots(1, 2, figsize=(11, 4.2))
     for ax, (xkey, xlabel) in zip(axes, (("seconds", "wall-clock seconds"), ("step", "iterations")), strict=True):
         if history:
             ax.plot([h[xkey] for h in history], [h["train_loss"] for h in history], lw=1, label="training batches")
@@ -161,5 +171,5 @@ def _save_figure(fig: Any, path: Path) -> None:
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
+    _pyplot().close(fig)
     atomic_write_bytes(buf.getvalue(), path)
