@@ -58,20 +58,25 @@ def _warm_up_in_parallel() -> None:
     """Run :data:`_WARM_UP_JOBS` in child processes at once (each fills numba's on-disk cache);
     a job that fails or hangs only costs its time: the kernels it missed compile on first use."""
     import subprocess
+    import tempfile
+    from contextlib import ExitStack
 
     env = _child_env()
-    jobs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.PIPE, text=True) for code in _WARM_UP_JOBS]  # fmt: skip
-    for job in jobs:
-        try:
-            _, err = job.communicate(timeout=900)
-        except subprocess.TimeoutExpired:
-            job.kill()
-            job.communicate()
-            err = "timed out"
-        if job.returncode:
-            print(f"\na kernel warm-up process failed (its kernels compile on first use): {err[-300:]}",
-                  file=sys.stderr)  # fmt: skip
+    with ExitStack() as stack:
+        # logs in files, not pipes: a full pipe would stall its job until the other one ends
+        logs = [stack.enter_context(tempfile.TemporaryFile()) for _ in _WARM_UP_JOBS]
+        jobs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.DEVNULL, stderr=log)
+                for code, log in zip(_WARM_UP_JOBS, logs, strict=True)]  # fmt: skip
+        for job, log in zip(jobs, logs, strict=True):
+            try:
+                job.wait(timeout=900)
+            except subprocess.TimeoutExpired:
+                job.kill()
+                job.wait()
+            if job.returncode:
+                log.seek(0)
+                err = log.read().decode(errors="replace")[-300:]
+                print(f"\na kernel warm-up process failed (its kernels compile on first use): {err}", file=sys.stderr)
 
 
 #: Tests whose first run in a fresh Inductor cache is mostly compilation (the C++ code of the device
