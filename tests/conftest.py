@@ -61,7 +61,7 @@ def _warm_up_in_parallel() -> None:
     import tempfile
     from contextlib import ExitStack
 
-    env = _child_env()
+    env = _child_env(OMP_NUM_THREADS="1")
     with ExitStack() as stack:
         # logs in files, not pipes: a full pipe would stall its job until the other one ends
         logs = [stack.enter_context(tempfile.TemporaryFile()) for _ in _WARM_UP_JOBS]
@@ -89,14 +89,14 @@ _PRECOMPILE_AFTER = 100
 _precompiling: list = []
 
 
-def _child_env(*paths: str) -> dict[str, str]:
+def _child_env(*paths: str, **settings: str) -> dict[str, str]:
     import os
     from pathlib import Path
 
     import qoda
 
     path = os.pathsep.join(filter(None, (str(Path(qoda.__file__).parents[1]), *paths, os.environ.get("PYTHONPATH"))))
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
+    return {**os.environ, **settings, "PYTHONPATH": path}
 
 
 def _start_precompiling(session) -> None:
@@ -107,6 +107,7 @@ def _start_precompiling(session) -> None:
         return
     calls = [(item.module.__name__, item.originalname, dict(item.callspec.params)) for _, item in items]
     code = f"import importlib\nfor m, f, kw in {calls!r}:\n    getattr(importlib.import_module(m), f)(**kw)\n"
+    # this process's thread settings: Inductor's generated code (and so its cache key) depends on them
     env = _child_env(str(session.config.rootpath), *{str(item.path.parent) for _, item in items})
     _precompiling.append(subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.DEVNULL,
                                           stderr=subprocess.DEVNULL))  # fmt: skip
