@@ -15,7 +15,6 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch import nn
-from torchmetrics.image.fid import FrechetInceptionDistance
 
 from qoda.data.images import ImageDataset
 from qoda.eval.features import dataset_digest, default_cache_dir
@@ -51,6 +50,10 @@ class FIDEvaluator:
     ) -> None:  # fmt: skip
         if samples < 2:
             raise ValueError(f"fid_samples: must be >= 2, got {samples}")
+        # imported here: torchmetrics (with the SciPy modules it loads) is ~1/3 of a training
+        # worker's start-up, and workers that never evaluate (killed, short or LM runs) skip it
+        from torchmetrics.image.fid import FrechetInceptionDistance
+
         self.name, self.samples, self.batch_size = name, int(samples), int(batch_size)
         # sync_on_compute=False: the real statistics are local (cached); only the generated
         # images' statistics are summed across workers, explicitly, in __call__.
